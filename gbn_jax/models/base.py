@@ -1,0 +1,184 @@
+"""What every model of the zoo shares: its configuration fields, initializers and head.
+
+Each model is a ``flax.linen`` module called as ``model.apply(variables, x, train=...)``
+(docs/interfaces.md). The fields below travel with every model so that one config
+switches normalization ("batch" or "ghost") and compute dtype for any of them.
+
+Initialization (stated once for the whole zoo):
+  * convolutions: He normal with fan_out, std = sqrt(2 / (k_h * k_w * out_channels)),
+    untruncated, as in the authors' ``init_model`` and torchvision's ResNets;
+  * dense layers: PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which is
+    ``variance_scaling(1/3, "fan_in", "uniform")``; dense biases start at zero;
+  * normalization: scale 1, bias 0.
+
+References:
+  Hoffer, Hubara & Soudry (2017), section 5 (experiments; models of table 1).
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gbn_jax.models.norm import make_norm
+
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch-style symmetric padding of ``kernel_size // 2`` on both spatial axes.
+
+    Flax's "SAME" pads asymmetrically for strided convolutions on even inputs; the
+    reference networks pad symmetrically, which changes output sizes (e.g. AlexNet).
+
+    Args:
+      kernel_size: side of a square kernel.
+
+    Returns:
+      Explicit padding for ``nn.Conv`` / ``nn.max_pool``.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 5.
+    """
+    p = kernel_size // 2
+    return ((p, p), (p, p))
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    *,
+    dtype: Any,
+    strides: int = 1,
+    padding: Any = None,
+    use_bias: bool = False,
+    name: str | None = None,
+) -> nn.Conv:
+    """A convolution in the compute dtype with float32 parameters and He init.
+
+    Call it inside a compact method: the module it builds belongs to that method's
+    module.
+
+    Args:
+      features: output channels.
+      kernel_size: side of the square kernel.
+      dtype: compute dtype.
+      strides: stride on both spatial axes.
+      padding: ``nn.Conv`` padding; None means PyTorch's symmetric kernel_size // 2.
+      use_bias: whether to add a bias (off by default: a normalization follows).
+      name: submodule name.
+
+    Returns:
+      An ``nn.Conv`` module.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 5.
+    """
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=same_padding(kernel_size) if padding is None else padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_kernel_init,
+        name=name,
+    )
+
+
+def dense(features: int, *, dtype: Any, use_bias: bool = True, name: str | None = None) -> nn.Dense:
+    """A dense layer in the compute dtype with float32 parameters and PyTorch's init.
+
+    Args:
+      features: output features.
+      dtype: compute dtype.
+      use_bias: whether to add a bias.
+      name: submodule name.
+
+    Returns:
+      An ``nn.Dense`` module.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 5.
+    """
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=dense_kernel_init,
+        name=name,
+    )
+
+
+class ZooModel(nn.Module):
+    """Fields shared by every model: class count, normalization and compute dtype.
+
+    Subclasses add their architecture fields (all with defaults) and implement
+    ``__call__(x, *, train)``.
+
+    Attributes:
+      num_classes: size of the logits.
+      norm: "batch" or "ghost" (see :func:`gbn_jax.models.norm.make_norm`).
+      ghost_batch_size: examples per ghost batch, |B_S|; needed with norm="ghost".
+      running_update: "sequential" or "mean" running-statistics update of ghost norm.
+      bn_momentum: Flax running-average momentum (0.9 == PyTorch's 0.1).
+      dtype: compute dtype of activations; parameters stay float32 and the logits
+        are returned as float32.
+    """
+
+    num_classes: int
+    norm: str = "batch"
+    ghost_batch_size: int | None = None
+    running_update: str = "sequential"
+    bn_momentum: float = 0.9
+    dtype: Any = jnp.float32
+
+    def norm_layer(self, train: bool) -> Callable[..., nn.Module]:
+        """Returns the normalization constructor for this call (batch stats in training).
+
+        Args:
+          train: whether the model is training (use the batch, or ghost batch,
+            statistics and update the running ones) or evaluating (use the running
+            statistics over the whole batch).
+
+        Returns:
+          A constructor taking optional ``name`` / ``scale_init`` keywords.
+
+        References:
+          Hoffer, Hubara & Soudry (2017), section 4, Algorithm 1.
+        """
+        norm = make_norm(
+            self.norm,
+            ghost_batch_size=self.ghost_batch_size,
+            running_update=self.running_update,
+            momentum=self.bn_momentum,
+            dtype=self.dtype,
+        )
+        return functools.partial(norm, use_running_average=not train)
+
+    def to_compute_dtype(self, x: jax.Array) -> jax.Array:
+        """Casts the input images to the compute dtype (bf16 halves activation memory)."""
+        return jnp.asarray(x, self.dtype)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The classifier: a dense layer with bias, returned in float32.
+
+        Float32 logits keep the softmax cross-entropy accurate under bf16 compute.
+
+        Args:
+          x: features (N, D).
+
+        Returns:
+          Logits (N, num_classes), float32.
+
+        References:
+          Hoffer, Hubara & Soudry (2017), section 5.
+        """
+        x = dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+        return jnp.asarray(x, jnp.float32)

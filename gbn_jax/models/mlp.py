@@ -1,0 +1,40 @@
+"""F1: the fully connected MNIST network of Keskar et al. used in the paper.
+
+References:
+  Hoffer, Hubara & Soudry (2017), section 5, table 1 (F1 on MNIST);
+  Keskar et al. (2017), table 1.
+"""
+
+import flax.linen as nn
+import jax
+
+from gbn_jax.models.base import ZooModel, dense
+
+
+class F1(ZooModel):
+    """Flatten, then ``num_hidden`` x [Dense ``width``, norm, ReLU], then the classifier.
+
+    As in the authors' ``mnist_f1`` the hidden dense layers keep their bias although a
+    normalization follows (it cancels; kept so parameter counts match the reference:
+    1,462,794 for 784 inputs and 10 classes).
+
+    Attributes:
+      width: hidden units per layer (512).
+      num_hidden: number of hidden layers (5).
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 5, table 1 (F1).
+    """
+
+    width: int = 512
+    num_hidden: int = 5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Returns float32 logits (N, num_classes) for inputs (N, ...) of any shape."""
+        x = self.to_compute_dtype(x).reshape(x.shape[0], -1)
+        for i in range(self.num_hidden):
+            x = dense(self.width, dtype=self.dtype, name=f"dense{i + 1}")(x)
+            x = self.norm_layer(train)(name=f"norm{i + 1}")(x)
+            x = nn.relu(x)
+        return self.logits(x)

@@ -1,0 +1,104 @@
+"""The one place where the model zoo chooses its normalization layer.
+
+Every model asks :func:`make_norm` for its normalization layer, so one configuration
+value switches a whole network between ordinary batch normalization and Ghost Batch
+Normalization, which is the "+GBN" column of the paper's tables.
+
+References:
+  Hoffer, Hubara & Soudry (2017), section 4 (Ghost Batch Normalization, Algorithm 1).
+"""
+
+import functools
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from gbn_jax.ghost_norm import GhostBatchNorm
+
+NORMS = ("batch", "ghost")
+RUNNING_UPDATES = ("sequential", "mean")
+
+# PyTorch's epsilon (and Flax's default); the authors' models use nn.BatchNorm{1,2}d.
+BN_EPSILON = 1e-5
+
+
+def make_norm(
+    norm: str,
+    *,
+    ghost_batch_size: int | None = None,
+    running_update: str = "sequential",
+    momentum: float = 0.9,
+    dtype: Any = jnp.float32,
+) -> Callable[..., nn.Module]:
+    """Returns a constructor for the normalization layer a model should use.
+
+    The result is a ``functools.partial`` of ``flax.linen.BatchNorm`` (``norm="batch"``)
+    or of :class:`gbn_jax.ghost_norm.GhostBatchNorm` (``norm="ghost"``) with everything
+    but ``use_running_average`` (and optionally ``name`` / ``scale_init``) bound.
+    Parameters are float32; statistics are reduced and kept in float32 whatever the
+    compute ``dtype``.
+
+    Args:
+      norm: "batch" for ordinary batch normalization over the whole (global) batch, or
+        "ghost" for Ghost Batch Normalization over contiguous groups of
+        ``ghost_batch_size`` examples.
+      ghost_batch_size: examples per ghost batch, |B_S| in the paper (128 in most of
+        its runs). Required with ``norm="ghost"``; ignored with ``norm="batch"`` so
+        that one config can carry it for both the "+LR" and "+GBN" variants.
+      running_update: how ghost batches update the running statistics: "sequential"
+        (one exponential-moving-average step per ghost batch, in order, as in
+        Algorithm 1) or "mean" (one step with the averaged ghost statistics).
+        Ignored with ``norm="batch"``.
+      momentum: Flax's running-average momentum (new = m * old + (1 - m) * stat);
+        0.9 equals PyTorch's default momentum of 0.1 used by the authors' code.
+      dtype: compute dtype of the layer's output (e.g. ``jnp.bfloat16``).
+
+    Returns:
+      A callable that builds the normalization module, e.g.
+      ``make_norm("ghost", ghost_batch_size=128)(use_running_average=not train)``.
+
+    Raises:
+      ValueError: for an unknown ``norm`` or ``running_update``, for ``norm="ghost"``
+        without a positive integer ``ghost_batch_size``, or for a momentum outside
+        [0, 1).
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 4, Algorithm 1.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"Unknown normalization {norm=}; use one of {NORMS}.")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(
+            f"Batch-norm {momentum=} must lie in [0, 1) (Flax convention: 0.9 is "
+            "PyTorch's momentum 0.1)."
+        )
+    common = dict(
+        momentum=momentum,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+    )
+    if norm == "batch":
+        return functools.partial(nn.BatchNorm, **common)
+    if ghost_batch_size is None:
+        raise ValueError(
+            "norm='ghost' needs ghost_batch_size=None replaced by the small-batch size "
+            "|B_S|, e.g. get_model(..., norm='ghost', ghost_batch_size=128)."
+        )
+    if (
+        isinstance(ghost_batch_size, bool)
+        or not isinstance(ghost_batch_size, numbers.Integral)
+        or ghost_batch_size < 1
+    ):
+        raise ValueError(f"{ghost_batch_size=} must be a positive int, e.g. 128.")
+    if running_update not in RUNNING_UPDATES:
+        raise ValueError(f"Unknown {running_update=}; use one of {RUNNING_UPDATES}.")
+    return functools.partial(
+        GhostBatchNorm,
+        ghost_batch_size=int(ghost_batch_size),
+        running_update=running_update,
+        **common,
+    )
