@@ -1,0 +1,238 @@
+"""Tests of the experiment drivers' bookkeeping on synthetic workdirs (no training).
+
+The workdirs are written here with known numbers, in the trainer's format
+(regime.json, metrics.jsonl, summary.json), and the drivers' --report_only paths
+aggregate and plot them: the table's means and standard deviations are checked
+against numpy, the early-stopping points against the curves' known minima, the
+weight-distance fits against the law the curves were drawn from.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # The `experiments` folder.
+
+from experiments import diffusion, plots, reproduce_table
+
+COLUMNS = reproduce_table.COLUMNS
+
+
+def write_run(
+    workdir: Path,
+    *,
+    steps_per_epoch: int,
+    batch_size: int,
+    eval_steps: np.ndarray,
+    eval_accuracy: np.ndarray,
+    eval_loss: np.ndarray,
+    train_steps: np.ndarray | None = None,
+    weight_distance: np.ndarray | None = None,
+    finished: bool = True,
+) -> None:
+    """Writes a workdir as the trainer would: regime.json, metrics.jsonl, summary.json."""
+    workdir.mkdir(parents=True)
+    total_steps = int(eval_steps[-1])
+    regime = dict(
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=total_steps / steps_per_epoch,
+        lr_boundaries=[[0, 0.1]],
+    )
+    (workdir / "regime.json").write_text(json.dumps(regime))
+    lines = []
+    if train_steps is not None:
+        for step, distance in zip(train_steps, weight_distance, strict=True):
+            lines.append(
+                dict(step=int(step), epoch=step / steps_per_epoch, weight_distance=float(distance))
+            )
+    for step, accuracy, loss in zip(eval_steps, eval_accuracy, eval_loss, strict=True):
+        lines.append(
+            dict(
+                step=int(step),
+                epoch=step / steps_per_epoch,
+                eval_accuracy=float(accuracy),
+                eval_loss=float(loss),
+            )
+        )
+    lines.sort(key=lambda r: r["step"])
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    (workdir / "metrics.jsonl").write_text(text)
+    if finished:
+        summary = dict(final_eval_accuracy=float(eval_accuracy[-1]), wall_time_sec=12.5)
+        (workdir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def table_runs(tmp_path):
+    """Finished runs of every column for seeds 0-2 (the full preset's seeds).
+
+    Returns:
+      (runs_dir, final accuracies [column][seed], the +RA runs' loss-minimum steps).
+    """
+    rng = np.random.default_rng(0)
+    runs_dir = tmp_path / "runs"
+    accuracies, min_loss_steps = {}, {}
+    for column in COLUMNS:
+        ra = column == "lb_lr_gbn_ra"
+        batch = 128 if column == "sb" else 2048
+        steps_per_epoch = 60_000 // batch
+        total = 468 * 5 if column in ("sb", "lb_lr_gbn_ra") else 29 * 5
+        eval_steps = np.linspace(total / 20, total, 20).round().astype(int)
+        for seed in range(3):
+            final = rng.uniform(0.80, 0.90)
+            accuracies.setdefault(column, {})[seed] = final
+            # Error falls monotonically to 1 - final; loss has a minimum in the middle
+            # (at a known evaluation) and rises afterwards, as in a long overfitting run.
+            error = (1 - final) + 0.2 * (np.exp(-np.arange(20) / 4.0) - np.exp(-19 / 4.0))
+            i_min = int(rng.integers(5, 15)) if ra else 19
+            loss = 0.3 + 0.01 * (np.arange(20) - i_min) ** 2
+            min_loss_steps.setdefault(column, {})[seed] = int(eval_steps[i_min])
+            write_run(
+                runs_dir / column / f"seed{seed}",
+                steps_per_epoch=steps_per_epoch,
+                batch_size=batch,
+                eval_steps=eval_steps,
+                eval_accuracy=1 - error,
+                eval_loss=loss,
+            )
+    return runs_dir, accuracies, min_loss_steps
+
+
+def test_table_aggregation_matches_numpy(table_runs, tmp_path):
+    runs_dir, accuracies, min_loss_steps = table_runs
+    out_dir = tmp_path / "results"
+    status = reproduce_table.main(
+        [
+            "--preset",
+            "full",
+            "--report_only",
+            "--runs_dir",
+            str(runs_dir),
+            "--out_dir",
+            str(out_dir),
+        ]
+    )
+    assert status == 0
+    result = json.loads((out_dir / "table1_fashion_mnist.json").read_text())
+    for column in COLUMNS:
+        row = result["columns"][column]
+        values = 100 * np.array([accuracies[column][s] for s in range(3)])
+        sb = 100 * np.array([accuracies["sb"][s] for s in range(3)])
+        np.testing.assert_allclose(row["accuracy_mean"], values.mean(), rtol=1e-6)
+        np.testing.assert_allclose(row["accuracy_std"], values.std(ddof=1), rtol=1e-6)
+        np.testing.assert_allclose(row["gap_to_sb_mean"], (values - sb).mean(), atol=1e-6)
+        np.testing.assert_allclose(
+            [row["accuracy_per_seed"][str(s)] for s in range(3)], values, rtol=1e-6
+        )
+        assert row["num_seeds"] == 3
+        # No driver_wall_time.jsonl here: the summary's time of each of the 3 runs.
+        assert row["wall_time_s_total"] == pytest.approx(3 * 12.5)
+    assert result["columns"]["sb"]["gap_to_sb_std"] == pytest.approx(0.0)
+    assert result["columns"]["lb_lr_gbn_ra"]["steps"] == 468 * 5
+    # Early stopping on the +RA runs: the loss minimum where it was put, the error
+    # minimum at the last evaluation, and the error still falling after the loss minimum.
+    for seed in range(3):
+        point = result["early_stopping"]["lb_lr_gbn_ra"][str(seed)]
+        assert point["min_loss_step"] == min_loss_steps["lb_lr_gbn_ra"][seed]
+        assert point["min_error_step"] == 468 * 5
+        assert point["error_falls_while_loss_rises"]
+    for name in (
+        "table1_fashion_mnist.md",
+        "figure1_fashion_mnist.png",
+        "early_stopping_fashion_mnist.png",
+    ):
+        assert (out_dir / name).stat().st_size > 1000, name
+    markdown = (out_dir / "table1_fashion_mnist.md").read_text()
+    assert "98.27" in markdown  # The paper's row is printed beside ours.
+
+
+def test_unfinished_runs_are_left_out(table_runs, tmp_path):
+    runs_dir, accuracies, _ = table_runs
+    (runs_dir / "lb" / "seed2" / "summary.json").unlink()
+    result = reproduce_table.report(
+        runs_dir, "full", reproduce_table.PRESETS["full"], tmp_path / "out"
+    )
+    row = result["columns"]["lb"]
+    assert row["num_seeds"] == 2
+    expected = 100 * np.array([accuracies["lb"][0], accuracies["lb"][1]])
+    np.testing.assert_allclose(row["accuracy_mean"], expected.mean(), rtol=1e-6)
+
+
+def test_early_stopping_points_resumed_run(tmp_path):
+    """A resumed run logs steps twice; the later values are the ones that count."""
+    steps = np.arange(1, 11) * 10
+    error = np.linspace(0.3, 0.1, 10)
+    loss = np.array([1.0, 0.8, 0.6, 0.5, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])
+    write_run(
+        tmp_path / "run",
+        steps_per_epoch=10,
+        batch_size=128,
+        eval_steps=steps,
+        eval_accuracy=1 - error,
+        eval_loss=loss,
+    )
+    # The first launch had logged step 30 with a lower loss before it was killed.
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        lines = f.readlines()
+    stale = json.dumps(dict(step=30, epoch=3.0, eval_accuracy=0.5, eval_loss=0.1)) + "\n"
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join([stale, *lines]))
+    point = plots.early_stopping_points(plots.load_run(str(tmp_path / "run")))
+    assert point["min_loss_step"] == 50
+    assert point["min_loss"] == pytest.approx(0.45)
+    assert point["min_loss_epoch"] == pytest.approx(5.0)
+    assert point["min_error_step"] == 100
+    assert point["error_at_min_loss"] == pytest.approx(error[4])
+    assert point["error_drop_after_min_loss"] == pytest.approx(error[4] - error[-1])
+    assert point["loss_rise_after_min"] == pytest.approx(0.7 - 0.45)
+    assert point["error_falls_while_loss_rises"]
+
+
+def test_diffusion_fits_and_figure(tmp_path):
+    runs_dir, out_dir = tmp_path / "runs", tmp_path / "results"
+    rng = np.random.default_rng(1)
+    sizes = (64, 512)
+    for batch in sizes:
+        steps_per_epoch = 60_000 // batch
+        t = np.unique(np.geomspace(1, 3 * steps_per_epoch, 60).round().astype(int))
+        # Distances drawn from a + b log t with a little noise.
+        distance = 1.0 + 2.0 * np.log(t) + rng.normal(0, 0.01, t.size)
+        total = int(t[-1])
+        write_run(
+            runs_dir / f"b{batch}",
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch,
+            eval_steps=np.array([total]),
+            eval_accuracy=np.array([0.85]),
+            eval_loss=np.array([0.4]),
+            train_steps=t,
+            weight_distance=distance,
+        )
+    status = diffusion.main(
+        [
+            "--report_only",
+            "--batch_sizes",
+            ",".join(map(str, sizes)),
+            "--runs_dir",
+            str(runs_dir),
+            "--out_dir",
+            str(out_dir),
+        ]
+    )
+    assert status == 0
+    result = json.loads((out_dir / "diffusion.json").read_text())
+    for batch in sizes:
+        row = result["rows"][str(batch)]
+        assert row["log"]["params"]["b"] == pytest.approx(2.0, abs=0.01)
+        assert row["log"]["r_squared"] > 0.999
+        assert row["sqrt"]["r_squared"] < row["log"]["r_squared"]
+        assert row["log_beats_sqrt"]
+        assert row["fit_range"][0] >= 10  # The default t_min.
+        assert row["learning_rate"] == pytest.approx(0.1 * math.sqrt(batch / 128))
+    assert (out_dir / "weight_distance.png").stat().st_size > 1000
+    assert (out_dir / "diffusion.md").exists()
