@@ -1,0 +1,6 @@
+"""Input pipeline internals; the public entry point is `gbn_jax.input_pipeline`.
+
+- `sources`: dataset names, IDX and TFDS readers, `DatasetInfo`, missing-data errors.
+- `augment`: on-device crop/flip/normalize and host-side ImageNet crops.
+- `iterators`: the resumable, multi-host train and evaluation iterators.
+"""
