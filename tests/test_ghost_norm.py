@@ -1,0 +1,482 @@
+"""Tests for gbn_jax.ghost_norm against references written independently of it.
+
+References: a float64 numpy implementation of Algorithm 1 (per-group loop), and
+``flax.linen.BatchNorm`` applied ghost batch by ghost batch with its running statistics
+threaded through (which is exactly Algorithm 1's sequential update).
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gbn_jax import GhostBatchNorm, ghost_batch_norm
+
+EPS = 1e-5
+
+
+def np_ghost_bn(
+    x, scale, bias, rm, rv, *, ghost, axis=-1, momentum=0.9, update="sequential", mask=None
+):
+    """Algorithm 1 in float64 numpy, one ghost batch at a time."""
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    xt = np.moveaxis(x, axis, -1)
+    n, c = x.shape[0], xt.shape[-1]
+    groups = 1 if ghost is None or ghost >= n else n // ghost
+    xg = xt.reshape(groups, -1, c)
+    m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
+    mg = np.moveaxis(m, axis, -1).reshape(groups, -1, c)
+    y = np.empty_like(xg)
+    means, variances, seen = [], [], []
+    for g in range(groups):
+        cnt = mg[g].sum(0)
+        mu = (xg[g] * mg[g]).sum(0) / np.maximum(cnt, 1)
+        var = (((xg[g] - mu) ** 2) * mg[g]).sum(0) / np.maximum(cnt, 1)
+        y[g] = (xg[g] - mu) / np.sqrt(var + EPS) * scale + bias
+        means.append(mu), variances.append(var), seen.append(cnt > 0)
+    rm, rv = np.array(rm, np.float64), np.array(rv, np.float64)
+    if update == "sequential":
+        for mu, var, s in zip(means, variances, seen, strict=True):
+            rm = np.where(s, momentum * rm + (1 - momentum) * mu, rm)
+            rv = np.where(s, momentum * rv + (1 - momentum) * var, rv)
+    else:
+        k = np.maximum(np.sum(seen, 0), 1)
+        avg_m = np.sum([mu * s for mu, s in zip(means, seen, strict=True)], 0) / k
+        avg_v = np.sum([v * s for v, s in zip(variances, seen, strict=True)], 0) / k
+        rm = np.where(np.any(seen, 0), momentum * rm + (1 - momentum) * avg_m, rm)
+        rv = np.where(np.any(seen, 0), momentum * rv + (1 - momentum) * avg_v, rv)
+    y = np.moveaxis(y.reshape(xt.shape), -1, axis)
+    return y, rm, rv
+
+
+def random_inputs(rng, shape, c):
+    x = rng.normal(size=shape) * rng.uniform(0.5, 3.0) + rng.normal()
+    scale, bias = rng.normal(size=c), rng.normal(size=c)
+    rm, rv = rng.normal(size=c), rng.uniform(0.5, 2.0, size=c)
+    return [np.asarray(a, np.float32) for a in (x, scale, bias, rm, rv)]
+
+
+@pytest.mark.parametrize(
+    "shape,ghost,axis,update,use_fast_variance",
+    [
+        ((24, 5), 8, -1, "sequential", True),
+        ((24, 5), 6, -1, "mean", False),
+        ((8, 3, 3, 4), 2, -1, "sequential", True),  # conv NHWC
+        ((12, 4, 3), 3, 1, "sequential", False),  # feature axis in the middle
+        ((6, 7), 8, -1, "sequential", True),  # batch smaller than the ghost size
+    ],
+)
+def test_matches_numpy_algorithm1(shape, ghost, axis, update, use_fast_variance):
+    rng = np.random.default_rng(len(shape) * 100 + ghost)
+    c = shape[axis]
+    x, scale, bias, rm, rv = random_inputs(rng, shape, c)
+    y, new_m, new_v = ghost_batch_norm(
+        jnp.asarray(x),
+        scale,
+        bias,
+        rm,
+        rv,
+        use_running_average=False,
+        ghost_batch_size=ghost,
+        running_update=update,
+        axis=axis,
+        momentum=0.9,
+        use_fast_variance=use_fast_variance,
+    )
+    ry, rm2, rv2 = np_ghost_bn(x, scale, bias, rm, rv, ghost=ghost, axis=axis, update=update)
+    np.testing.assert_allclose(y, ry, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(new_m, rm2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new_v, rv2, rtol=1e-5, atol=1e-5)
+
+
+def test_random_shapes_and_ghost_sizes():
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        ghost = int(rng.integers(1, 6))
+        shape = (
+            ghost * int(rng.integers(1, 5)),
+            *rng.integers(1, 4, size=int(rng.integers(0, 3))),
+            int(rng.integers(1, 6)),
+        )
+        update = str(rng.choice(["sequential", "mean"]))
+        x, scale, bias, rm, rv = random_inputs(rng, shape, shape[-1])
+        y, m, v = ghost_batch_norm(
+            jnp.asarray(x),
+            scale,
+            bias,
+            rm,
+            rv,
+            use_running_average=False,
+            ghost_batch_size=ghost,
+            running_update=update,
+            momentum=0.9,
+        )
+        ry, rm2, rv2 = np_ghost_bn(x, scale, bias, rm, rv, ghost=ghost, update=update)
+        np.testing.assert_allclose(y, ry, rtol=1e-4, atol=2e-4, err_msg=f"{shape=} {ghost=}")
+        np.testing.assert_allclose(m, rm2, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(v, rv2, rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_stats(module, variables, x, dy, **kw):
+    """sum(y * dy) and the updated running statistics, for gradient comparisons."""
+
+    def loss(params, x):
+        y, upd = module.apply(
+            {**variables, "params": params},
+            x,
+            use_running_average=False,
+            mutable=["batch_stats"],
+            **kw,
+        )
+        return jnp.sum(y * dy), (y, upd["batch_stats"])
+
+    (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        variables["params"], x
+    )
+    return y, stats, grads
+
+
+def _perturbed_variables(rng, c):
+    return {
+        "params": {
+            "scale": jnp.asarray(rng.normal(size=c), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=c), jnp.float32),
+        },
+        "batch_stats": {
+            "mean": jnp.asarray(rng.normal(size=c), jnp.float32),
+            "var": jnp.asarray(rng.uniform(0.5, 2, size=c), jnp.float32),
+        },
+    }
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.mark.parametrize("shape,ghost,masked", [((16, 6), 4, False), ((8, 3, 3, 5), 2, True)])
+def test_matches_batchnorm_threaded_group_by_group(shape, ghost, masked):
+    """Outputs, gradients and running statistics equal nn.BatchNorm run per ghost batch."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
+    dy = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    mask = None
+    if masked:  # keep at least one example per ghost batch (nn.BatchNorm needs one)
+        rows = rng.random(shape[0]) < 0.6
+        rows[::ghost] = True
+        mask = jnp.asarray(rows.reshape(-1, *[1] * (len(shape) - 1)))
+    variables = _perturbed_variables(rng, shape[-1])
+    gbn = GhostBatchNorm(momentum=0.9, ghost_batch_size=ghost)
+    y, stats, (g_params, g_x) = _loss_and_stats(gbn, variables, x, dy, mask=mask)
+
+    bn = nn.BatchNorm(momentum=0.9)
+
+    def threaded(params, x):
+        state, ys = variables["batch_stats"], []
+        for j in range(shape[0] // ghost):
+            sl = slice(j * ghost, (j + 1) * ghost)
+            yj, upd = bn.apply(
+                {"params": params, "batch_stats": state},
+                x[sl],
+                use_running_average=False,
+                mutable=["batch_stats"],
+                mask=None if mask is None else mask[sl],
+            )
+            state = upd["batch_stats"]
+            ys.append(yj)
+        y = jnp.concatenate(ys)
+        return jnp.sum(y * dy), (y, state)
+
+    (_, (ry, rstats)), (rg_params, rg_x) = jax.value_and_grad(
+        threaded, argnums=(0, 1), has_aux=True
+    )(variables["params"], x)
+    np.testing.assert_allclose(y, ry, rtol=1e-5, atol=2e-5)
+    assert_trees_close(stats, rstats)
+    assert_trees_close(g_params, rg_params, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g_x, rg_x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "ghost,fast,masked", [(None, True, False), (16, False, False), (64, True, True)]
+)
+def test_equals_batchnorm_without_split(ghost, fast, masked):
+    """ghost_batch_size None or >= batch is nn.BatchNorm: outputs, grads, statistics."""
+    rng = np.random.default_rng(11)
+    shape = (16, 2, 2, 3)
+    x = jnp.asarray(rng.normal(size=shape) * 3 - 2, jnp.float32)
+    dy = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    mask = jnp.asarray(rng.random((16, 1, 1, 1)) < 0.7) if masked else None
+    variables = _perturbed_variables(rng, 3)
+    kw = dict(momentum=0.8, use_fast_variance=fast)
+    out = _loss_and_stats(GhostBatchNorm(ghost_batch_size=ghost, **kw), variables, x, dy, mask=mask)
+    ref = _loss_and_stats(nn.BatchNorm(**kw), variables, x, dy, mask=mask)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-6, atol=1e-6)
+    assert_trees_close(out[1], ref[1], rtol=1e-6, atol=1e-6)
+    assert_trees_close(out[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+def test_variables_init_and_inference_match_batchnorm():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)
+    key = jax.random.key(0)
+    gbn = GhostBatchNorm(
+        ghost_batch_size=4,
+        scale_init=nn.initializers.normal(1.0),
+        bias_init=nn.initializers.normal(1.0),
+    )
+    bn = nn.BatchNorm(scale_init=nn.initializers.normal(1.0), bias_init=nn.initializers.normal(1.0))
+    v_gbn = gbn.init(key, x, use_running_average=False)
+    v_bn = bn.init(key, x, use_running_average=False)
+    # Same names, shapes, dtypes and initial values (no running-stat update at init).
+    assert_trees_close(v_gbn, v_bn, rtol=0, atol=0)
+    np.testing.assert_array_equal(v_gbn["batch_stats"]["mean"], np.zeros(4))
+    # Inference: running statistics, no split, any batch size; field or per-call flag.
+    variables = {**v_gbn, "batch_stats": _perturbed_variables(rng, 4)["batch_stats"]}
+    x7 = x[:7]
+    y_call = gbn.apply(variables, x7, use_running_average=True)
+    y_field = gbn.clone(use_running_average=True).apply(variables, x7)
+    ref = bn.apply(variables, x7, use_running_average=True)
+    np.testing.assert_allclose(y_call, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y_field, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="use_running_average"):
+        gbn.clone(use_running_average=True).apply(variables, x7, use_running_average=False)
+
+
+def test_bfloat16_inputs_use_float32_statistics():
+    rng = np.random.default_rng(9)
+    x32, scale, bias, rm, rv = random_inputs(rng, (16, 2, 2, 3), 3)
+    x = jnp.asarray(x32, jnp.bfloat16)
+    y, m, v = ghost_batch_norm(
+        x, scale, bias, rm, rv, use_running_average=False, ghost_batch_size=4, momentum=0.9
+    )
+    ry, rm2, rv2 = np_ghost_bn(np.asarray(x, np.float32), scale, bias, rm, rv, ghost=4)
+    assert y.dtype == jnp.float32 and m.dtype == jnp.float32 and v.dtype == jnp.float32
+    np.testing.assert_allclose(y, ry, rtol=1e-4, atol=1e-4)  # statistics exact in float32
+    np.testing.assert_allclose(m, rm2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v, rv2, rtol=1e-5, atol=1e-5)
+    y16, _, _ = ghost_batch_norm(
+        x, scale, bias, rm, rv, use_running_average=False, ghost_batch_size=4, dtype=jnp.bfloat16
+    )
+    assert y16.dtype == jnp.bfloat16
+    g = jax.grad(
+        lambda x: ghost_batch_norm(
+            x, scale, bias, rm, rv, use_running_average=False, ghost_batch_size=4
+        )[0].sum()
+    )(x)
+    assert g.dtype == jnp.bfloat16
+
+
+def test_mask_excludes_examples_and_skips_empty_ghost_batches():
+    rng = np.random.default_rng(13)
+    x, scale, bias, rm, rv = random_inputs(rng, (12, 2, 3), 3)
+    rows = rng.random(12) < 0.6
+    rows[0], rows[4], rows[8:] = True, True, False  # third ghost batch fully masked
+    mask = rows[:, None, None]
+    for update in ("sequential", "mean"):
+        y, m, v = ghost_batch_norm(
+            jnp.asarray(x),
+            scale,
+            bias,
+            rm,
+            rv,
+            use_running_average=False,
+            ghost_batch_size=4,
+            running_update=update,
+            momentum=0.9,
+            mask=mask,
+        )
+        ry, rm2, rv2 = np_ghost_bn(x, scale, bias, rm, rv, ghost=4, update=update, mask=mask)
+        np.testing.assert_allclose(y[:8], ry[:8], rtol=1e-4, atol=1e-4)
+        assert np.isfinite(np.asarray(y)).all()
+        np.testing.assert_allclose(m, rm2, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(v, rv2, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_problem():
+    x = jnp.ones((10, 3))
+    args = (None, None, jnp.zeros(3), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"\(10\).*\(4\).*mask"):
+        ghost_batch_norm(x, *args, use_running_average=False, ghost_batch_size=4)
+    with pytest.raises(ValueError, match="running_update='average'"):
+        ghost_batch_norm(x, *args, use_running_average=False, running_update="average")
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="ghost_batch_size"):
+            ghost_batch_norm(x, *args, use_running_average=False, ghost_batch_size=bad)
+    with pytest.raises(ValueError, match=r"mask shape \(10,\)"):
+        ghost_batch_norm(x, *args, use_running_average=False, mask=jnp.ones(10, bool))
+    with pytest.raises(ValueError, match="momentum"):
+        ghost_batch_norm(x, *args, use_running_average=False, momentum=1.5)
+    with pytest.raises(ValueError, match="leading axis"):
+        ghost_batch_norm(
+            jnp.ones((10, 3)),
+            None,
+            None,
+            jnp.zeros(10),
+            jnp.ones(10),
+            use_running_average=False,
+            ghost_batch_size=5,
+            axis=0,
+        )
+    with pytest.raises(ValueError, match="not a multiple"):
+        GhostBatchNorm(ghost_batch_size=4).init(jax.random.key(0), x, use_running_average=False)
+
+
+# --------------------------------------------------------------------------------------
+# Sharded execution: ghost batches need no cross-device communication.
+
+COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s"
+    r"(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
+    re.MULTILINE,
+)
+
+
+def collectives(hlo: str) -> list[tuple[str, str]]:
+    """(op, result shape) for every cross-device collective in an HLO module."""
+    return [(op, shape) for shape, op in COLLECTIVE.findall(hlo)]
+
+
+class TwoLayer(nn.Module):
+    norm: type = nn.BatchNorm
+    ghost: int | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for i, width in enumerate((12, 10)):
+            x = nn.Dense(width)(x)
+            kw = {} if self.norm is nn.BatchNorm else {"ghost_batch_size": self.ghost}
+            norm = self.norm(use_running_average=not train, momentum=0.9, name=f"norm{i}", **kw)
+            x = nn.relu(norm(x))
+        return nn.Dense(3)(x)
+
+
+BATCH = 64  # 8 examples per device
+
+
+@pytest.fixture(scope="module")
+def sharded_setup(devices):
+    mesh = Mesh(np.array(devices), ("data",))
+    rng = np.random.default_rng(17)
+    x = jnp.asarray(rng.normal(size=(BATCH, 7)) * 2 + 0.5, jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(BATCH, 3)), jnp.float32)
+    variables = TwoLayer().init(jax.random.key(0), x, train=False)
+    return mesh, x, dy, variables
+
+
+def _step(model):
+    """Forward + backward: output, d/dx, d/dparams and the updated running statistics."""
+
+    def step(variables, x, dy):
+        def loss(params, x):
+            y, upd = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(y * dy), (y, upd["batch_stats"])
+
+        (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            variables["params"], x
+        )
+        return y, grads, stats
+
+    return step
+
+
+def _normalization_only(model):
+    """Forward and input-gradient only (parameters fixed, statistics discarded)."""
+
+    def f(variables, x, dy):
+        y, vjp = jax.vjp(
+            lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0], x
+        )
+        return y, vjp(dy)[0]
+
+    return f
+
+
+def test_ghost_batches_need_no_collectives_in_compiled_hlo(sharded_setup):
+    mesh, x, dy, variables = sharded_setup
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def compiled(fn, out_shardings):
+        jitted = jax.jit(fn, in_shardings=(rep, data, data), out_shardings=out_shardings)
+        return jitted.lower(variables, x, dy).compile().as_text()
+
+    gbn, bn = TwoLayer(GhostBatchNorm, ghost=4), TwoLayer(nn.BatchNorm)
+    # Normalization forward and backward: no collective for GBN, several for BN.
+    gbn_norm = collectives(compiled(_normalization_only(gbn), (data, data)))
+    bn_norm = collectives(compiled(_normalization_only(bn), (data, data)))
+    assert gbn_norm == []
+    assert len(bn_norm) >= 2 * 2  # per layer: forward statistics and backward sums
+    # Whole step: GBN keeps only the reductions of parameter gradients and running
+    # statistics (XLA merges them into one all-reduce); BN adds its per-layer ones.
+    gbn_step = collectives(compiled(_step(gbn), (data, rep, rep)))
+    bn_step = collectives(compiled(_step(bn), (data, rep, rep)))
+    assert len(gbn_step) < len(bn_step)
+    # Any collective moving batch-sized arrays (XLA's choice for the first Dense layer's
+    # weight gradient) is shared with the BN step, i.e. not caused by normalization.
+    batch_sized = lambda ops: sorted(o for o in ops if {BATCH, BATCH // 8} & set(_dims(o[1])))
+    assert batch_sized(gbn_step) == batch_sized(bn_step)
+    # The running-statistics update alone: one small reduction of (features,) vectors.
+    stats_only = jax.jit(
+        lambda v, x, dy: _step(gbn)(v, x, dy)[2], in_shardings=(rep, data, data), out_shardings=rep
+    )
+    stats_ops = collectives(stats_only.lower(variables, x, dy).compile().as_text())
+    assert stats_ops and all(op == "all-reduce" for op, _ in stats_ops)
+    assert set(_dims(" ".join(shape for _, shape in stats_ops))) <= {12, 10}
+
+
+def _dims(shape: str) -> list[int]:
+    return [int(d) for dims in re.findall(r"\[([\d,]*)\]", shape) for d in dims.split(",") if d]
+
+
+@pytest.mark.parametrize("ghost", [4, 16])  # within one device / spanning two devices
+def test_sharded_equals_single_device(sharded_setup, ghost):
+    mesh, x, dy, variables = sharded_setup
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = _step(TwoLayer(GhostBatchNorm, ghost=ghost))
+    sharded = jax.jit(step, in_shardings=(rep, data, data), out_shardings=(data, rep, rep))(
+        variables, x, dy
+    )
+    single = jax.jit(step)(*jax.device_put((variables, x, dy), jax.devices()[0]))
+    assert_trees_close(sharded, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ghost", [4, 16, None])
+def test_shard_map_axis_name_equals_global(sharded_setup, ghost):
+    """With axis_name, ghost batches are taken along the global batch (device order)."""
+    mesh, x, dy, _ = sharded_setup
+    module = GhostBatchNorm(momentum=0.9, ghost_batch_size=ghost, axis_name="data")
+    h = x[:, :5] * 3 + 1
+    v = _perturbed_variables(np.random.default_rng(0), 5)
+
+    def local(v, h, dy):
+        def loss(params, h):
+            y, upd = module.apply(
+                {**v, "params": params}, h, use_running_average=False, mutable=["batch_stats"]
+            )
+            return jnp.sum(y * dy), (y, upd["batch_stats"])
+
+        (_, (y, stats)), (gp, gh) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            v["params"], h
+        )
+        return y, gh, gp, stats  # parameter gradients come out summed over devices
+
+    mapped = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(), P("data"), P("data")),
+            out_specs=(P("data"), P("data"), P(), P()),
+        )
+    )
+    got = mapped(v, h, dy[:, :1] * h)
+    ref = _loss_and_stats(module.clone(axis_name=None), v, h, dy[:, :1] * h)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], ref[2][1], rtol=1e-4, atol=1e-4)
+    assert_trees_close(got[2], ref[2][0], rtol=1e-4, atol=1e-4)
+    assert_trees_close(got[3], ref[1])
