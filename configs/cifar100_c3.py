@@ -1,0 +1,39 @@
+"""C3 (Keskar et al.'s shallow conv net) on CIFAR-100.
+
+Launch (the config argument picks a column of the paper's table; options follow it):
+
+  python -m gbn_jax.main --config=configs/cifar100_c3.py:lb_lr_gbn_ra \\
+      --workdir=runs/cifar100_c3/lb_lr_gbn_ra
+
+Variants: sb, lb, lb_lr, lb_lr_gbn, lb_lr_gbn_ra (cumulative, as the paper's columns),
+goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
+epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
+``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
+
+Expected runtime: Not measured here; see cifar10_c1.py (same network size and regime).
+
+Expected result: Paper (CIFAR-100, C3): SB 61.25%, LB 51.50%, +LR 57.38%, +GBN 57.5%, +RA 63.20%.
+
+References:
+  Hoffer, Hubara & Soudry (2017), table 1 and section 5.
+"""
+
+import ml_collections
+
+from gbn_jax import config_lib, regimes
+
+# |B_L|: the large batch of this row in the authors' runs; |B_S| comes from the regime.
+LARGE_BATCH_SIZE = 4096
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the config of one variant (see the module docstring)."""
+    variant, options = config_lib.parse_arg(arg)
+    config = config_lib.trainer_defaults()
+    config.dataset = "cifar100"
+    config.model = config_lib.model_config("c3")
+    config.regime = regimes.base_regime("c3")
+    # Derived from the variant: batch_size (|B_L|, or |B_S| for sb), model.norm,
+    # model.ghost_batch_size (= |B_S| = regime.reference_batch_size unless ghost=),
+    # regime.lr_scaling, regime_adaptation, warmup_epochs, grad_clip_norm, optimizer.
+    return config_lib.apply_variant(config, variant, options, large_batch_size=LARGE_BATCH_SIZE)

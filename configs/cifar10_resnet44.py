@@ -1,0 +1,41 @@
+"""ResNet-44 (He et al.) on CIFAR-10.
+
+Launch (the config argument picks a column of the paper's table; options follow it):
+
+  python -m gbn_jax.main --config=configs/cifar10_resnet44.py:lb_lr_gbn_ra \\
+      --workdir=runs/cifar10_resnet44/lb_lr_gbn_ra
+
+Variants: sb, lb, lb_lr, lb_lr_gbn, lb_lr_gbn_ra (cumulative, as the paper's columns),
+goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
+epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
+``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
+
+Expected runtime: Not measured here. One SB run is ~9M images (about 1 GPU-hour on a modern
+GPU); RA at batch 2048 multiplies the epochs by 16.
+
+Expected result: Paper (CIFAR-10, ResNet44): SB 92.83%, LB 86.10%, +LR 89.30%, +GBN 90.50%,
++RA 93.07%. The authors' large batch for this row is 2048 (one script uses ghost 256).
+
+References:
+  Hoffer, Hubara & Soudry (2017), table 1 and section 5.
+"""
+
+import ml_collections
+
+from gbn_jax import config_lib, regimes
+
+# |B_L|: the large batch of this row in the authors' runs; |B_S| comes from the regime.
+LARGE_BATCH_SIZE = 2048
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the config of one variant (see the module docstring)."""
+    variant, options = config_lib.parse_arg(arg)
+    config = config_lib.trainer_defaults()
+    config.dataset = "cifar10"
+    config.model = config_lib.model_config("resnet_cifar", depth=44)
+    config.regime = regimes.base_regime("resnet_cifar")
+    # Derived from the variant: batch_size (|B_L|, or |B_S| for sb), model.norm,
+    # model.ghost_batch_size (= |B_S| = regime.reference_batch_size unless ghost=),
+    # regime.lr_scaling, regime_adaptation, warmup_epochs, grad_clip_norm, optimizer.
+    return config_lib.apply_variant(config, variant, options, large_batch_size=LARGE_BATCH_SIZE)

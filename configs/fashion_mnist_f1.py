@@ -1,0 +1,45 @@
+"""F1 (Keskar et al.'s fully connected net) on Fashion-MNIST.
+
+Launch (the config argument picks a column of the paper's table; options follow it):
+
+  python -m gbn_jax.main --config=configs/fashion_mnist_f1.py:lb_lr_gbn_ra \\
+      --workdir=runs/fashion_mnist_f1/lb_lr_gbn_ra
+
+Variants: sb, lb, lb_lr, lb_lr_gbn, lb_lr_gbn_ra (cumulative, as the paper's columns),
+goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
+epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
+``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
+
+Expected runtime: measured on this project's 2-core CPU machine (shared, single device):
+~4.5k images/s for F1 at batch 2048-4096. sb, lb, lb_lr, lb_lr_gbn: 50 epochs = 3M
+images, ~11 min each (sb slower per image at batch 128); lb_lr_gbn_ra at batch 4096:
+23,400 steps = 96M images, ~6 h (batch=2048: 48M images, ~3 h). epochs_scale=0.1
+divides all of these by 10. One H100 is not measured here.
+
+Expected result: The paper's F1 row is MNIST, not Fashion-MNIST; there is no paper number for
+Fashion-MNIST. Paper (MNIST): SB 98.27%, LB 97.05%, +LR 97.55%, +GBN 97.60%,
++RA 98.53%.
+
+References:
+  Hoffer, Hubara & Soudry (2017), table 1 and section 5.
+"""
+
+import ml_collections
+
+from gbn_jax import config_lib, regimes
+
+# |B_L|: the large batch of this row in the authors' runs; |B_S| comes from the regime.
+LARGE_BATCH_SIZE = 4096
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the config of one variant (see the module docstring)."""
+    variant, options = config_lib.parse_arg(arg)
+    config = config_lib.trainer_defaults()
+    config.dataset = "fashion_mnist"
+    config.model = config_lib.model_config("f1")
+    config.regime = regimes.base_regime("f1")
+    # Derived from the variant: batch_size (|B_L|, or |B_S| for sb), model.norm,
+    # model.ghost_batch_size (= |B_S| = regime.reference_batch_size unless ghost=),
+    # regime.lr_scaling, regime_adaptation, warmup_epochs, grad_clip_norm, optimizer.
+    return config_lib.apply_variant(config, variant, options, large_batch_size=LARGE_BATCH_SIZE)

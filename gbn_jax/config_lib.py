@@ -1,0 +1,288 @@
+"""The paper's columns as config variants, shared by every file in ``configs/``.
+
+A config argument reads ``<variant>[,key=value...]``, e.g.
+``configs/fashion_mnist_f1.py:lb_lr_gbn_ra,batch=2048,ghost=64``. The variants are the
+paper's cumulative columns plus the later alternatives it is compared with:
+
+=================  =========  ======  ==========  =====  ======  ==========
+variant            batch      norm    lr_scaling  RA     warmup  optimizer
+=================  =========  ======  ==========  =====  ======  ==========
+``sb``             |B_S|      batch   none        no     0       sgd
+``lb``             |B_L|      batch   none        no     0       sgd
+``lb_lr``          |B_L|      batch   sqrt        no     0       sgd
+``lb_lr_gbn``      |B_L|      ghost   sqrt        no     0       sgd
+``lb_lr_gbn_ra``   |B_L|      ghost   sqrt        yes    0       sgd
+``goyal``          |B_L|      batch   linear      no     5       sgd
+``lars``           |B_L|      batch   sqrt        no     0       lars
+=================  =========  ======  ==========  =====  ======  ==========
+
+Every variant clips gradients at global L2 norm 5, as the authors' code does. The
+ghost batch size defaults to the reference batch |B_S|. ``epochs_scale=`` multiplies
+the epochs, every learning-rate and weight-decay boundary and the warm-up, so a quick
+run keeps the regime's shape.
+
+References:
+  Hoffer, Hubara & Soudry (2017), sections 3-5 and table 1; Goyal et al. (2017) for
+  linear scaling with warm-up; You et al. (2017) for LARS.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How one column of the paper's table departs from the small-batch baseline.
+
+    Attributes:
+      large_batch: train with the config's large batch |B_L| (else |B_S|).
+      norm: "batch" or "ghost".
+      lr_scaling: "none", "sqrt" or "linear".
+      regime_adaptation: stretch the regime to the small-batch number of updates.
+      warmup_epochs: linear learning-rate warm-up length.
+      optimizer: "sgd" or "lars".
+    """
+
+    large_batch: bool
+    norm: str = "batch"
+    lr_scaling: str = "none"
+    regime_adaptation: bool = False
+    warmup_epochs: float = 0.0
+    optimizer: str = "sgd"
+
+
+VARIANTS: dict[str, Variant] = {
+    "sb": Variant(large_batch=False),
+    "lb": Variant(large_batch=True),
+    "lb_lr": Variant(large_batch=True, lr_scaling="sqrt"),
+    "lb_lr_gbn": Variant(large_batch=True, norm="ghost", lr_scaling="sqrt"),
+    "lb_lr_gbn_ra": Variant(
+        large_batch=True, norm="ghost", lr_scaling="sqrt", regime_adaptation=True
+    ),
+    "goyal": Variant(large_batch=True, lr_scaling="linear", warmup_epochs=5.0),
+    "lars": Variant(large_batch=True, lr_scaling="sqrt", optimizer="lars"),
+}
+
+# The paper's code clips every run at this global L2 norm; it acts as a warm-up.
+GRAD_CLIP_NORM = 5.0
+
+OPTIONS: dict[str, Callable[[str], Any]] = {
+    "batch": int,
+    "ghost": int,
+    "epochs_scale": float,
+    "seed": int,
+    "dataset": str,
+    "dtype": str,
+    "model": str,
+    "eval_every": int,
+}
+
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigArgError(ValueError):
+    """A config argument names an unknown variant or option, or a bad value."""
+
+
+def parse_arg(arg: str | None, default_variant: str = "lb_lr_gbn_ra") -> tuple[str, dict]:
+    """Splits a config argument into its variant and typed options.
+
+    Args:
+      arg: ``"<variant>[,key=value...]"``; None or "" selects ``default_variant``. The
+        variant may be left out (``"batch=2048"``).
+      default_variant: the variant used when ``arg`` names none.
+
+    Returns:
+      ``(variant, options)`` with options converted to their types (see ``OPTIONS``).
+
+    Raises:
+      ConfigArgError: an unknown variant or option, or a value of the wrong type.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), table 1 (the columns).
+
+    >>> parse_arg("lb_lr,batch=2048,epochs_scale=0.5")
+    ('lb_lr', {'batch': 2048, 'epochs_scale': 0.5})
+    """
+    variant, options = default_variant, {}
+    for i, part in enumerate(p.strip() for p in (arg or "").split(",")):
+        if not part:
+            continue
+        if "=" not in part:
+            if i != 0:
+                raise ConfigArgError(
+                    f"config argument {arg!r}: {part!r} is not key=value; the variant "
+                    f"comes first, options after it, e.g. 'lb_lr_gbn_ra,batch=2048'."
+                )
+            variant = part
+            continue
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key not in OPTIONS:
+            raise ConfigArgError(
+                f"unknown config option {key=} in {arg!r}; valid options: {', '.join(OPTIONS)}."
+            )
+        try:
+            options[key] = OPTIONS[key](value)
+        except ValueError:
+            raise ConfigArgError(
+                f"config option {key}={value!r} is not a valid {OPTIONS[key].__name__}."
+            ) from None
+    if variant not in VARIANTS:
+        raise ConfigArgError(
+            f"unknown config variant {variant!r}; valid variants: {', '.join(VARIANTS)}."
+        )
+    if "dtype" in options and options["dtype"] not in DTYPES:
+        raise ConfigArgError(f"config option dtype={options['dtype']!r}; use one of {DTYPES}.")
+    for key in ("batch", "ghost", "eval_every"):
+        if key in options and options[key] <= 0:
+            raise ConfigArgError(f"config option {key}={options[key]} must be positive.")
+    if "epochs_scale" in options and not options["epochs_scale"] > 0:
+        raise ConfigArgError(
+            f"config option epochs_scale={options['epochs_scale']} must be positive."
+        )
+    return variant, options
+
+
+def scale_epochs(regime: ml_collections.ConfigDict, factor: float) -> ml_collections.ConfigDict:
+    """Shrinks or stretches a base regime in time, for quick runs.
+
+    Multiplies the number of epochs and every epoch boundary of the learning-rate and
+    weight-decay schedules by ``factor``, so the schedule keeps its shape. Epochs
+    become floats so that ``--config.regime.epochs=2.5`` overrides work either way.
+
+    Args:
+      regime: a base regime (``gbn_jax.regimes.base_regime``).
+      factor: the time scale, > 0.
+
+    Returns:
+      A new ConfigDict with the scaled regime.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 5 (base regimes).
+
+    >>> r = scale_epochs(ml_collections.ConfigDict(
+    ...     {"epochs": 40, "lr_schedule": ((0, 0.1), (10, 0.01)), "weight_decay": 1e-4}), 0.5)
+    >>> r.epochs, r.lr_schedule
+    (20.0, ((0.0, 0.1), (5.0, 0.01)))
+    """
+    fields = regime.to_dict()
+    fields["epochs"] = float(fields["epochs"] * factor)
+    fields["lr_schedule"] = tuple(
+        (float(epoch * factor), lr) for epoch, lr in fields["lr_schedule"]
+    )
+    if isinstance(fields["weight_decay"], tuple | list):
+        fields["weight_decay"] = tuple(
+            (float(epoch * factor), wd) for epoch, wd in fields["weight_decay"]
+        )
+    return ml_collections.ConfigDict(fields)
+
+
+def trainer_defaults() -> ml_collections.ConfigDict:
+    """The trainer fields every experiment config starts from.
+
+    Returns:
+      A ConfigDict with data_dir, seed, eval/log/checkpoint cadences and max_steps.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 4 (the weight-distance logging).
+    """
+    config = ml_collections.ConfigDict()
+    config.data_dir = config_dict.placeholder(str)
+    config.seed = 0
+    # Evaluate once per epoch of the run unless eval_every_steps is set.
+    config.eval_every_epochs = 1.0
+    config.eval_every_steps = config_dict.placeholder(int)
+    config.eval_batch_size = 1024
+    config.log_every_steps = 50
+    # "log" adds ~20 log-spaced steps per decade, for the weight-distance curves.
+    config.log_schedule = "linear"
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.max_steps = config_dict.placeholder(int)
+    return config
+
+
+def apply_variant(
+    config: ml_collections.ConfigDict,
+    variant: str,
+    options: dict,
+    *,
+    large_batch_size: int,
+) -> ml_collections.ConfigDict:
+    """Sets batch size, normalization and regime fields for one paper column.
+
+    ``config.regime`` must already hold the base regime and ``config.model`` the model
+    fields. Options from the config argument override the variant's defaults.
+
+    Args:
+      config: the experiment config, modified in place.
+      variant: a key of ``VARIANTS``.
+      options: parsed options (``parse_arg``).
+      large_batch_size: |B_L| for this experiment family.
+
+    Returns:
+      ``config``, for chaining.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), sections 3 (+LR), 4 (+GBN) and 5 (+RA).
+    """
+    v = VARIANTS[variant]
+    reference_batch_size = config.regime.reference_batch_size
+    config.batch_size = options.get(
+        "batch", large_batch_size if v.large_batch else reference_batch_size
+    )
+    config.model.norm = v.norm
+    # Ghost batches reproduce the small-batch normalization noise: |B_S| by default.
+    config.model.ghost_batch_size = options.get("ghost", reference_batch_size)
+    config.model.dtype = options.get("dtype", config.model.get("dtype", "float32"))
+    if "model" in options:
+        config.model.name = options["model"]
+    if "dataset" in options:
+        config.dataset = options["dataset"]
+    if "seed" in options:
+        config.seed = options["seed"]
+    if "eval_every" in options:
+        config.eval_every_steps = options["eval_every"]
+    epochs_scale = options.get("epochs_scale", 1.0)
+    config.regime = scale_epochs(config.regime, epochs_scale)
+    config.regime.lr_scaling = v.lr_scaling
+    config.regime.regime_adaptation = v.regime_adaptation
+    # Warm-up is part of the schedule's shape, so a quick run shortens it too.
+    config.regime.warmup_epochs = v.warmup_epochs * epochs_scale
+    config.regime.grad_clip_norm = GRAD_CLIP_NORM
+    config.regime.optimizer = v.optimizer
+    config.variant = variant
+    return config
+
+
+def model_config(name: str, **kwargs: Any) -> ml_collections.ConfigDict:
+    """The model fields of an experiment config (``gbn_jax.models.get_model`` kwargs).
+
+    Args:
+      name: a model registry name ("f1", "c1", "resnet_cifar", ...).
+      **kwargs: extra constructor arguments (e.g. ``depth=44``).
+
+    Returns:
+      A ConfigDict with name, norm, ghost_batch_size, running_update, bn_momentum,
+      dtype and the extra kwargs; ``apply_variant`` fills norm and ghost size.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 4 (Ghost Batch Normalization).
+    """
+    return ml_collections.ConfigDict(
+        {
+            "name": name,
+            "norm": "batch",
+            "ghost_batch_size": 128,
+            # Algorithm 1: one running-statistics update per ghost batch, in order.
+            "running_update": "sequential",
+            # Flax convention; 0.9 equals PyTorch's default momentum 0.1 (authors' code).
+            "bn_momentum": 0.9,
+            "dtype": "float32",
+            **kwargs,
+        }
+    )

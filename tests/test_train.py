@@ -1,0 +1,346 @@
+"""Tests of the trainer (gbn_jax/train.py) and its command line (gbn_jax/main.py).
+
+One short reference run of F1 on the real Fashion-MNIST files (8 fake CPU devices,
+in this process) is the yardstick: a run killed with SIGKILL and restarted, and a run
+split over two processes, must end with the same metrics and parameters.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from gbn_jax import regimes, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F1_CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_f1.py")
+# Batch 256 = 2 x |B_S|; 32 examples per device = one ghost batch per device. With
+# epochs_scale=0.002 the RA regime drops the LR at steps int(10 * 0.002 * 468) = 9 and
+# 18, inside the 24 steps run here.
+F1_ARG = "lb_lr_gbn_ra,batch=256,ghost=32,epochs_scale=0.002"
+F1_OVERRIDES = {
+    "max_steps": 24,
+    "log_every_steps": 4,
+    "log_schedule": "log",
+    "eval_every_steps": 8,
+    "checkpoint_every_steps": 6,
+    "eval_batch_size": 2000,
+    # The F1 regime's LRs / 5 (boundaries as scaled above): rounding differences between
+    # device layouts then stay near rounding level over 24 steps.
+    "regime.lr_schedule": ((0.0, 0.02), (0.02, 0.002), (0.04, 2e-4), (0.06, 2e-5)),
+}
+
+
+def load_config(path, arg, overrides=None):
+    spec = importlib.util.spec_from_file_location("experiment_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    config.update_from_flattened_dict(overrides or {})
+    return config
+
+
+def cli(workdir, arg, overrides, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "gbn_jax.main",
+        f"--config={F1_CONFIG}:{arg}",
+        f"--workdir={workdir}",
+        *(
+            f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+            for k, v in overrides.items()
+        ),
+        *extra,
+    ]
+
+
+def cli_env(num_devices=8):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    return env
+
+
+def read_metrics(workdir, drop=train.WALL_CLOCK_FIELDS):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+def final_state(workdir):
+    """The last checkpoint's train state as numpy arrays, read with orbax directly."""
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    path = os.path.join(workdir, "checkpoints", str(steps[-1]), "state")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        # An explicit target: the checkpoint may come from another device topology.
+        metadata = checkpointer.metadata(path).item_metadata
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
+        )
+        state = checkpointer.restore(path, target)
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return steps[-1], {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, devices):
+    """An uninterrupted in-process run: (workdir, config, summary)."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    config = load_config(F1_CONFIG, F1_ARG, F1_OVERRIDES)
+    summary = train.train_and_evaluate(config, workdir)
+    return workdir, config, summary
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_fashion_mnist_end_to_end(reference):
+    workdir, config, summary = reference
+    with open(os.path.join(workdir, "regime.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(regimes.resolve(config, 60_000).to_dict()))
+
+    records = read_metrics(workdir, drop=())
+    logged = [r["step"] for r in records if "train_loss" in r]
+    evals = [r["step"] for r in records if "eval_accuracy" in r]
+    # Every 4th step, plus ~20 log-spaced steps per decade: 1, 2, ..., 13, 14, 16, 18, 20.
+    log_spaced = {round(10 ** (k / 20)) for k in range(28)}
+    assert logged == sorted({s for s in range(1, 25) if s % 4 == 0} | log_spaced)
+    assert evals == [8, 16, 24]
+    assert [r["step"] for r in records] == sorted(set(logged) | set(evals))
+
+    # Learning rate of the update that reached the logged step: 0.02 * sqrt(256/128)
+    # up to step 9, then / 10 up to step 18, then / 100.
+    for r in records:
+        if "learning_rate" in r:
+            base = 0.02 if r["step"] <= 9 else 0.002 if r["step"] <= 18 else 0.0002
+            assert r["learning_rate"] == pytest.approx(base * math.sqrt(2), rel=1e-6)
+        assert r["epoch"] == pytest.approx(r["step"] / (60_000 // 256))
+    train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert train_losses[-1] < 0.6 * train_losses[0]
+    assert all(
+        r["grad_norm"] > 0 and r["examples_per_sec"] > 0 for r in records if "grad_norm" in r
+    )
+    assert records[-1]["eval_accuracy"] > 0.6
+
+    # weight_distance against numpy on the final checkpoint's params and params0.
+    step, state = final_state(workdir)
+    assert step == 24
+    sq = sum(
+        np.sum(
+            (state[k].astype(np.float64) - state[k.replace("['params']", "['params0']", 1)]) ** 2
+        )
+        for k in state
+        if k.startswith("['params']")
+    )
+    assert records[-1]["weight_distance"] == pytest.approx(math.sqrt(sq), rel=1e-5)
+
+    with open(os.path.join(workdir, "summary.json")) as f:
+        written = json.load(f)
+    assert written["final_eval_accuracy"] == records[-1]["eval_accuracy"]
+    assert written["best_eval_accuracy"] == max(
+        r["eval_accuracy"] for r in records if "eval_accuracy" in r
+    )
+    assert (written["steps"], written["devices"], written["process_count"]) == (24, 8, 1)
+    assert written["config"]["batch_size"] == 256
+    assert summary["final_eval_accuracy"] == written["final_eval_accuracy"]
+    assert any(
+        name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tb"))
+    )
+    # Checkpoints every 6 steps, the last three kept.
+    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [12, 18, 24]
+
+
+def test_mock_cifar10_c1_end_to_end(tmp_path, devices):
+    config = load_config(
+        os.path.join(ROOT, "configs", "cifar10_c1.py"),
+        "lb_lr_gbn,batch=64,ghost=8",
+        {"max_steps": 3, "eval_batch_size": 64, "data_dir": str(tmp_path / "data")},
+    )
+    with tfds.testing.mock_data(num_examples=160):
+        summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    records = read_metrics(str(tmp_path / "run"))
+    assert records[-1]["step"] == 3 and "train_loss" in records[-1]
+    assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
+    assert all(math.isfinite(records[-1][k]) for k in ("train_loss", "weight_distance"))
+    assert records[-1]["weight_distance"] > 0
+
+
+# ------------------------------------------------------------------ resumption
+
+
+def test_resume_after_sigkill_is_bit_exact(reference, tmp_path):
+    ref_dir = reference[0]
+    workdir = str(tmp_path / "killed")
+    rng = random.Random()
+    kill_after = rng.randint(7, 20)  # somewhere after the first checkpoint (step 6)
+    proc = subprocess.Popen(
+        cli(workdir, F1_ARG, F1_OVERRIDES),
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    while proc.poll() is None:
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+            if steps and steps[-1] >= kill_after:
+                time.sleep(rng.uniform(0.0, 0.2))
+                break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    # A half-written checkpoint (orbax's tmp suffix) must be ignored and cleaned up.
+    fake = os.path.join(workdir, "checkpoints", "23.orbax-checkpoint-tmp-1234567890")
+    os.makedirs(os.path.join(fake, "state"))
+    with open(os.path.join(fake, "state", "garbage"), "w") as f:
+        f.write("not a checkpoint")
+
+    done = subprocess.run(
+        cli(workdir, F1_ARG, F1_OVERRIDES), cwd=ROOT, env=cli_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    assert not os.path.exists(fake)
+    assert read_metrics(workdir) == read_metrics(ref_dir)
+    (step, state), (ref_step, ref_state) = final_state(workdir), final_state(ref_dir)
+    assert step == ref_step == 24 and state.keys() == ref_state.keys()
+    for key in ref_state:
+        np.testing.assert_array_equal(state[key], ref_state[key], err_msg=key)
+
+
+def test_rerun_of_finished_run_changes_nothing(reference, tmp_path):
+    """Restarting a finished run restores the last step and trains no further."""
+    ref_dir, config, summary = reference
+    before = read_metrics(ref_dir, drop=())
+    again = train.train_and_evaluate(config, ref_dir)
+    assert read_metrics(ref_dir, drop=()) == before
+    assert again["resumed_from_step"] == 24
+    assert again["final_eval_accuracy"] == summary["final_eval_accuracy"]
+
+
+# ------------------------------------------------------------------ multi-process
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(reference, tmp_path):
+    ref_dir = reference[0]
+    workdir = str(tmp_path / "two")
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            cli(
+                workdir,
+                F1_ARG,
+                F1_OVERRIDES,
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=ROOT,
+            env=cli_env(num_devices=4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert (summary["process_count"], summary["devices"]) == (2, 8)
+    mine, ref = read_metrics(workdir), read_metrics(ref_dir)
+    assert [r.keys() for r in mine] == [r.keys() for r in ref]
+    # Same data, init and first update: step 1 is identical. Afterwards the gradient
+    # all-reduce sums 2 x 4 devices through gloo in another order than 8 devices in one
+    # process; the rounding differences (1e-7 at step 2) grow through training, to
+    # ~1e-4 by step 24 at these learning rates (~1e-2 at the F1 regime's five times
+    # larger ones), hence a tolerance of 1e-3 after step 1.
+    assert mine[0] == ref[0]
+    for a, b in zip(mine, ref, strict=True):
+        for key in b:
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), (a["step"], key)
+    (_, state), (_, ref_state) = final_state(workdir), final_state(ref_dir)
+    diff = math.sqrt(
+        sum(np.sum((state[k] - ref_state[k]) ** 2) for k in ref_state if "params'" in k)
+    )
+    assert diff < 1e-3 * ref[-1]["weight_distance"]
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "arg, overrides, message",
+    [
+        ("lb,batch=100", {}, "batch_size=100 is not divisible by the 8 devices"),
+        ("lb_lr_gbn,batch=256,ghost=48", {}, "not divisible by the ghost batch size 48"),
+        ("lb,model=resnet7", {}, "unknown model 'resnet7'"),
+        ("lb,dataset=no_such_dataset", {}, "no_such_dataset"),
+        ("lb,dataset=mnist", {"data_dir": "EMPTY"}, "tfds build mnist"),
+    ],
+    ids=["batch_vs_devices", "ghost_vs_per_device", "model", "dataset", "missing_dataset"],
+)
+def test_bad_config_fails_before_compute(arg, overrides, message, tmp_path, devices):
+    overrides = {k: str(tmp_path / "empty") if v == "EMPTY" else v for k, v in overrides.items()}
+    config = load_config(F1_CONFIG, arg, overrides)
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [("lb_huge", "unknown config variant 'lb_huge'"), ("lb,bacth=64", "unknown config option")],
+)
+def test_bad_config_argument(arg, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(F1_CONFIG, arg)
+
+
+def test_nan_loss_exits_nonzero_and_keeps_last_good_checkpoint(tmp_path):
+    """LR 1e38 from step 5 on overflows the weights; the CLI must stop and exit 1."""
+    workdir = str(tmp_path / "nan")
+    # Without RA, 234 steps per epoch: the LR jumps at int(0.02 * 234) = step 4, so
+    # update 5 (which uses the LR of step 4) is the first to blow up.
+    overrides = {
+        "max_steps": 20,
+        "checkpoint_every_steps": 2,
+        "eval_every_steps": 100,
+        "regime.lr_schedule": ((0.0, 0.01), (0.02, 1e38)),
+    }
+    args = cli(workdir, "lb,batch=256,epochs_scale=0.002", overrides)
+    done = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "non-finite training loss at step 6" in done.stderr
+    assert "last good checkpoint (step 4)" in done.stderr
+    step, state = final_state(workdir)
+    assert step == 4
+    assert all(np.isfinite(v).all() for v in state.values())
+    assert not any(
+        d.isdigit() and int(d) > 4 for d in os.listdir(os.path.join(workdir, "checkpoints"))
+    )
