@@ -61,16 +61,27 @@ BASE_LR = 0.1
 RESULTS_DIR = REPO_ROOT / "experiments" / "results"
 
 
-def learning_rate(batch_size: int) -> float:
-    """The constant LR of a batch size: 0.1 * sqrt(B / 128) (the paper's +LR rule)."""
-    return BASE_LR * math.sqrt(batch_size / REFERENCE_BATCH)
+# How the constant LR depends on the batch: the paper's +LR rule, or one LR for all.
+LR_RULES = {
+    "sqrt": ("lb_lr", "lr = 0.1 sqrt(B/128)"),
+    "same": ("lb", "lr = 0.1 for every B"),
+}
 
 
-def command(batch_size: int, epochs: float, seed: int, workdir: Path) -> list[str]:
+def learning_rate(batch_size: int, lr_rule: str = "sqrt") -> float:
+    """The constant LR of a batch size under ``lr_rule`` ("sqrt" or "same")."""
+    return BASE_LR * (math.sqrt(batch_size / REFERENCE_BATCH) if lr_rule == "sqrt" else 1.0)
+
+
+def command(
+    batch_size: int, epochs: float, seed: int, workdir: Path, lr_rule: str = "sqrt"
+) -> list[str]:
     """The trainer CLI invocation of one constant-LR run."""
-    # lb_lr: plain batch norm, LR x sqrt(B/128), no regime adaptation. Evaluating once,
-    # at the end, keeps the runs short; the weight distance is logged at every log step.
-    arg = f"lb_lr,batch={batch_size},seed={seed},eval_every=1000000000"
+    # lb_lr scales the LR by sqrt(B/128), lb keeps it; both use plain batch norm and no
+    # regime adaptation. Evaluating once, at the end, keeps the runs short; the weight
+    # distance is logged at every log step.
+    variant = LR_RULES[lr_rule][0]
+    arg = f"{variant},batch={batch_size},seed={seed},eval_every=1000000000"
     return [
         sys.executable,
         "-m",
@@ -136,7 +147,8 @@ def analyze(
         regime = run.regime or {}
         rows[batch] = dict(
             batch_size=batch,
-            learning_rate=learning_rate(batch),
+            # The LR the trainer actually used (lr_boundaries[0] = [0, lr]).
+            learning_rate=(regime.get("lr_boundaries") or [[0, float("nan")]])[0][1],
             epochs=regime.get("epochs"),
             steps=int(steps[-1]),
             final_distance=float(distance[-1]),
@@ -153,7 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Weight distance ||w_t - w_0|| in the constant-learning-rate phase",
         "",
-        f"F1 on Fashion-MNIST, plain batch norm, lr = 0.1 sqrt(B/128) held constant, "
+        f"F1 on Fashion-MNIST, plain batch norm, {result['lr_rule']} held constant, "
         f"the same number of epochs for every batch size, seed {result['seed']}. Fits over "
         f"t >= {result['t_min']} updates to the end of each run (OLS; the standard errors "
         "assume independent residuals, which points of one curve are not: read them as "
@@ -215,13 +227,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--batch_sizes", default=",".join(map(str, BATCH_SIZES)), help="comma-separated"
     )
-    parser.add_argument("--runs_dir", default=str(REPO_ROOT / "runs" / "diffusion"))
+    parser.add_argument(
+        "--lr_rule",
+        choices=sorted(LR_RULES),
+        default="sqrt",
+        help="sqrt: lr = 0.1 sqrt(B/128) (the paper's +LR); same: lr = 0.1 for every B",
+    )
+    parser.add_argument("--runs_dir", default=None, help="default runs/diffusion[_<rule>]")
     parser.add_argument("--out_dir", default=str(RESULTS_DIR))
     parser.add_argument("--report_only", action="store_true", help="refit, train nothing")
     parser.add_argument("--show_trainer_output", action="store_true")
     args = parser.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    runs_dir, out_dir = Path(args.runs_dir), Path(args.out_dir)
+    # The sqrt rule keeps the original output names; other rules get a suffix.
+    suffix = "" if args.lr_rule == "sqrt" else f"_{args.lr_rule}_lr"
+    default_runs = REPO_ROOT / "runs" / ("diffusion" + suffix)
+    runs_dir, out_dir = Path(args.runs_dir or default_runs), Path(args.out_dir)
 
     def workdir_of(batch: int) -> Path:
         return runs_dir / f"b{batch}"
@@ -240,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bar.set_description(f"B={batch}")
                 workdir = workdir_of(batch)
                 rc, seconds = reproduce_table.run_one(
-                    command(batch, args.epochs, args.seed, workdir),
+                    command(batch, args.epochs, args.seed, workdir, args.lr_rule),
                     workdir,
                     total_steps=total_steps[batch],
                     batch_size=batch,
@@ -266,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset="fashion_mnist",
         model="f1",
         norm="batch",
-        lr_rule="constant lr = 0.1 * sqrt(B / 128), no drops",
+        lr_rule=LR_RULES[args.lr_rule][1] + ", constant (no drops)",
         epochs=args.epochs,
         seed=args.seed,
         t_min=args.t_min,
@@ -277,8 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         total_wall_time_s=float(sum(row["wall_time_s"] or 0.0 for row in rows.values())),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "diffusion.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "diffusion.md").write_text(markdown(result))
+    (out_dir / f"diffusion{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"diffusion{suffix}.md").write_text(markdown(result))
     fits = {
         b: {"log": (r["log"]["params"]["a"], r["log"]["params"]["b"]), "fit_range": r["fit_range"]}
         for b, r in rows.items()
@@ -287,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plots.plot_weight_distance(
         curves,
         fits,
-        str(out_dir / "weight_distance.png"),
-        title=f"F1 / Fashion-MNIST, constant lr = 0.1 sqrt(B/128), {args.epochs:g} epochs",
+        str(out_dir / f"weight_distance{suffix}.png"),
+        title=f"F1 / Fashion-MNIST, constant {LR_RULES[args.lr_rule][1]}, {args.epochs:g} epochs",
     )
     print(markdown(result))
     if failed:
