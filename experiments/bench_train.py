@@ -1,0 +1,727 @@
+"""Train-step throughput: this project (JAX) against the authors' approach in PyTorch.
+
+Times the full training step (forward, backward, clipping at global norm 5, SGD with
+momentum and weight decay) of
+
+* ``jax_gbn``: the project's own step, ``gbn_jax.train.make_train_step`` with
+  ``get_model(norm="ghost")`` and ``regimes.resolve(...).optimizer()``, jitted over a
+  1-D "data" mesh with explicit shardings and the state donated, as the trainer does;
+* ``jax_bn``: the same with ``norm="batch"`` (flax ``nn.BatchNorm``), for reference;
+* ``torch_chunk_accum``: the authors' large-batch loop, forward and backward per chunk
+  of |B_S| examples with gradient accumulation (``experiments/torch_reference.py``);
+* ``torch_gbn_loop``: one pass whose GhostBatchNorm loops over chunks in Python;
+* ``torch_bn``: plain ``nn.BatchNorm`` over the whole batch.
+
+Every variant is compiled and warmed up first (excluded); then rounds interleave the
+variants (the order rotates every round), each timing ``--steps`` steps. Reported:
+the median step time over all timed steps, examples/s, and per-round ratios against
+``torch_chunk_accum`` and ``torch_bn`` (median over rounds), so that load from other
+jobs on the machine hits every variant alike. Both frameworks use the same thread
+count (``torch.set_num_threads``; XLA:CPU uses every core, ``os.cpu_count()``).
+
+Also reported: model FLOPs per step from XLA's cost analysis and the achieved FLOP/s
+as a fraction of a dense matmul rate measured on the same device in the same run
+("MFU"; on a GPU, bf16 matmul).
+
+``--xla-sweep`` instead compiles the project's ResNet step under XLA:CPU compiler
+options and a layout/precision probe, and times them interleaved (the table of what
+was tried against the conv-net gap). ``--xla-preset`` opts the main benchmark into
+such options.
+
+Usage (CPU, the README table):
+  .venv/bin/python experiments/bench_train.py --models f1,resnet44
+  .venv/bin/python experiments/bench_train.py --xla-sweep --models resnet44 --batch 128
+GPU (ResNet-44 bf16, batch 4096, ghost 128; MFU against the card's bf16 matmul rate):
+  python experiments/bench_train.py --platform gpu --dtype bfloat16 --models resnet44 \
+      --batch 4096
+
+References:
+  Hoffer, Hubara & Soudry (2017), sections 4-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_BATCH = {"f1": 4096, "resnet44": 512}
+INPUT_SHAPE = {"f1": (28, 28, 1), "resnet44": (32, 32, 3)}
+REFERENCE = "torch_chunk_accum"
+
+# XLA:CPU compiler options tried against the conv-net gap (`--xla-sweep`). Names and
+# values come from xla/debug_options_flags.cc of the XLA inside jaxlib 0.10.2; they
+# go to `jax.jit(...).lower(...).compile(compiler_options=...)`, so every variant
+# lives in one process and is timed interleaved with the others.
+XLA_SWEEP: dict[str, dict[str, Any]] = {
+    "default": {},
+    # YNNPACK (default for convolutions, dots, reductions here) off: Eigen kernels.
+    "ynn_off": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "ynn_conv_only": {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    },
+    "ynn_dot_only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "xnnpack": {"xla_cpu_use_xnnpack": True},
+    "xnn_graph_greedy": {
+        "xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"
+    },
+    "onednn": {"xla_cpu_use_onednn": True},
+    "fast_math": {"xla_cpu_enable_fast_math": True},
+    "single_thread_eigen": {"xla_cpu_multi_thread_eigen": False},
+    "no_concurrency_scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": False},
+    "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},
+    "vector_width_128": {"xla_cpu_prefer_vector_width": 128},
+}
+# Opt-in presets for every JAX variant of the main benchmark (--xla-preset).
+XLA_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "eigen": XLA_SWEEP["ynn_off"],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="f1,resnet44", help="comma list of f1,resnet44")
+    p.add_argument("--batch", type=int, default=None, help="override the per-model batch")
+    p.add_argument("--ghost", type=int, default=128, help="ghost batch size |B_S|")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    p.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--variants",
+        default="jax_gbn,jax_bn,torch_chunk_accum,torch_gbn_loop,torch_bn",
+        help="comma list of variants",
+    )
+    p.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY for torch (set before import); PASSIVE stops OpenMP threads "
+        "spinning, which on a shared, oversubscribed CPU slowed torch several-fold",
+    )
+    p.add_argument("--xla-preset", default="none", choices=sorted(XLA_PRESETS))
+    p.add_argument("--xla-sweep", action="store_true", help="time XLA:CPU options instead")
+    p.add_argument(
+        "--sweep-options",
+        default=",".join(XLA_SWEEP),
+        help="comma list of XLA_SWEEP keys (default: all)",
+    )
+    p.add_argument("--no-probe", action="store_true", help="skip the layout probe conv nets")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch variants")
+    p.add_argument("--out", default=None, help="output stem (default results/bench_train)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------
+# Environment and reporting.
+# ---------------------------------------------------------------------------------------
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """Hardware, library versions and the command line, for the JSON record."""
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    env = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+        "load_average_start": os.getloadavg(),
+        "args": vars(args),
+    }
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_outputs(stem: str, record: dict[str, Any], markdown: str) -> None:
+    """Writes ``stem.json`` and ``stem.md``."""
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    print(markdown)
+    print(f"wrote {stem}.md and {stem}.json")
+
+
+# ---------------------------------------------------------------------------------------
+# Variants: each is set up (compiled, warmed) once and then timed by `run(steps)`.
+# ---------------------------------------------------------------------------------------
+
+
+class Variant:
+    """A named train step: ``run(n)`` times n steps and returns the seconds of each."""
+
+    def __init__(self, name: str, run: Callable[[int], list[float]], info: dict[str, Any]):
+        self.name, self.run, self.info = name, run, info
+
+
+def project_step(
+    model_name: str,
+    norm: str,
+    batch_size: int,
+    ghost: int,
+    dtype: str,
+    compiler_options: dict[str, Any] | None = None,
+) -> tuple[Callable, Any, dict, Any, Any]:
+    """The project's train step, jitted as gbn_jax.train does it.
+
+    Returns:
+      ``(compiled_step, state, batch, rng, lowered)``: the compiled step (state
+      donated), a fresh state on the mesh, a random batch and key, and the lowering
+      (for XLA's cost and memory analyses).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from gbn_jax import models, regimes, train
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    zoo_name = "resnet_cifar" if model_name == "resnet44" else model_name
+    model = models.get_model(
+        zoo_name,
+        num_classes=10,
+        norm=norm,
+        ghost_batch_size=ghost if norm == "ghost" else None,
+        dtype=dtype,
+    )
+    # The paper's optimizer: clipping at 5, weight decay 1e-4, momentum 0.9 (PyTorch's
+    # form, as torch.optim.SGD), LR 0.1; one epoch of a 60k-example set for the schedule.
+    regime = regimes.resolve(
+        dict(
+            reference_batch_size=ghost,
+            batch_size=batch_size,
+            epochs=1,
+            lr_schedule=((0, 0.1),),
+            momentum=0.9,
+            weight_decay=1e-4,
+            grad_clip_norm=5.0,
+        ),
+        num_train_examples=max(60_000, batch_size),
+    )
+    tx = regime.optimizer()
+    shape = INPUT_SHAPE[model_name]
+    init = jax.jit(
+        lambda rng: train.create_train_state(rng, model, tx, shape), out_shardings=replicated
+    )
+    state = init(jax.random.key(0))
+    step = train.make_train_step(model, tx, regime.learning_rate)
+    jitted = jax.jit(
+        step,
+        in_shardings=(replicated, batch_sharding, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    rng = np.random.default_rng(0)
+    batch = jax.device_put(
+        {
+            "image": rng.standard_normal((batch_size, *shape), np.float32),
+            "label": rng.integers(0, 10, batch_size).astype(np.int32),
+        },
+        batch_sharding,
+    )
+    key = jax.device_put(jax.random.key(1), replicated)
+    lowered = jitted.lower(state, batch, key)
+    compiled = lowered.compile(compiler_options=compiler_options or {})
+    del jnp
+    return compiled, state, batch, key, compiled
+
+
+def xla_costs(compiled: Any) -> dict[str, float]:
+    """FLOPs and bytes of one step (XLA cost analysis) and its memory footprint."""
+    out: dict[str, float] = {}
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        out["flops"] = float(cost.get("flops", float("nan")))
+        out["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
+    except Exception as e:  # cost analysis is best effort on some backends
+        out["cost_analysis_error"] = repr(e)
+    try:
+        mem = compiled.memory_analysis()
+        out["argument_bytes"] = float(mem.argument_size_in_bytes)
+        out["output_bytes"] = float(mem.output_size_in_bytes)
+        out["temp_bytes"] = float(mem.temp_size_in_bytes)
+    except Exception as e:
+        out["memory_analysis_error"] = repr(e)
+    return out
+
+
+def jax_variant(name: str, model_name: str, args: argparse.Namespace, batch: int) -> Variant:
+    """Compiles and warms one JAX variant: "jax_gbn" or "jax_bn", "@<XLA_SWEEP key>"."""
+    import jax
+
+    base, _, option_key = name.partition("@")
+    norm = "ghost" if base == "jax_gbn" else "batch"
+    options = dict(XLA_PRESETS[args.xla_preset], **XLA_SWEEP.get(option_key, {}))
+    t0 = time.perf_counter()
+    compiled, state, data, key, _ = project_step(
+        model_name, norm, batch, args.ghost, args.dtype, options
+    )
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+    for _ in range(args.warmup):  # first executions allocate and page in
+        holder["state"], metrics = compiled(holder["state"], data, key)
+    jax.block_until_ready(metrics)
+
+    def run(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            holder["state"], m = compiled(holder["state"], data, key)
+            jax.block_until_ready(m["loss"])
+            times.append(time.perf_counter() - t)
+        return times
+
+    info = {"compile_s": compile_s, "compiler_options": options, **xla_costs(compiled)}
+    info["loss_after_warmup"] = float(metrics["loss"])
+    return Variant(name, run, info)
+
+
+def torch_variant(name: str, model_name: str, args: argparse.Namespace, batch: int) -> Variant:
+    """Builds and warms one PyTorch variant of experiments/torch_reference.py."""
+    import torch
+    import torch_reference
+
+    mode = name.removeprefix("torch_")
+    device = "cuda" if args.platform == "gpu" else "cpu"
+    model = torch_reference.get_model(
+        model_name, "ghost" if mode == "gbn_loop" else "batch", args.ghost
+    ).to(device)
+    shape = INPUT_SHAPE[model_name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, shape[2], shape[0], shape[1], generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    if args.platform == "gpu" and model_name == "resnet44":
+        # NHWC is what tensor cores want; the usual PyTorch recipe for conv nets.
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
+    step = torch_reference.make_train_step(model, mode, args.ghost, autocast_dtype=autocast)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        loss = step(x, y)
+    sync()
+
+    def run(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            step(x, y)
+            sync()
+            times.append(time.perf_counter() - t)
+        return times
+
+    return Variant(name, run, {"loss_after_warmup": float(loss.detach())})
+
+
+def matmul_rate(args: argparse.Namespace, n: int | None = None, repeats: int = 5) -> float:
+    """Measured dense matmul FLOP/s on the JAX device (bf16 on GPU, f32 on CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = n or (8192 if args.platform == "gpu" else 2048)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" and args.platform == "gpu" else jnp.float32
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    inner = 10 if args.platform == "gpu" else 1
+    # Chained products keep the device busy without host round trips in between.
+    f = jax.jit(lambda a, b: jax.lax.fori_loop(0, inner, lambda i, c: (c @ b) * 1e-3, a))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * inner / best
+
+
+# ---------------------------------------------------------------------------------------
+# Interleaved timing.
+# ---------------------------------------------------------------------------------------
+
+
+def interleave(variants: list[Variant], repeats: int, steps: int, desc: str) -> dict[str, list]:
+    """Times every variant ``repeats`` rounds; returns name -> list of per-round lists."""
+    times: dict[str, list[list[float]]] = {v.name: [] for v in variants}
+    for r in tqdm(range(repeats), desc=desc):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for v in order:
+            times[v.name].append(v.run(steps))
+    return times
+
+
+def summarize(times: dict[str, list[list[float]]], batch: int, reference: str) -> dict:
+    """Median step times, examples/s and per-round median ratios to ``reference``."""
+    out = {}
+    for name, rounds in times.items():
+        flat = [t for r in rounds for t in r]
+        med = statistics.median(flat)
+        row = {
+            "median_step_s": med,
+            "examples_per_s": batch / med,
+            "round_medians_s": [statistics.median(r) for r in rounds],
+        }
+        for ref in (reference, "torch_bn", "jax_bn"):
+            if ref in times and ref != name:
+                ratios = [
+                    statistics.median(b) / statistics.median(a)
+                    for a, b in zip(rounds, times[ref], strict=True)
+                ]
+                row[f"speedup_vs_{ref}"] = statistics.median(ratios)
+        out[name] = row
+    return out
+
+
+def bench_model(model_name: str, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """Builds every requested variant of one model, times them, returns the record."""
+    batch = args.batch or DEFAULT_BATCH[model_name]
+    names = [v for v in args.variants.split(",") if v]
+    if args.no_torch:
+        names = [n for n in names if not n.startswith("torch")]
+    variants = []
+    for name in tqdm(names, desc=f"{model_name}: compile + warm-up"):
+        make = jax_variant if name.startswith("jax") else torch_variant
+        variants.append(make(name, model_name, args, batch))
+    times = interleave(variants, args.repeats, args.steps, f"{model_name} b={batch}")
+    ref = REFERENCE if REFERENCE in times else names[-1]
+    summary = summarize(times, batch, ref)
+    flops = next((v.info.get("flops") for v in variants if v.name.startswith("jax")), None)
+    for v in variants:
+        summary[v.name]["info"] = v.info
+        if flops:
+            # Same network, same work: the project's XLA FLOP count serves every variant.
+            achieved = flops / summary[v.name]["median_step_s"]
+            summary[v.name]["achieved_flops_per_s"] = achieved
+            summary[v.name]["fraction_of_matmul_rate"] = achieved / rate
+    return {"model": model_name, "batch": batch, "ghost": args.ghost, "variants": summary}
+
+
+def main_benchmark(args: argparse.Namespace) -> None:
+    stem = args.out or os.path.join(RESULTS, "bench_train")
+    env = environment(args)
+    rate = matmul_rate(args)
+    records = [bench_model(m, args, rate) for m in args.models.split(",")]
+    env["load_average_end"] = os.getloadavg()
+    env["matmul_flops_per_s"] = rate
+    lines = [
+        "# Train-step throughput: JAX (this project) vs the authors' approach in PyTorch",
+        "",
+        f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['devices'][0]}; "
+        f"jax {env['jax']}, torch {env.get('torch')} ({env.get('torch_threads')} threads), "
+        f"dtype {args.dtype}. Load average (1/5/15 min) at start "
+        f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
+        f"{tuple(round(x, 1) for x in env['load_average_end'])}. Measured matmul rate "
+        f"{rate / 1e9:.1f} GFLOP/s.",
+        "",
+        f"Command: `{env['command']}`. {args.repeats} interleaved rounds x {args.steps} "
+        "steps per variant, warm-up excluded; medians. Speed-ups are medians of per-round "
+        "ratios (>1: faster than the reference).",
+        "",
+    ]
+    for rec in records:
+        rows = []
+        for name, s in rec["variants"].items():
+            rows.append(
+                [
+                    name,
+                    f"{s['median_step_s'] * 1e3:.0f}",
+                    f"{s['examples_per_s']:.0f}",
+                    f"{s.get('speedup_vs_' + REFERENCE, 1.0):.2f}",
+                    f"{s.get('speedup_vs_torch_bn', 1.0):.2f}",
+                    f"{s.get('fraction_of_matmul_rate', float('nan')):.1%}",
+                ]
+            )
+        lines += [
+            f"## {rec['model']}, batch {rec['batch']}, ghost {rec['ghost']}",
+            "",
+            markdown_table(
+                [
+                    "variant",
+                    "step (ms)",
+                    "examples/s",
+                    f"x vs {REFERENCE}",
+                    "x vs torch_bn",
+                    "FLOP/s / matmul rate",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    write_outputs(stem, {"environment": env, "results": records}, "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------
+# XLA:CPU sweep: compiler options on the project's step, plus a layout/precision probe.
+# ---------------------------------------------------------------------------------------
+
+
+def probe_convnet(layout: str, dtype: str, batch: int, ghost: int | None) -> Variant:
+    """A standalone conv net (6 conv3x3 + norm + ReLU) in NHWC or NCHW, for layouts.
+
+    flax's nn.Conv is NHWC only, so the layout question is asked of ``lax.conv``
+    directly: same network, same step, only the dimension numbers differ.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax import lax
+
+    dt = jnp.dtype(dtype)
+    chans = [(3, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
+    cax = 3 if layout == "NHWC" else 1
+    red = tuple(a for a in range(4) if a != cax)
+
+    def norm(x, g, b):
+        xf = x.astype(jnp.float32)
+        if ghost:
+            xf = xf.reshape(x.shape[0] // ghost, ghost, *x.shape[1:])
+            axes = tuple(a + 1 for a in red)
+        else:
+            axes = red
+        m = xf.mean(axes, keepdims=True)
+        v = jnp.maximum((xf * xf).mean(axes, keepdims=True) - m * m, 0.0)
+        y = ((xf - m) * lax.rsqrt(v + 1e-5)).reshape(x.shape)
+        shp = [1, 1, 1, 1]
+        shp[cax] = -1
+        return (y * g.reshape(shp) + b.reshape(shp)).astype(dt)
+
+    def loss_fn(params, x, y):
+        h = x.astype(dt)
+        for (_, _, s), p in zip(chans, params["convs"], strict=True):
+            dn = (layout, "HWIO", layout)
+            h = lax.conv_general_dilated(h, p["w"].astype(dt), (s, s), "SAME", dimension_numbers=dn)
+            h = jax.nn.relu(norm(h, p["g"], p["b"]))
+        h = h.astype(jnp.float32).mean(tuple(a for a in red if a != 0))
+        return optax.softmax_cross_entropy_with_integer_labels(h @ params["fc"], y).mean()
+
+    keys = jax.random.split(jax.random.key(0), len(chans) + 1)
+    params = {
+        "convs": [
+            {
+                "w": jax.random.normal(k, (3, 3, ci, co)) * (2 / (9 * ci)) ** 0.5,
+                "g": jnp.ones(co),
+                "b": jnp.zeros(co),
+            }
+            for k, (ci, co, _) in zip(keys, chans, strict=False)
+        ],
+        "fc": jax.random.normal(keys[-1], (128, 10)) * 0.05,
+    }
+    tx = optax.chain(
+        optax.clip_by_global_norm(5.0), optax.add_decayed_weights(1e-4), optax.sgd(0.1, 0.9)
+    )
+
+    def step(state, x, y):
+        params, opt = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt = tx.update(grads, opt, params)
+        return (optax.apply_updates(params, updates), opt), loss
+
+    shape = (batch, 32, 32, 3) if layout == "NHWC" else (batch, 3, 32, 32)
+    x = jax.random.normal(jax.random.key(1), shape)
+    y = jnp.zeros((batch,), jnp.int32)
+    holder = {"state": (params, tx.init(params))}
+    f = jax.jit(step, donate_argnums=(0,))
+    for _ in range(2):
+        holder["state"], loss = f(holder["state"], x, y)
+    loss.block_until_ready()
+
+    def run(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            holder["state"], loss = f(holder["state"], x, y)
+            loss.block_until_ready()
+            times.append(time.perf_counter() - t)
+        return times
+
+    name = f"probe {layout} {dtype}" + (f" ghost{ghost}" if ghost else "")
+    return Variant(name, run, {})
+
+
+def probe_torch(batch: int, channels_last: bool) -> Variant:
+    """The probe conv net in PyTorch (NCHW or channels_last), for the gap ratio."""
+    import torch
+    from torch import nn
+
+    chans = [(3, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
+    layers: list[nn.Module] = []
+    for ci, co, s in chans:
+        layers += [nn.Conv2d(ci, co, 3, s, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.zeros(batch, dtype=torch.long)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+
+    step()
+    step()
+
+    def run(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        return times
+
+    return Variant("probe torch " + ("channels_last" if channels_last else "NCHW"), run, {})
+
+
+def xla_sweep(args: argparse.Namespace) -> None:
+    import jax
+
+    stem = args.out or os.path.join(RESULTS, "bench_train_xla_sweep")
+    env = environment(args)
+    model_name = args.models.split(",")[0]
+    batch = args.batch or DEFAULT_BATCH[model_name]
+    variants = []
+    labels = ["default"] + [k for k in args.sweep_options.split(",") if k and k != "default"]
+    for label in tqdm(labels, desc="compile XLA options"):
+        options = XLA_SWEEP[label]
+        try:
+            compiled, state, data, key, _ = project_step(
+                model_name, "ghost", batch, args.ghost, args.dtype, options
+            )
+        except Exception as e:  # an option this jaxlib does not know: report, go on
+            print(f"skipping {label}: {e}")
+            continue
+        holder = {"state": state}
+
+        def run(n, compiled=compiled, holder=holder, data=data, key=key):
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                holder["state"], m = compiled(holder["state"], data, key)
+                jax.block_until_ready(m["loss"])
+                times.append(time.perf_counter() - t)
+            return times
+
+        run(2)
+        variants.append(Variant(f"{model_name} jax_gbn: {label}", run, {"options": options}))
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        variants.append(torch_variant("torch_bn", model_name, args, batch))
+        variants[-1].name = f"{model_name} torch_bn"
+        variants.append(torch_variant("torch_chunk_accum", model_name, args, batch))
+        variants[-1].name = f"{model_name} torch_chunk_accum"
+    if not args.no_torch and not args.no_probe and model_name == "resnet44":
+        probe_batch = batch
+        for layout in ("NHWC", "NCHW"):
+            variants.append(probe_convnet(layout, "float32", probe_batch, None))
+        # At least 4 ghost batches, so the probe's grouped statistics are not the BN ones.
+        probe_ghost = args.ghost if args.ghost * 4 <= probe_batch else probe_batch // 4
+        variants.append(probe_convnet("NHWC", "float32", probe_batch, probe_ghost))
+        variants.append(probe_convnet("NHWC", "bfloat16", probe_batch, None))
+        variants.append(probe_torch(probe_batch, False))
+        variants.append(probe_torch(probe_batch, True))
+    times = interleave(variants, args.repeats, args.steps, "XLA sweep")
+    base = f"{model_name} jax_gbn: default"
+    rows = []
+    for name, rounds in times.items():
+        med = statistics.median(t for r in rounds for t in r)
+        ref = base if not name.startswith("probe") else "probe NHWC float32"
+        ratio = statistics.median(
+            statistics.median(a) / statistics.median(b)
+            for a, b in zip(times[ref], rounds, strict=True)
+        )
+        rows.append([name, f"{med * 1e3:.0f}", f"{batch / med:.0f}", f"{ratio:.2f}"])
+    env["load_average_end"] = os.getloadavg()
+    md = "\n".join(
+        [
+            f"# XLA:CPU options and layouts against the conv-net gap ({model_name}, batch {batch})",
+            "",
+            f"Hardware: {env['cpu']} ({env['cpu_count']} cores); jax {env['jax']}, torch "
+            f"{env.get('torch')}. Load average at start "
+            f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
+            f"{tuple(round(x, 1) for x in env['load_average_end'])}.",
+            "",
+            f"Command: `{env['command']}`. {args.repeats} interleaved rounds x {args.steps} "
+            "steps. Speed-up: median over rounds of (reference time / variant time); the "
+            f"reference is `{base}` for the project's step and `probe NHWC float32` for "
+            "the probe conv net rows (6 conv3x3 layers, lax.conv, no flax).",
+            "",
+            markdown_table(["variant", "step (ms)", "examples/s", "speed-up"], rows),
+            "",
+        ]
+    )
+    write_outputs(stem, {"environment": env, "times": times}, md)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.platform == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    import jax
+
+    jax.config.update("jax_platforms", "cuda" if args.platform == "gpu" else "cpu")
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [here, os.path.dirname(here)]  # torch_reference and gbn_jax
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.xla_sweep:
+        xla_sweep(args)
+    else:
+        main_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
