@@ -33,6 +33,7 @@ def write_run(
     train_steps: np.ndarray | None = None,
     weight_distance: np.ndarray | None = None,
     finished: bool = True,
+    learning_rate: float = 0.1,
 ) -> None:
     """Writes a workdir as the trainer would: regime.json, metrics.jsonl, summary.json."""
     workdir.mkdir(parents=True)
@@ -42,7 +43,7 @@ def write_run(
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         epochs=total_steps / steps_per_epoch,
-        lr_boundaries=[[0, 0.1]],
+        lr_boundaries=[[0, learning_rate]],
     )
     (workdir / "regime.json").write_text(json.dumps(regime))
     lines = []
@@ -212,6 +213,7 @@ def test_diffusion_fits_and_figure(tmp_path):
             eval_loss=np.array([0.4]),
             train_steps=t,
             weight_distance=distance,
+            learning_rate=0.1 * math.sqrt(batch / 128),
         )
     status = diffusion.main(
         [
