@@ -71,6 +71,8 @@ XLA_SWEEP: dict[str, dict[str, Any]] = {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     },
     "ynn_dot_only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    # YNNPACK for reductions only, dots on Eigen: gbn_jax.train.XLA_CPU_FAST_OPTIONS.
+    "ynn_reduce_only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
     "xnnpack": {"xla_cpu_use_xnnpack": True},
     "xnn_graph_greedy": {
         "xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"
@@ -86,6 +88,7 @@ XLA_SWEEP: dict[str, dict[str, Any]] = {
 XLA_PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
     "eigen": XLA_SWEEP["ynn_off"],
+    "fast": XLA_SWEEP["ynn_reduce_only"],  # config.xla_cpu_fast_options of the trainer
 }
 
 
@@ -112,6 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "spinning, which on a shared, oversubscribed CPU slowed torch several-fold",
     )
     p.add_argument("--xla-preset", default="none", choices=sorted(XLA_PRESETS))
+    p.add_argument(
+        "--keep-host-allocations",
+        action="store_true",
+        help="gbn_jax.train.keep_host_allocations() first (glibc malloc keeps XLA's "
+        "per-step temporary buffer instead of page-faulting it in every step; "
+        "process-wide, so the torch variants run under it too)",
+    )
     p.add_argument("--xla-sweep", action="store_true", help="time XLA:CPU options instead")
     p.add_argument(
         "--sweep-options",
@@ -713,6 +723,10 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_platforms", "cuda" if args.platform == "gpu" else "cpu")
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:0] = [here, os.path.dirname(here)]  # torch_reference and gbn_jax
+    if args.keep_host_allocations:
+        from gbn_jax import train
+
+        print("keep_host_allocations:", train.keep_host_allocations())
     if not args.no_torch:
         import torch
 
