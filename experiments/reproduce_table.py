@@ -18,7 +18,7 @@ gradient clipping at 5) with its epochs and every LR-drop epoch multiplied by
 preset  seeds  epochs_scale  SB epochs  +RA epochs  estimated wall time (idle 2-core CPU)
 ======  =====  ============  =========  ==========  ===================================
 quick   1      0.06          3          48          ~7-9 min, JAX compiles included
-full    3      0.08          4          64          ~30 min
+full    3      0.08          4          64          ~30-45 min (43 measured)
 ======  =====  ============  =========  ==========  ===================================
 
 The estimates assume ~5k img/s for SB (batch 128), ~12k img/s for LB (batch 2048),
