@@ -165,7 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Weight distance ||w_t - w_0|| in the constant-learning-rate phase",
         "",
-        f"F1 on Fashion-MNIST, plain batch norm, {result['lr_rule']} held constant, "
+        f"F1 on Fashion-MNIST, plain batch norm, {result['lr_rule']}, "
         f"the same number of epochs for every batch size, seed {result['seed']}. Fits over "
         f"t >= {result['t_min']} updates to the end of each run (OLS; the standard errors "
         "assume independent residuals, which points of one curve are not: read them as "
