@@ -116,6 +116,31 @@ def dense(features: int, *, dtype: Any, use_bias: bool = True, name: str | None 
     )
 
 
+def projection_shortcut(
+    x: jax.Array, features: int, *, strides: int, norm: Callable[..., nn.Module], dtype: Any
+) -> jax.Array:
+    """ResNet shortcut "option B": a strided 1x1 convolution and a norm layer.
+
+    Called inside a block's ``nn.compact`` method, so its layers ("proj", "proj_norm")
+    belong to the block.
+
+    Args:
+      x: the block input (N, H, W, C).
+      features: output channels.
+      strides: spatial stride of the block.
+      norm: the model's norm-layer constructor (from `make_norm`).
+      dtype: compute dtype.
+
+    Returns:
+      The projected input (N, H / strides, W / strides, features).
+
+    References:
+      He et al. (2016), section 3.3, projection shortcuts.
+    """
+    x = conv(features, 1, strides=strides, padding="VALID", dtype=dtype, name="proj")(x)
+    return norm(name="proj_norm")(x)
+
+
 class ZooModel(nn.Module):
     """Fields shared by every model: class count, normalization and compute dtype.
 

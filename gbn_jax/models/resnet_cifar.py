@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gbn_jax.models.base import ZooModel, conv
+from gbn_jax.models.base import ZooModel, conv, projection_shortcut
 
 SHORTCUTS = ("A", "B")
 
@@ -50,15 +50,9 @@ class BasicBlock(nn.Module):
                 x = x[:, :: self.strides, :: self.strides, :]
                 x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.features - x.shape[-1])))
             else:
-                x = conv(
-                    self.features,
-                    1,
-                    strides=self.strides,
-                    padding="VALID",
-                    dtype=self.dtype,
-                    name="proj",
-                )(x)
-                x = self.norm(name="proj_norm")(x)
+                x = projection_shortcut(
+                    x, self.features, strides=self.strides, norm=self.norm, dtype=self.dtype
+                )
         return nn.relu(y + x)
 
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gbn_jax.models.base import ZooModel, conv
+from gbn_jax.models.base import ZooModel, conv, projection_shortcut
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 DEPTHS = tuple(STAGE_SIZES)
@@ -56,15 +56,9 @@ class Bottleneck(nn.Module):
         scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.norm(scale_init=scale_init, name="norm3")(y)
         if self.strides != 1 or x.shape[-1] != out_features:
-            x = conv(
-                out_features,
-                1,
-                strides=self.strides,
-                padding="VALID",
-                dtype=self.dtype,
-                name="proj",
-            )(x)
-            x = self.norm(name="proj_norm")(x)
+            x = projection_shortcut(
+                x, out_features, strides=self.strides, norm=self.norm, dtype=self.dtype
+            )
         return nn.relu(y + x)
 
 
