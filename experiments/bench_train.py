@@ -42,6 +42,7 @@ References:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -55,8 +56,9 @@ import numpy as np
 from tqdm import tqdm
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DEFAULT_BATCH = {"f1": 4096, "resnet44": 512}
-INPUT_SHAPE = {"f1": (28, 28, 1), "resnet44": (32, 32, 3)}
+DEFAULT_BATCH = {"f1": 4096, "resnet44": 512, "wrn16_4": 512}
+# wrn16_4 (JAX only, --no-torch): a wider conv net, for how MFU depends on channel width.
+INPUT_SHAPE = {"f1": (28, 28, 1), "resnet44": (32, 32, 3), "wrn16_4": (32, 32, 3)}
 REFERENCE = "torch_chunk_accum"
 
 # XLA:CPU compiler options tried against the conv-net gap (`--xla-sweep`). Names and
@@ -83,6 +85,16 @@ XLA_SWEEP: dict[str, dict[str, Any]] = {
     "no_concurrency_scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": False},
     "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},
     "vector_width_128": {"xla_cpu_prefer_vector_width": 128},
+}
+# XLA:GPU options for the same sweep with --platform gpu (ResNet-44 in bfloat16).
+XLA_GPU_SWEEP: dict[str, dict[str, Any]] = {
+    "default": {},
+    "autotune_off": {"xla_gpu_autotune_level": 0},  # what autotuning buys
+    "no_triton_gemm": {"xla_gpu_enable_triton_gemm": False},
+    "cublaslt": {"xla_gpu_enable_cublaslt": True},
+    "no_command_buffer": {"xla_gpu_enable_command_buffer": ""},  # CUDA graphs off
+    "exhaustive_tiling": {"xla_gpu_exhaustive_tiling_search": True},
+    "latency_hiding": {"xla_gpu_enable_latency_hiding_scheduler": True},
 }
 # Opt-in presets for every JAX variant of the main benchmark (--xla-preset).
 XLA_PRESETS: dict[str, dict[str, Any]] = {
@@ -125,8 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--xla-sweep", action="store_true", help="time XLA:CPU options instead")
     p.add_argument(
         "--sweep-options",
-        default=",".join(XLA_SWEEP),
-        help="comma list of XLA_SWEEP keys (default: all)",
+        default=None,
+        help="comma list of XLA_SWEEP (CPU) or XLA_GPU_SWEEP keys (default: all)",
     )
     p.add_argument("--no-probe", action="store_true", help="skip the layout probe conv nets")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch variants")
@@ -156,6 +168,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "python": sys.version.split()[0],
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
@@ -207,6 +220,32 @@ class Variant:
         self.name, self.run, self.info = name, run, info
 
 
+def without_normalization(model: Any) -> Any:
+    """The same network with every normalization layer replaced by the identity.
+
+    Only for the cost breakdown (``jax_nonorm``): what the convolutions, activations
+    and optimizer cost without any normalization, so that the norms' share of the step
+    is the difference.
+    """
+    import flax.linen as nn
+
+    class Identity(nn.Module):
+        use_running_average: bool | None = None
+
+        def __call__(self, x):
+            return x
+
+    cls = type(model)
+    stripped = type(f"{cls.__name__}NoNorm", (cls,), {"norm_layer": lambda self, train: Identity})
+    return stripped(
+        **{
+            f.name: getattr(model, f.name)
+            for f in dataclasses.fields(cls)
+            if f.init and f.name not in ("parent", "name")
+        }
+    )
+
+
 def project_step(
     model_name: str,
     norm: str,
@@ -235,10 +274,12 @@ def project_step(
     model = models.get_model(
         zoo_name,
         num_classes=10,
-        norm=norm,
+        norm="batch" if norm == "none" else norm,
         ghost_batch_size=ghost if norm == "ghost" else None,
         dtype=dtype,
     )
+    if norm == "none":
+        model = without_normalization(model)
     # The paper's optimizer: clipping at 5, weight decay 1e-4, momentum 0.9 (PyTorch's
     # form, as torch.optim.SGD), LR 0.1; one epoch of a 60k-example set for the schedule.
     regime = regimes.resolve(
@@ -281,6 +322,50 @@ def project_step(
     return compiled, state, batch, key, compiled
 
 
+def count_matmul_flops(jaxpr: Any) -> float:
+    """FLOPs of the convolutions and dot products in a (closed) jaxpr, recursively.
+
+    2 x (output elements) x (contraction size) per ``conv_general_dilated`` and
+    ``dot_general``; elementwise work (norms, activations, the optimizer) is not
+    counted, as in the usual model-FLOPs utilization (PaLM, appendix B).
+    """
+    from jax.extend.core import jaxprs_in_params
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            contraction = int(np.prod([lhs[d] for d in lc])) if lc else 1
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * contraction
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            dn = eqn.params["dimension_numbers"]
+            out_features = rhs[dn.rhs_spec[0]]
+            per_output = np.prod(rhs) / out_features  # kernel window x input features/group
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * per_output
+        for sub in jaxprs_in_params(eqn.params):
+            total += count_matmul_flops(sub)
+    return total
+
+
+def model_flops_per_example(model: Any, shape: tuple[int, ...]) -> float:
+    """Training FLOPs per example: 3 x the forward pass's conv and dot FLOPs.
+
+    The backward pass costs two forward passes (gradients with respect to activations
+    and to weights), the convention of model-FLOPs utilization; traced on a batch of 8
+    in inference mode, so no normalization statistics enter.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((8, *shape), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    return 3.0 * count_matmul_flops(jaxpr.jaxpr) / 8
+
+
 def xla_costs(compiled: Any) -> dict[str, float]:
     """FLOPs and bytes of one step (XLA cost analysis) and its memory footprint."""
     out: dict[str, float] = {}
@@ -306,7 +391,7 @@ def jax_variant(name: str, model_name: str, args: argparse.Namespace, batch: int
     import jax
 
     base, _, option_key = name.partition("@")
-    norm = "ghost" if base == "jax_gbn" else "batch"
+    norm = {"jax_gbn": "ghost", "jax_bn": "batch", "jax_nonorm": "none"}[base]
     options = dict(XLA_PRESETS[args.xla_preset], **XLA_SWEEP.get(option_key, {}))
     t0 = time.perf_counter()
     compiled, state, data, key, _ = project_step(
@@ -346,6 +431,8 @@ def torch_variant(name: str, model_name: str, args: argparse.Namespace, batch: i
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, shape[2], shape[0], shape[1], generator=gen).to(device)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as XLA autotunes its convolutions
     if args.platform == "gpu" and model_name == "resnet44":
         # NHWC is what tensor cores want; the usual PyTorch recipe for conv nets.
         model = model.to(memory_format=torch.channels_last)
@@ -429,7 +516,12 @@ def summarize(times: dict[str, list[list[float]]], batch: int, reference: str) -
 
 def bench_model(model_name: str, args: argparse.Namespace, rate: float) -> dict[str, Any]:
     """Builds every requested variant of one model, times them, returns the record."""
+    from gbn_jax import models
+
     batch = args.batch or DEFAULT_BATCH[model_name]
+    zoo = models.get_model(model_name, num_classes=10, norm="batch")
+    # Same network, same work: one model-FLOPs count serves every variant.
+    flops = model_flops_per_example(zoo, INPUT_SHAPE[model_name]) * batch
     names = [v for v in args.variants.split(",") if v]
     if args.no_torch:
         names = [n for n in names if not n.startswith("torch")]
@@ -440,15 +532,18 @@ def bench_model(model_name: str, args: argparse.Namespace, rate: float) -> dict[
     times = interleave(variants, args.repeats, args.steps, f"{model_name} b={batch}")
     ref = REFERENCE if REFERENCE in times else names[-1]
     summary = summarize(times, batch, ref)
-    flops = next((v.info.get("flops") for v in variants if v.name.startswith("jax")), None)
     for v in variants:
         summary[v.name]["info"] = v.info
-        if flops:
-            # Same network, same work: the project's XLA FLOP count serves every variant.
-            achieved = flops / summary[v.name]["median_step_s"]
-            summary[v.name]["achieved_flops_per_s"] = achieved
-            summary[v.name]["fraction_of_matmul_rate"] = achieved / rate
-    return {"model": model_name, "batch": batch, "ghost": args.ghost, "variants": summary}
+        achieved = flops / summary[v.name]["median_step_s"]
+        summary[v.name]["model_flops_per_s"] = achieved
+        summary[v.name]["mfu"] = achieved / rate
+    return {
+        "model": model_name,
+        "batch": batch,
+        "ghost": args.ghost,
+        "model_flops_per_step": flops,
+        "variants": summary,
+    }
 
 
 def main_benchmark(args: argparse.Namespace) -> None:
@@ -461,7 +556,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
     lines = [
         "# Train-step throughput: JAX (this project) vs the authors' approach in PyTorch",
         "",
-        f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['devices'][0]}; "
+        f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
         f"jax {env['jax']}, torch {env.get('torch')} ({env.get('torch_threads')} threads), "
         f"dtype {args.dtype}. Load average (1/5/15 min) at start "
         f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
@@ -470,7 +565,8 @@ def main_benchmark(args: argparse.Namespace) -> None:
         "",
         f"Command: `{env['command']}`. {args.repeats} interleaved rounds x {args.steps} "
         "steps per variant, warm-up excluded; medians. Speed-ups are medians of per-round "
-        "ratios (>1: faster than the reference).",
+        "ratios (>1: faster than the reference). MFU: model FLOPs (3 x the forward "
+        "pass's conv and dense FLOPs, analytic) per second over the measured matmul rate.",
         "",
     ]
     for rec in records:
@@ -483,7 +579,8 @@ def main_benchmark(args: argparse.Namespace) -> None:
                     f"{s['examples_per_s']:.0f}",
                     f"{s.get('speedup_vs_' + REFERENCE, 1.0):.2f}",
                     f"{s.get('speedup_vs_torch_bn', 1.0):.2f}",
-                    f"{s.get('fraction_of_matmul_rate', float('nan')):.1%}",
+                    f"{s['model_flops_per_s'] / 1e12:.2f}",
+                    f"{s['mfu']:.1%}",
                 ]
             )
         lines += [
@@ -496,7 +593,8 @@ def main_benchmark(args: argparse.Namespace) -> None:
                     "examples/s",
                     f"x vs {REFERENCE}",
                     "x vs torch_bn",
-                    "FLOP/s / matmul rate",
+                    "model TFLOP/s",
+                    "MFU",
                 ],
                 rows,
             ),
@@ -638,9 +736,11 @@ def xla_sweep(args: argparse.Namespace) -> None:
     model_name = args.models.split(",")[0]
     batch = args.batch or DEFAULT_BATCH[model_name]
     variants = []
-    labels = ["default"] + [k for k in args.sweep_options.split(",") if k and k != "default"]
+    table = XLA_GPU_SWEEP if args.platform == "gpu" else XLA_SWEEP
+    requested = (args.sweep_options or ",".join(table)).split(",")
+    labels = ["default"] + [k for k in requested if k and k != "default"]
     for label in tqdm(labels, desc="compile XLA options"):
-        options = XLA_SWEEP[label]
+        options = table[label]
         try:
             compiled, state, data, key, _ = project_step(
                 model_name, "ghost", batch, args.ghost, args.dtype, options
@@ -693,9 +793,11 @@ def xla_sweep(args: argparse.Namespace) -> None:
     env["load_average_end"] = os.getloadavg()
     md = "\n".join(
         [
-            f"# XLA:CPU options and layouts against the conv-net gap ({model_name}, batch {batch})",
+            f"# XLA:{args.platform.upper()} options and layouts against the conv-net gap "
+            f"({model_name}, batch {batch}, {args.dtype})",
             "",
-            f"Hardware: {env['cpu']} ({env['cpu_count']} cores); jax {env['jax']}, torch "
+            f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
+            f"jax {env['jax']}, torch "
             f"{env.get('torch')}. Load average at start "
             f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
             f"{tuple(round(x, 1) for x in env['load_average_end'])}.",
