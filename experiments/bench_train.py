@@ -7,6 +7,8 @@ momentum and weight decay) of
   ``get_model(norm="ghost")`` and ``regimes.resolve(...).optimizer()``, jitted over a
   1-D "data" mesh with explicit shardings and the state donated, as the trainer does;
 * ``jax_bn``: the same with ``norm="batch"`` (flax ``nn.BatchNorm``), for reference;
+* ``jax_nonorm``: the same network with every norm layer replaced by the identity (the
+  cost breakdown: what normalization adds to the step);
 * ``torch_chunk_accum``: the authors' large-batch loop, forward and backward per chunk
   of |B_S| examples with gradient accumulation (``experiments/torch_reference.py``);
 * ``torch_gbn_loop``: one pass whose GhostBatchNorm loops over chunks in Python;
@@ -19,9 +21,14 @@ the median step time over all timed steps, examples/s, and per-round ratios agai
 jobs on the machine hits every variant alike. Both frameworks use the same thread
 count (``torch.set_num_threads``; XLA:CPU uses every core, ``os.cpu_count()``).
 
-Also reported: model FLOPs per step from XLA's cost analysis and the achieved FLOP/s
-as a fraction of a dense matmul rate measured on the same device in the same run
-("MFU"; on a GPU, bf16 matmul).
+The JAX variants compile with the trainer's CPU default, ``train.XLA_CPU_FAST_OPTIONS``
+(``--xla-preset none``: XLA's own defaults), and the process first calls
+``train.keep_host_allocations()`` as the CLI does (``--no-keep-host-allocations``).
+
+Also reported: model FLOPs utilization (MFU), the analytic model FLOPs of a step (3x the
+forward pass's convolution and dense FLOPs, counted from the jaxpr) per second over a
+dense matmul rate measured on the same device in the same run (bf16 on a GPU). XLA's
+own cost analysis is kept in the JSON; on a GPU it does not count cuDNN convolutions.
 
 ``--xla-sweep`` instead compiles the project's ResNet step under XLA:CPU compiler
 options and a layout/precision probe, and times them interleaved (the table of what
@@ -31,7 +38,8 @@ such options.
 Usage (CPU, the README table):
   .venv/bin/python experiments/bench_train.py --models f1,resnet44
   .venv/bin/python experiments/bench_train.py --xla-sweep --models resnet44 --batch 128
-GPU (ResNet-44 bf16, batch 4096, ghost 128; MFU against the card's bf16 matmul rate):
+GPU (ResNet-44 bf16, batch 4096, ghost 128; MFU against the card's bf16 matmul rate;
+experiments/run_gpu_bench.sh runs every GPU table of the README in one call):
   python experiments/bench_train.py --platform gpu --dtype bfloat16 --models resnet44 \
       --batch 4096
 
@@ -100,7 +108,8 @@ XLA_GPU_SWEEP: dict[str, dict[str, Any]] = {
 XLA_PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
     "eigen": XLA_SWEEP["ynn_off"],
-    "fast": XLA_SWEEP["ynn_reduce_only"],  # config.xla_cpu_fast_options of the trainer
+    "ynn_reduce_only": XLA_SWEEP["ynn_reduce_only"],
+    "fast": {},  # the trainer's default, gbn_jax.train.XLA_CPU_FAST_OPTIONS (set in main)
 }
 
 
@@ -126,13 +135,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="OMP_WAIT_POLICY for torch (set before import); PASSIVE stops OpenMP threads "
         "spinning, which on a shared, oversubscribed CPU slowed torch several-fold",
     )
-    p.add_argument("--xla-preset", default="none", choices=sorted(XLA_PRESETS))
+    p.add_argument(
+        "--xla-preset",
+        default="fast",
+        choices=sorted(XLA_PRESETS),
+        help="XLA:CPU options of the JAX variants: fast (the trainer's default), none "
+        "(XLA's defaults), eigen, ynn_reduce_only",
+    )
     p.add_argument(
         "--keep-host-allocations",
-        action="store_true",
-        help="gbn_jax.train.keep_host_allocations() first (glibc malloc keeps XLA's "
-        "per-step temporary buffer instead of page-faulting it in every step; "
-        "process-wide, so the torch variants run under it too)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gbn_jax.train.keep_host_allocations() first, as the CLI does (glibc malloc "
+        "keeps XLA's per-step temporary buffer instead of page-faulting it in every "
+        "step; process-wide, so the torch variants run under it too)",
     )
     p.add_argument("--xla-sweep", action="store_true", help="time XLA:CPU options instead")
     p.add_argument(
@@ -825,9 +841,10 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_platforms", "cuda" if args.platform == "gpu" else "cpu")
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:0] = [here, os.path.dirname(here)]  # torch_reference and gbn_jax
-    if args.keep_host_allocations:
-        from gbn_jax import train
+    from gbn_jax import train
 
+    XLA_PRESETS["fast"] = dict(train.XLA_CPU_FAST_OPTIONS) if args.platform == "cpu" else {}
+    if args.keep_host_allocations and args.platform == "cpu":
         print("keep_host_allocations:", train.keep_host_allocations())
     if not args.no_torch:
         import torch

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # multi-host TPU slice
     )
-    if _CONFIG.value.get("xla_cpu_fast_options", False):
+    if _CONFIG.value.get("xla_cpu_fast_options", True):
         # Before anything starts the XLA CPU client and its threads.
         train.keep_host_allocations()
     if _COORDINATOR.value or _DISTRIBUTED.value or auto_cluster:

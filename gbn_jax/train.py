@@ -42,13 +42,21 @@ from jax.sharding import PartitionSpec as P
 from gbn_jax import checkpointing, input_pipeline, models, regimes
 
 LOG_SCHEDULES = ("linear", "log")
-# Opt-in XLA:CPU compiler options (``config.xla_cpu_fast_options``): YNNPACK keeps the
-# reductions but dots go to XLA's Eigen kernels. On the 2-core AMD EPYC of
-# experiments/results, Eigen ran the F1 forward and input-gradient matmuls (4096x512 @
-# 512x512) 0.87-0.90x torch's time against YNNPACK's 1.16-1.17x, and the whole F1 step
-# ~11% faster (interleaved, 4 runs). Only the kernels change: results agree to float32
-# rounding, not bitwise.
-XLA_CPU_FAST_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+# XLA:CPU compiler options of the train step (``config.xla_cpu_fast_options``, on by
+# default; other backends ignore it), each from a profile of the step on the 2-core AMD
+# EPYC of experiments/results:
+# * YNNPACK keeps the reductions but dots and convolutions go to XLA's Eigen kernels:
+#   Eigen ran F1's 4096x512 @ 512x512 matmuls 0.87-0.90x torch's time against
+#   YNNPACK's 1.16-1.17x, and a ResNet-44 weight-gradient convolution 35 ms against
+#   286 ms (batch 256, 32x32x16).
+# * The optimization-barrier expander is off, so the barriers of
+#   ``models.base.conv_input`` survive to stop fusion from recomputing the residual
+#   stream inside every weight-gradient transpose (ResNet-44 step 4.6 s -> 2.2 s).
+# Only kernels and fusion change: results agree to float32 rounding, not bitwise.
+XLA_CPU_FAST_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+    "xla_disable_hlo_passes": "cse_barrier_expander",
+}
 # Fields of a metrics.jsonl record that measure the machine, not the training.
 WALL_CLOCK_FIELDS = ("examples_per_sec",)
 
@@ -147,16 +155,17 @@ def keep_host_allocations() -> bool:
 
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """XLA compiler options for the train step: XLA_CPU_FAST_OPTIONS when opted in.
+    """XLA compiler options for the train step: XLA_CPU_FAST_OPTIONS on the CPU.
 
     Args:
-      config: the experiment config; ``xla_cpu_fast_options`` (default False) opts in.
+      config: the experiment config; ``xla_cpu_fast_options`` (default True) set to
+        False compiles with XLA's defaults.
 
     Returns:
-      The options for ``jax.jit(..., compiler_options=...)``; empty unless the config
-      opts in and the default backend is the CPU.
+      The options for ``jax.jit(..., compiler_options=...)``; empty off the CPU or
+      when the config turns them off.
     """
-    if config.get("xla_cpu_fast_options", False) and jax.default_backend() == "cpu":
+    if config.get("xla_cpu_fast_options", True) and jax.default_backend() == "cpu":
         return dict(XLA_CPU_FAST_OPTIONS)
     return {}
 

@@ -238,3 +238,32 @@ def test_diffusion_fits_and_figure(tmp_path):
         assert row["learning_rate"] == pytest.approx(0.1 * math.sqrt(batch / 128))
     assert (out_dir / "weight_distance.png").stat().st_size > 1000
     assert (out_dir / "diffusion.md").exists()
+
+
+# ------------------------------------------------------------------ bench_train MFU
+
+
+def test_model_flops_match_closed_forms():
+    """bench_train's model FLOPs against hand counts: F1's five dense layers, and a
+    strided convolution plus a dot inside a nested jit (the jaxpr recursion)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import bench_train
+    from gbn_jax import models
+
+    f1 = models.get_model("f1", num_classes=10)
+    macs = 784 * 512 + 4 * 512 * 512 + 512 * 10
+    assert bench_train.model_flops_per_example(f1, (28, 28, 1)) == 3 * 2 * macs
+
+    def net(x, w, v):
+        y = jax.lax.conv_general_dilated(
+            x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.jit(lambda a: a.reshape(a.shape[0], -1) @ v)(y)
+
+    x, w, v = jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 5)), jnp.ones((5 * 5 * 5, 7))
+    jaxpr = jax.make_jaxpr(net)(x, w, v).jaxpr
+    conv = 2 * (2 * 5 * 5 * 5) * (3 * 3 * 3)  # 2 x outputs x window
+    dot = 2 * (2 * 7) * (5 * 5 * 5)
+    assert bench_train.count_matmul_flops(jaxpr) == conv + dot

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gbn_jax.ghost_norm import GhostBatchNorm
-from gbn_jax.models import MODELS, get_model, make_norm
+from gbn_jax.models import MODELS, base, get_model, make_norm
 
 # (name, num_classes, input shape, kwargs) for shape and count checks.
 ZOO = {
@@ -383,3 +383,46 @@ def test_make_norm_returns_the_chosen_layer():
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ------------------------------------------------------------ conv_input barriers
+
+
+def test_conv_input_is_identity_with_its_gradient():
+    x = jax.random.normal(jax.random.key(3), (4, 5, 5, 3))
+    np.testing.assert_array_equal(base.conv_input(x), x)
+    grad = jax.grad(lambda v: jnp.sum(jnp.sin(base.conv_input(v))))(x)
+    np.testing.assert_allclose(grad, np.cos(np.asarray(x)), rtol=1e-6)
+
+
+def test_cpu_options_keep_barriers_and_the_gradients():
+    """train.XLA_CPU_FAST_OPTIONS keeps conv_input's barriers (XLA's default expands
+    them) and changes only the rounding of a ResNet's loss gradient."""
+    from gbn_jax import train
+
+    model = get_model(
+        "resnet_cifar", num_classes=10, depth=8, width=4, norm="ghost", ghost_batch_size=4
+    )
+    x = jax.random.normal(jax.random.key(4), (16, 8, 8, 3))
+    labels = jax.random.randint(jax.random.key(5), (16,), 0, 10)
+    variables = model.init(jax.random.key(6), x[:1], train=False)
+
+    def loss(params):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)
+        return -picked.mean()
+
+    lowered = jax.jit(jax.grad(loss)).lower(variables["params"])
+    kept = lowered.compile(compiler_options=train.XLA_CPU_FAST_OPTIONS)
+    expanded = lowered.compile()
+    assert "opt-barrier" in kept.as_text()
+    assert "opt-barrier" not in expanded.as_text()
+    g_kept = jax.tree.leaves(kept(variables["params"]))
+    g_expanded = jax.tree.leaves(expanded(variables["params"]))
+    for a, b in zip(g_kept, g_expanded, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -292,15 +292,18 @@ def test_two_processes_match_one(reference, tmp_path):
 
 
 def test_xla_cpu_fast_options_train_the_same(reference, tmp_path):
-    """Eigen dots and kept host buffers (CLI) change kernels, not the training."""
+    """The CPU default (Eigen dots, kept barriers and host buffers) against XLA's own.
+
+    The reference runs with the default options; this run turns them off.
+    """
     ref_dir, config, _ = reference
-    assert train.compiler_options(config) == {}
-    config.xla_cpu_fast_options = True
     assert train.compiler_options(config) == train.XLA_CPU_FAST_OPTIONS
     config.xla_cpu_fast_options = False
-    workdir = str(tmp_path / "fast")
+    assert train.compiler_options(config) == {}
+    config.xla_cpu_fast_options = True
+    workdir = str(tmp_path / "xla_defaults")
     proc = subprocess.run(
-        cli(workdir, F1_ARG, {**F1_OVERRIDES, "xla_cpu_fast_options": True}),
+        cli(workdir, F1_ARG, {**F1_OVERRIDES, "xla_cpu_fast_options": False}),
         cwd=ROOT,
         env=cli_env(),
         capture_output=True,

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gbn_jax.models.base import ZooModel, conv, projection_shortcut
+from gbn_jax.models.base import ZooModel, conv, conv_input, projection_shortcut
 
 SHORTCUTS = ("A", "B")
 
@@ -42,7 +42,7 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Returns the block output (N, H / strides, W / strides, features)."""
         y = conv(self.features, 3, strides=self.strides, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(self.norm(name="norm1")(y))
+        y = conv_input(nn.relu(self.norm(name="norm1")(y)))
         y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
         y = self.norm(name="norm2")(y)
         if self.strides != 1 or x.shape[-1] != self.features:
@@ -53,7 +53,7 @@ class BasicBlock(nn.Module):
                 x = projection_shortcut(
                     x, self.features, strides=self.strides, norm=self.norm, dtype=self.dtype
                 )
-        return nn.relu(y + x)
+        return conv_input(nn.relu(y + x))
 
 
 class ResNetCifar(ZooModel):
@@ -95,7 +95,7 @@ class ResNetCifar(ZooModel):
         norm = self.norm_layer(train)
         x = self.to_compute_dtype(x)
         x = conv(self.width, 3, dtype=self.dtype, name="stem_conv")(x)
-        x = nn.relu(norm(name="stem_norm")(x))
+        x = conv_input(nn.relu(norm(name="stem_norm")(x)))
         blocks_per_stage = (self.depth - 2) // 6
         for stage in range(3):
             for block in range(blocks_per_stage):
