@@ -93,6 +93,12 @@ XLA_SWEEP: dict[str, dict[str, Any]] = {
     "no_concurrency_scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": False},
     "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},
     "vector_width_128": {"xla_cpu_prefer_vector_width": 128},
+    # The trainer's default (gbn_jax.train.XLA_CPU_FAST_OPTIONS): ynn_reduce_only plus
+    # the optimization barriers of models.base.conv_input kept (not expanded).
+    "trainer": {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+        "xla_disable_hlo_passes": "cse_barrier_expander",
+    },
 }
 # XLA:GPU options for the same sweep with --platform gpu (ResNet-44 in bfloat16).
 XLA_GPU_SWEEP: dict[str, dict[str, Any]] = {

@@ -267,3 +267,10 @@ def test_model_flops_match_closed_forms():
     conv = 2 * (2 * 5 * 5 * 5) * (3 * 3 * 3)  # 2 x outputs x window
     dot = 2 * (2 * 7) * (5 * 5 * 5)
     assert bench_train.count_matmul_flops(jaxpr) == conv + dot
+
+
+def test_bench_sweep_trainer_entry_is_the_trainer_default():
+    from experiments import bench_train
+    from gbn_jax import train
+
+    assert bench_train.XLA_SWEEP["trainer"] == train.XLA_CPU_FAST_OPTIONS

@@ -245,16 +245,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(reference, tmp_path):
-    ref_dir = reference[0]
-    workdir = str(tmp_path / "two")
+def test_two_processes_match_one(tmp_path):
+    """2 processes x 4 devices against 1 process x 8 devices, same config.
+
+    Both with XLA's default CPU options: under train.XLA_CPU_FAST_OPTIONS the two runs
+    agree at step 1 but drift apart faster (3% of ||w_t - w_0|| in the parameters by
+    step 24 here, not yet explained), so this test pins the defaults.
+    """
+    overrides = {**F1_OVERRIDES, "xla_cpu_fast_options": False}
+    ref_dir, workdir = str(tmp_path / "one"), str(tmp_path / "two")
     port = _free_port()
     procs = [
         subprocess.Popen(
             cli(
                 workdir,
                 F1_ARG,
-                F1_OVERRIDES,
+                overrides,
                 f"--coordinator_address=localhost:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
@@ -267,6 +273,16 @@ def test_two_processes_match_one(reference, tmp_path):
         )
         for i in range(2)
     ]
+    procs.append(
+        subprocess.Popen(
+            cli(ref_dir, F1_ARG, overrides),
+            cwd=ROOT,
+            env=cli_env(num_devices=8),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
