@@ -251,7 +251,7 @@ def test_two_processes_match_one(tmp_path):
     Both with XLA's default CPU options, under which the per-device programs compute
     bit for bit alike and only the all-reduce order differs. Under
     train.XLA_CPU_FAST_OPTIONS the first update already differs by float32 rounding
-    (1e-7 in ||w_1 - w_0||; the Eigen kernels' result depends on how many devices share
+    (1e-7 in ||w_1 - w_0||; presumably the Eigen kernels split work by how many devices share
     a process's threads), which then grows as any kernel change does (compare
     test_xla_cpu_fast_options_train_the_same): 9e-5 in ||w_t - w_0|| and 7e-3 in the
     batch metrics by step 24, too much for this test's tolerances.
