@@ -99,6 +99,20 @@ XLA_SWEEP: dict[str, dict[str, Any]] = {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
         "xla_disable_hlo_passes": "cse_barrier_expander",
     },
+    # ... and without the rewrite of long reductions into reduce-window + reduce.
+    "trainer_no_tree_reduction": {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+        "xla_disable_hlo_passes": "cse_barrier_expander,tree_reduction_rewriter",
+    },
+    "trainer_ynn_off_no_tree_reduction": {
+        "xla_cpu_experimental_ynn_fusion_type": "",
+        "xla_disable_hlo_passes": "cse_barrier_expander,tree_reduction_rewriter",
+    },
+    # The same with YNNPACK off entirely (reductions on XLA's own loops too).
+    "trainer_ynn_off": {
+        "xla_cpu_experimental_ynn_fusion_type": "",
+        "xla_disable_hlo_passes": "cse_barrier_expander",
+    },
 }
 # XLA:GPU options for the same sweep with --platform gpu (ResNet-44 in bfloat16).
 XLA_GPU_SWEEP: dict[str, dict[str, Any]] = {
