@@ -64,9 +64,15 @@ import numpy as np
 from tqdm import tqdm
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DEFAULT_BATCH = {"f1": 4096, "resnet44": 512, "wrn16_4": 512}
-# wrn16_4 (JAX only, --no-torch): a wider conv net, for how MFU depends on channel width.
-INPUT_SHAPE = {"f1": (28, 28, 1), "resnet44": (32, 32, 3), "wrn16_4": (32, 32, 3)}
+DEFAULT_BATCH = {"f1": 4096, "resnet44": 512, "wrn16_4": 512, "resnet50": 32}
+# wrn16_4 and resnet50 (JAX only, --no-torch): a wider conv net, for how MFU depends on
+# channel width, and the ImageNet ResNet, for the CPU options' effect on it.
+INPUT_SHAPE = {
+    "f1": (28, 28, 1),
+    "resnet44": (32, 32, 3),
+    "wrn16_4": (32, 32, 3),
+    "resnet50": (224, 224, 3),
+}
 REFERENCE = "torch_chunk_accum"
 
 # XLA:CPU compiler options tried against the conv-net gap (`--xla-sweep`). Names and

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gbn_jax.models.base import ZooModel, conv, projection_shortcut
+from gbn_jax.models.base import ZooModel, conv, conv_input, projection_shortcut
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 DEPTHS = tuple(STAGE_SIZES)
@@ -49,9 +49,9 @@ class Bottleneck(nn.Module):
         """Returns the block output (N, H / strides, W / strides, 4 * features)."""
         out_features = 4 * self.features
         y = conv(self.features, 1, padding="VALID", dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(self.norm(name="norm1")(y))
+        y = conv_input(nn.relu(self.norm(name="norm1")(y)))
         y = conv(self.features, 3, strides=self.strides, dtype=self.dtype, name="conv2")(y)
-        y = nn.relu(self.norm(name="norm2")(y))
+        y = conv_input(nn.relu(self.norm(name="norm2")(y)))
         y = conv(out_features, 1, padding="VALID", dtype=self.dtype, name="conv3")(y)
         scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.norm(scale_init=scale_init, name="norm3")(y)
@@ -59,7 +59,7 @@ class Bottleneck(nn.Module):
             x = projection_shortcut(
                 x, out_features, strides=self.strides, norm=self.norm, dtype=self.dtype
             )
-        return nn.relu(y + x)
+        return conv_input(nn.relu(y + x))
 
 
 class ResNetImageNet(ZooModel):
@@ -95,7 +95,7 @@ class ResNetImageNet(ZooModel):
         x = self.to_compute_dtype(x)
         x = conv(64, 7, strides=2, dtype=self.dtype, name="stem_conv")(x)
         x = nn.relu(norm(name="stem_norm")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = conv_input(nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
         for stage, num_blocks in enumerate(STAGE_SIZES[self.depth]):
             for block in range(num_blocks):
                 x = Bottleneck(

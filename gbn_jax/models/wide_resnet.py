@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gbn_jax.models.base import ZooModel, conv
+from gbn_jax.models.base import ZooModel, conv, conv_input
 
 
 class WideBlock(nn.Module):
@@ -41,10 +41,10 @@ class WideBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Returns the block output (N, H / strides, W / strides, features)."""
-        pre = nn.relu(self.norm(name="norm1")(x))
+        pre = conv_input(nn.relu(self.norm(name="norm1")(x)))
         y = conv(self.features, 3, strides=self.strides, dtype=self.dtype, name="conv1")(pre)
         y = nn.relu(self.norm(name="norm2")(y))
-        y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+        y = conv_input(nn.Dropout(self.dropout_rate, deterministic=not train)(y))
         y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
         if self.strides != 1 or x.shape[-1] != self.features:
             x = conv(
@@ -55,7 +55,7 @@ class WideBlock(nn.Module):
                 dtype=self.dtype,
                 name="proj",
             )(pre)
-        return y + x
+        return conv_input(y + x)
 
 
 class WideResNet(ZooModel):
