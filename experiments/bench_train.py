@@ -288,6 +288,32 @@ def without_normalization(model: Any) -> Any:
     )
 
 
+def paper_regime(ghost: int, batch_size: int) -> Any:
+    """The paper's optimizer at a constant LR, for timing and compiling steps.
+
+    Clipping at global norm 5, weight decay 1e-4, momentum 0.9 (PyTorch's form, as
+    torch.optim.SGD), LR 0.1 (sqrt-scaled from |B_S| = ``ghost``); one epoch of a
+    60k-example set for the schedule. Shared with experiments/comm_analysis.py.
+
+    Returns:
+      The ``gbn_jax.regimes.ResolvedRegime``.
+    """
+    from gbn_jax import regimes
+
+    return regimes.resolve(
+        dict(
+            reference_batch_size=ghost,
+            batch_size=batch_size,
+            epochs=1,
+            lr_schedule=((0, 0.1),),
+            momentum=0.9,
+            weight_decay=1e-4,
+            grad_clip_norm=5.0,
+        ),
+        num_train_examples=max(60_000, batch_size),
+    )
+
+
 def project_step(
     model_name: str,
     norm: str,
@@ -308,7 +334,7 @@ def project_step(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from gbn_jax import models, regimes, train
+    from gbn_jax import models, train
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -322,20 +348,7 @@ def project_step(
     )
     if norm == "none":
         model = without_normalization(model)
-    # The paper's optimizer: clipping at 5, weight decay 1e-4, momentum 0.9 (PyTorch's
-    # form, as torch.optim.SGD), LR 0.1; one epoch of a 60k-example set for the schedule.
-    regime = regimes.resolve(
-        dict(
-            reference_batch_size=ghost,
-            batch_size=batch_size,
-            epochs=1,
-            lr_schedule=((0, 0.1),),
-            momentum=0.9,
-            weight_decay=1e-4,
-            grad_clip_norm=5.0,
-        ),
-        num_train_examples=max(60_000, batch_size),
-    )
+    regime = paper_regime(ghost, batch_size)
     tx = regime.optimizer()
     shape = INPUT_SHAPE[model_name]
     init = jax.jit(

@@ -283,13 +283,14 @@ def summarize(found: list[Collective]) -> dict[str, Any]:
 
 def compiled_step_hlo(model_name: str, norm: str, global_batch: int, ghost: int) -> str:
     """Optimized HLO of the project's train step, data-parallel over every device."""
+    import bench_train  # a sibling script: experiments/ is on sys.path
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from gbn_jax import models, regimes, train
+    from gbn_jax import models, train
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -300,18 +301,7 @@ def compiled_step_hlo(model_name: str, norm: str, global_batch: int, ghost: int)
         norm=norm,
         ghost_batch_size=ghost if norm == "ghost" else None,
     )
-    regime = regimes.resolve(
-        dict(
-            reference_batch_size=ghost,
-            batch_size=global_batch,
-            epochs=1,
-            lr_schedule=((0, 0.1),),
-            momentum=0.9,
-            weight_decay=1e-4,
-            grad_clip_norm=5.0,
-        ),
-        num_train_examples=max(60_000, global_batch),
-    )
+    regime = bench_train.paper_regime(ghost, global_batch)
     tx = regime.optimizer()
     abstract = jax.eval_shape(
         lambda rng: train.create_train_state(rng, model, tx, shape), jax.random.key(0)
