@@ -94,14 +94,15 @@ def conv(
 def conv_input(x: jax.Array) -> jax.Array:
     """Marks an activation that convolutions read (identity, also under autodiff).
 
-    An optimization barrier: XLA must compute ``x`` once and let every consumer read
-    it from memory. Without it, XLA:CPU's fusion pass recomputes the whole elementwise
-    residual stream of a stage (norm, add, ReLU of every earlier block) inside each
-    weight-gradient transpose that reads a block input, which grows with the square of
-    the depth: 4 of the 5.9 s of a ResNet-44 step at batch 256 on 2 cores. XLA:CPU
-    keeps the barrier only with ``gbn_jax.train.XLA_CPU_FAST_OPTIONS`` (the trainer's
-    CPU default), which turns off the pass that would expand it; elsewhere it only
-    orders the computation, and a convolution's input is materialized anyway.
+    When the default backend is the CPU, an optimization barrier: XLA must compute
+    ``x`` once and let every consumer read it from memory. Without it, XLA:CPU's fusion
+    pass recomputes the whole elementwise residual stream of a stage (norm, add, ReLU
+    of every earlier block) inside each weight-gradient transpose that reads a block
+    input, which grows with the square of the depth: 4 of the 5.9 s of a ResNet-44 step
+    at batch 256 on 2 cores. XLA:CPU keeps the barrier only with
+    ``gbn_jax.train.XLA_CPU_FAST_OPTIONS`` (the trainer's CPU default), which turns off
+    the pass that would expand it. On GPUs and TPUs ``x`` passes untouched, so XLA stays
+    free to fuse the norm and ReLU into the convolution that reads them (TPUs do).
 
     Args:
       x: an activation about to enter a convolution (and a residual sum).
@@ -109,6 +110,8 @@ def conv_input(x: jax.Array) -> jax.Array:
     Returns:
       ``x`` unchanged.
     """
+    if jax.default_backend() != "cpu":
+        return x
     return jax.lax.optimization_barrier(x)
 
 
