@@ -135,7 +135,7 @@ XLA_PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
     "eigen": XLA_SWEEP["ynn_off"],
     "ynn_reduce_only": XLA_SWEEP["ynn_reduce_only"],
-    "fast": {},  # the trainer's default, gbn_jax.train.XLA_CPU_FAST_OPTIONS (set in main)
+    "fast": XLA_SWEEP["trainer"],  # gbn_jax.train.XLA_CPU_FAST_OPTIONS (a test checks)
 }
 
 
@@ -447,7 +447,8 @@ def jax_variant(name: str, model_name: str, args: argparse.Namespace, batch: int
 
     base, _, option_key = name.partition("@")
     norm = {"jax_gbn": "ghost", "jax_bn": "batch", "jax_nonorm": "none"}[base]
-    options = dict(XLA_PRESETS[args.xla_preset], **XLA_SWEEP.get(option_key, {}))
+    preset = XLA_PRESETS[args.xla_preset] if args.platform == "cpu" else {}  # CPU options
+    options = dict(preset, **XLA_SWEEP.get(option_key, {}))
     t0 = time.perf_counter()
     compiled, state, data, key, _ = project_step(
         model_name, norm, batch, args.ghost, args.dtype, options
@@ -882,7 +883,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.path[:0] = [here, os.path.dirname(here)]  # torch_reference and gbn_jax
     from gbn_jax import train
 
-    XLA_PRESETS["fast"] = dict(train.XLA_CPU_FAST_OPTIONS) if args.platform == "cpu" else {}
     if args.keep_host_allocations and args.platform == "cpu":
         print("keep_host_allocations:", train.keep_host_allocations())
     if not args.no_torch:
