@@ -239,7 +239,7 @@ def _varying_like(param: Array, x: Array) -> Array:
     """Marks a replicated parameter as varying over the manual mesh axes x varies over.
 
     Inside shard_map, autodiff then sums its per-device gradients (the transpose of
-    the cast), as it does for nn.BatchNorm, although our VJP is hand-written.
+    the cast), as it does for nn.BatchNorm, although our derivative is a custom rule.
     """
     missing = tuple(sorted(_varying_axes(x) - _varying_axes(param)))
     return lax.pcast(param, missing, to="varying") if missing else param
