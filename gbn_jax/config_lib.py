@@ -92,6 +92,7 @@ VARIANTS: dict[str, Variant] = {
 # The paper's code clips every run at this global L2 norm; it acts as a warm-up.
 GRAD_CLIP_NORM = 5.0
 
+
 def _flag(text: str) -> bool:
     """Parses an on/off option value."""
     value = text.strip().lower()
@@ -197,9 +198,7 @@ def parse_arg(arg: str | None, default_variant: str = "lb_lr_gbn_ra") -> tuple[s
         raise ConfigArgError(f"config option dtype={options['dtype']!r}; use one of {DTYPES}.")
     for key, choices in CHOICES.items():
         if key in options and options[key] not in choices:
-            raise ConfigArgError(
-                f"config option {key}={options[key]!r}; use one of {choices}."
-            )
+            raise ConfigArgError(f"config option {key}={options[key]!r}; use one of {choices}.")
     if "validation" in options and options["validation"] < 0:
         raise ConfigArgError(
             f"config option validation={options['validation']} must be >= 0 (examples held "
@@ -327,9 +326,7 @@ def apply_variant(
     large_batch = large_batch_size
     if lr_rule == "authors":
         large_batch = (authors_batch_sizes or {}).get(variant, large_batch_size)
-    config.batch_size = options.get(
-        "batch", large_batch if v.large_batch else reference_batch_size
-    )
+    config.batch_size = options.get("batch", large_batch if v.large_batch else reference_batch_size)
     config.model.norm = v.norm
     # Ghost batches reproduce the small-batch normalization noise: |B_S| by default.
     config.model.ghost_batch_size = options.get("ghost", reference_batch_size)
