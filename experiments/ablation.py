@@ -102,17 +102,19 @@ class Planned:
 def plan(stage: int) -> list[Planned]:
     """The runs up to `stage`, most informative first.
 
-    Stage 1: seed 0 of default and authors for LB, +LR, +GBN, then each switch alone.
-    Stage 2: seeds 1 and 2 of default and authors, then SB under both (3 seeds).
+    Stage 1: seed 0 of default and authors for LB, +LR, +GBN and SB, then each switch
+    alone (LB, +LR, +GBN).
+    Stage 2: seeds 1 and 2 of default and authors (LB, +LR, +GBN, then SB).
     Stage 3: seeds 1 and 2 of every switch alone.
     Stage 4: +RA at the full ratio (32: 1,600 epochs, ~80M images), seed 0, under the
     headline protocol (HEADLINE_GROUP).
     """
     runs = [Planned(g, c, 0) for g in ("default", "authors") for c in COLUMNS]
+    runs += [Planned(g, "sb", 0) for g in ("default", "authors")]
     runs += [Planned(g, c, 0) for g in SWITCHES for c in COLUMNS if (g, c) not in SAME_AS_DEFAULT]
     if stage >= 2:
         runs += [Planned(g, c, s) for s in (1, 2) for g in ("default", "authors") for c in COLUMNS]
-        runs += [Planned(g, "sb", s) for s in (0, 1, 2) for g in ("default", "authors")]
+        runs += [Planned(g, "sb", s) for s in (1, 2) for g in ("default", "authors")]
     if stage >= 4:
         runs.append(Planned(HEADLINE_GROUP, "lb_lr_gbn_ra", 0))
     if stage >= 3:
