@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gbn_jax import checkpointing, input_pipeline, models, regimes
+from gbn_jax.models.norm import example_mask
 
 LOG_SCHEDULES = ("linear", "log")
 # XLA:CPU compiler options of the train step (``config.xla_cpu_fast_options``, on by
@@ -188,30 +189,42 @@ def make_train_step(
     Returns:
       ``train_step(state, batch, rng) -> (state, metrics)`` with metrics ``loss``
       (mean cross-entropy), ``accuracy``, ``grad_norm`` (global L2 norm before
-      clipping) and ``learning_rate`` (the rate of this update), float32 scalars.
+      clipping) and ``learning_rate`` (the rate of this update), float32 scalars. A
+      batch with a ``"mask"`` (the padded partial batch of an epoch) averages the loss
+      over its real examples and leaves the padding out of every normalization
+      layer's statistics (``models.norm.example_mask``).
 
     References:
       Hoffer, Hubara & Soudry (2017), section 5 (SGD with momentum and clipping).
     """
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+        mask = batch.get("mask")
+
+        def mean(values):
+            if mask is None:
+                return jnp.mean(values)
+            weights = mask.astype(jnp.float32)
+            return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
         def loss_fn(params):
-            logits, new_vars = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                batch["image"],
-                train=True,
-                rngs={"dropout": rng},
-                mutable=["batch_stats"],
-            )
+            with example_mask(mask):
+                logits, new_vars = model.apply(
+                    {"params": params, "batch_stats": state.batch_stats},
+                    batch["image"],
+                    train=True,
+                    rngs={"dropout": rng},
+                    mutable=["batch_stats"],
+                )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-            return loss.mean(), (logits, new_vars)
+            return mean(loss), (logits, new_vars)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (logits, new_vars)), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics = {
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
+            "accuracy": mean(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
         }
@@ -352,6 +365,18 @@ def validate_config(
                 f"batch={_round_up(batch, ghost * device_count)} (a multiple of "
                 f"ghost x devices = {ghost * device_count})."
             )
+    validation_size = config.get("validation_size", 0)
+    if (
+        isinstance(validation_size, bool)
+        or not isinstance(validation_size, int)
+        or (validation_size < 0)
+    ):
+        raise ValueError(
+            f"validation_size={validation_size!r} must be an integer >= 0 (0: no split held "
+            f"out; e.g. validation=10000 in the config argument)."
+        )
+    if config.get("augment", "default") not in input_pipeline.AUGMENTS:
+        raise ValueError(f"augment={config.augment!r}; use one of {input_pipeline.AUGMENTS}.")
     if config.log_schedule not in LOG_SCHEDULES:
         raise ValueError(f"log_schedule={config.log_schedule!r}; use one of {LOG_SCHEDULES}.")
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
@@ -429,7 +454,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- Data. ------------------------------------------------------------------------
     info = input_pipeline.get_dataset_info(config.dataset, config.data_dir)
-    regime = regimes.resolve(config, info.num_train)
+    # Optional protocol switches (configs/: protocol=authors): the authors' input,
+    # a validation split held out of the training set, the partial last batch kept.
+    augment = config.get("augment", "default")
+    validation_size = config.get("validation_size", 0) or 0
+    keep_last_batch = bool(config.get("keep_last_batch", False))
+    regime = regimes.resolve(config, info.num_train - validation_size)
     total_steps = regime.total_steps
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -448,19 +478,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _write_json(os.path.join(workdir, "config.json"), _config_to_dict(config))
         _write_json(os.path.join(workdir, "regime.json"), regime.to_dict())
         print("regime:", json.dumps(regime.to_dict(), indent=2), flush=True)
+    # A partial batch is spread over the ghost batches as the authors' torch.chunk does.
+    ghost = config.model.ghost_batch_size if config.model.norm == "ghost" else None
     train_iter = input_pipeline.create_train_iterator(
         config.dataset,
         global_batch_size=config.batch_size,
         seed=config.seed,
         sharding=batch_sharding,
         data_dir=config.data_dir,
+        augment=augment,
+        validation_size=validation_size,
+        keep_last_batch=keep_last_batch,
+        batch_groups=config.batch_size // ghost if ghost else 1,
     )
-    eval_iter = input_pipeline.create_eval_iterator(
-        config.dataset,
-        global_batch_size=eval_batch_size,
-        sharding=batch_sharding,
-        data_dir=config.data_dir,
-    )
+    # Metrics prefix -> split: "eval" is the test split; "val" the held-out validation.
+    eval_iters = {
+        "eval": input_pipeline.create_eval_iterator(
+            config.dataset,
+            global_batch_size=eval_batch_size,
+            sharding=batch_sharding,
+            data_dir=config.data_dir,
+            augment=augment,
+        )
+    }
+    if validation_size:
+        eval_iters["val"] = input_pipeline.create_eval_iterator(
+            config.dataset,
+            global_batch_size=eval_batch_size,
+            sharding=batch_sharding,
+            data_dir=config.data_dir,
+            split=input_pipeline.HOLDOUT_SPLIT,
+            augment=augment,
+            validation_size=validation_size,
+        )
 
     # ---- Model and optimizer: state created on device, replicated. --------------------
     tx = regime.optimizer()
@@ -522,16 +572,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     p_weight_distance = jax.jit(lambda s: weight_distance(s.params, s.params0))
 
     def evaluate(state) -> dict:
-        sums = jax.device_put(
-            {k: np.zeros((), np.float32) for k in ("loss", "correct", "count")}, replicated
-        )
-        for batch in eval_iter:
-            sums = p_eval(state, sums, batch)
-        sums = jax.device_get(sums)
-        return {
-            "eval_loss": float(sums["loss"] / sums["count"]),
-            "eval_accuracy": float(sums["correct"] / sums["count"]),
-        }
+        record = {}
+        for prefix, eval_iter in eval_iters.items():
+            sums = jax.device_put(
+                {k: np.zeros((), np.float32) for k in ("loss", "correct", "count")}, replicated
+            )
+            for batch in eval_iter:
+                sums = p_eval(state, sums, batch)
+            sums = jax.device_get(sums)
+            record[f"{prefix}_loss"] = float(sums["loss"] / sums["count"])
+            record[f"{prefix}_accuracy"] = float(sums["correct"] / sums["count"])
+        return record
 
     # ---- Checkpoint restore. --------------------------------------------------------------
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
@@ -656,12 +707,21 @@ def _summarize(
     records = _read_metrics(metrics_path) if jax.process_index() == 0 else []
     evals = [r for r in records if "eval_accuracy" in r]
     rates = [r["examples_per_sec"] for r in records if "examples_per_sec" in r]
+    # "best" on the test split is the authors' best_prec1 (selected on the test set);
+    # with a validation split, the honest pick is the test accuracy at the best val step.
     best = max(evals, key=lambda r: r["eval_accuracy"], default=None)
+    vals = [r for r in evals if "val_accuracy" in r]
+    best_val = max(vals, key=lambda r: r["val_accuracy"], default=None)
     return {
         "final_eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "best_eval_accuracy": best["eval_accuracy"] if best else None,
         "best_eval_step": best["step"] if best else None,
+        "final_val_accuracy": vals[-1]["val_accuracy"] if vals else None,
+        "final_val_loss": vals[-1]["val_loss"] if vals else None,
+        "best_val_accuracy": best_val["val_accuracy"] if best_val else None,
+        "best_val_step": best_val["step"] if best_val else None,
+        "eval_accuracy_at_best_val": best_val["eval_accuracy"] if best_val else None,
         "final_train_loss": _last(records, "train_loss"),
         "final_weight_distance": _last(records, "weight_distance"),
         "steps": total_steps,
