@@ -22,8 +22,9 @@ train mode a plain batch norm normalizes over each chunk (``--chunk`` examples, 
 ``--noise_chunk`` for the noise scale), a ghost batch norm over its ghost batches.
 
 The subset: the first ``--examples`` (and ``--noise_examples``) of a permutation of
-the training split drawn from ``--subset_seed``, without augmentation, normalized as
-the trainer normalizes.
+the training examples drawn from ``--subset_seed``, without augmentation, normalized as
+the run's input (its config's ``augment``), leaving out a held-out validation split
+(its ``validation_size``): the same examples for every run of one setting.
 
 Usage (from the repository root; a tiny F1 run to try it on):
 
@@ -137,33 +138,60 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def training_subset(
-    dataset: str, examples: int, seed: int, data_dir: str | None = None
+    dataset: str,
+    examples: int,
+    seed: int,
+    data_dir: str | None = None,
+    *,
+    augment: str = "default",
+    validation_size: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The first ``examples`` of a seeded permutation of the train split, normalized.
+    """The first ``examples`` of a seeded permutation of the training examples.
 
     Args:
       dataset: the config's dataset name (an in-memory one: MNIST family, CIFAR).
       examples: how many.
       seed: the permutation's seed (the same subset for every run).
       data_dir: the config's data_dir.
+      augment: the config's input ("default" or "authors"): which normalization
+        constants the run trained with. The subset itself is never augmented.
+      validation_size: the config's held-out validation split; those examples are
+        left out, as the run never trained on them.
 
     Returns:
-      {"image": float32 (N, H, W, C), "label": int32 (N,)}.
+      {"image": float32 (N, H, W, C), "label": int32 (N,)}, normalized as the trainer
+      normalizes.
 
     Raises:
-      ValueError: more examples than the split holds.
+      ValueError: more examples than the training examples, or an unknown augment.
     """
-    from gbn_jax.data import augment, sources
+    from gbn_jax import input_pipeline
+    from gbn_jax.data import augment as augmentation
+    from gbn_jax.data import sources
 
+    if augment not in input_pipeline.AUGMENTS:
+        raise ValueError(f"Unknown {augment=}; use one of {input_pipeline.AUGMENTS}.")
     spec = sources.spec_for(dataset, data_dir)
-    images, labels = sources.load_arrays(dataset, spec.train_split, data_dir)
+    if augment == "authors":
+        spec = sources.authors_spec(spec)
+    images, labels = sources.load_arrays(dataset, spec.train_split, data_dir, validation_size)
     if examples > len(labels):
         raise ValueError(
             f"{examples=} exceeds the {len(labels)} training examples of {dataset}; ask for fewer."
         )
     order = np.random.default_rng(seed).permutation(len(labels))[:examples]
-    image = np.asarray(augment.normalize(images[order], spec.mean, spec.std), np.float32)
+    image = np.asarray(augmentation.normalize(images[order], spec.mean, spec.std), np.float32)
     return {"image": image, "label": labels[order].astype(np.int32)}
+
+
+def subset_key(config: dict[str, Any]) -> tuple[str, str | None, str, int]:
+    """What fixes a run's subset: dataset, data_dir, input normalization, held-out size."""
+    return (
+        config["dataset"],
+        config.get("data_dir"),
+        config.get("augment", "default"),
+        int(config.get("validation_size", 0) or 0),
+    )
 
 
 def restore(workdir: str, step: int | None) -> tuple[int, Any, Any]:
@@ -239,6 +267,9 @@ def measure_run(
     subset_loss, accuracy = (float(v) for v in jax.jit(subset_metrics)(params, batches))
     subset_sec = time.perf_counter() - t
 
+    # CPU time of this process (all threads) next to each wall time: on a shared
+    # machine the wall time depends on the other jobs, the CPU time much less.
+    cpu = time.process_time()
     eig = sharpness.top_hessian_eigenvalues(
         loss_fn,
         params,
@@ -249,8 +280,10 @@ def measure_run(
         compiler_options=options,
         callback=progress("hessian"),
     )
+    eig_cpu = time.process_time() - cpu
     boxes = []
     for epsilon in args.epsilon:
+        cpu = time.process_time()
         box = sharpness.epsilon_sharpness(
             loss_fn,
             params,
@@ -263,9 +296,11 @@ def measure_run(
             compiler_options=options,
             callback=progress(f"eps={epsilon:g}"),
         )
-        boxes.append(dataclasses.asdict(box))
+        boxes.append({**dataclasses.asdict(box), "cpu_time_sec": time.process_time() - cpu})
     bar.set_postfix_str("noise scale")
+    cpu = time.process_time()
     noise = noise_scale.subset_noise_scale(loss_fn, params, noise_batches, compiler_options=options)
+    noise_cpu = time.process_time() - cpu
     bar.close()
     return {
         "workdir": os.path.abspath(workdir),
@@ -280,9 +315,10 @@ def measure_run(
             "eigenvalues": [float(v) for v in eig.eigenvalues],
             "num_hvps": eig.num_hvps,
             "wall_time_sec": eig.wall_time_sec,
+            "cpu_time_sec": eig_cpu,
         },
         "epsilon_sharpness": boxes,
-        "noise_scale": dataclasses.asdict(noise),
+        "noise_scale": {**dataclasses.asdict(noise), "cpu_time_sec": noise_cpu},
         "wall_time_sec": time.perf_counter() - start,
     }
 
@@ -300,9 +336,9 @@ def markdown(record: dict[str, Any]) -> str:
         "lambda_max",
         *eps_cols,
         "B_simple",
-        "Hessian s",
-        "phi s",
-        "noise s",
+        "Hessian s (CPU s)",
+        "phi s (CPU s)",
+        "noise s (CPU s)",
         "total s",
     ]
     rows = []
@@ -317,9 +353,9 @@ def markdown(record: dict[str, Any]) -> str:
                 f"{r['hessian']['eigenvalues'][0]:.4g} ({r['hessian']['num_hvps']} HVPs)",
                 *(f"{b['sharpness']:.4g}" for b in boxes),
                 f"{r['noise_scale']['b_simple']:.4g}",
-                f"{r['hessian']['wall_time_sec']:.1f}",
-                "+".join(f"{b['wall_time_sec']:.1f}" for b in boxes),
-                f"{r['noise_scale']['wall_time_sec']:.1f}",
+                _seconds(r["hessian"]),
+                " + ".join(_seconds(b) for b in boxes),
+                _seconds(r["noise_scale"]),
                 f"{r['wall_time_sec']:.1f}",
             ]
         )
@@ -340,10 +376,16 @@ def markdown(record: dict[str, Any]) -> str:
         f"iterations per start, {settings['directions']} curvature direction(s)), a lower "
         f"bound. B_simple = tr(Sigma)/|G|^2 from B_small = {settings['noise_chunk']} and "
         f"B_big = {settings['noise_examples']} (one subset: noisy when |G|^2 is small, see "
-        "the JSON for both estimates). Wall times in seconds include compilation.",
+        "the JSON for both estimates). Wall times in seconds include compilation; in "
+        "brackets the CPU time of the process over all its threads (2 cores: an idle "
+        "machine runs the work in between half and all of it).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _seconds(measured: dict[str, Any]) -> str:
+    return f"{measured['wall_time_sec']:.1f} ({measured['cpu_time_sec']:.1f})"
 
 
 def _load(values: Sequence[float]) -> str:
@@ -358,21 +400,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.keep_host_allocations()  # Before the first JAX computation, as the CLI does.
     env = bench_train.environment(args)
     env["command"] = " ".join(["python -m experiments.sharpness", *(argv or sys.argv[1:])])
-    with open(os.path.join(args.workdirs[0], CONFIG_FILE)) as f:
-        first = json.load(f)
     size = max(args.examples, args.noise_examples)
-    full = training_subset(first["dataset"], size, args.subset_seed, first.get("data_dir"))
-    subsets = {
-        "hessian": {k: v[: args.examples] for k, v in full.items()},
-        "noise": {k: v[: args.noise_examples] for k, v in full.items()},
-    }
+    cache: dict[tuple, dict[str, np.ndarray]] = {}
     runs = []
     for workdir in tqdm.tqdm(args.workdirs, desc="runs", unit="run"):
         with open(os.path.join(workdir, CONFIG_FILE)) as f:
-            if json.load(f)["dataset"] != first["dataset"]:
-                raise ValueError(f"{workdir} trained on another dataset; measure it separately.")
+            key = subset_key(json.load(f))
+        if key not in cache:
+            dataset, data_dir, augment, validation_size = key
+            cache[key] = training_subset(
+                dataset,
+                size,
+                args.subset_seed,
+                data_dir,
+                augment=augment,
+                validation_size=validation_size,
+            )
+        full = cache[key]
+        subsets = {
+            "hessian": {k: v[: args.examples] for k, v in full.items()},
+            "noise": {k: v[: args.noise_examples] for k, v in full.items()},
+        }
         run = measure_run(workdir, args, subsets)
         run["label"] = os.path.relpath(workdir) if not os.path.isabs(workdir) else workdir
+        run["subset_key"] = {
+            "dataset": key[0],
+            "augment": key[2],
+            "validation_size": key[3],
+        }
         runs.append(run)
         tqdm.tqdm.write(
             f"{run['label']}: lambda_max={run['hessian']['eigenvalues'][0]:.4g} "
@@ -383,6 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             + f", B_simple={run['noise_scale']['b_simple']:.4g} "
             f"({run['noise_scale']['wall_time_sec']:.1f} s), total {run['wall_time_sec']:.1f} s"
+        )
+    if len(cache) > 1:
+        print(
+            f"note: the runs differ in dataset, input normalization or held-out split "
+            f"({sorted(cache, key=str)}), so they were measured on different subsets."
         )
     env["load_average_end"] = os.getloadavg()
     record = {

@@ -73,6 +73,8 @@ def test_measures_a_checkpoint_and_writes_json_and_markdown(tiny_run, tmp_path):
     assert boxes[0]["sharpness"] > boxes[1]["sharpness"]  # a larger box rises higher
     for measured in (run["hessian"], run["noise_scale"], run["subset"], *boxes):
         assert measured["wall_time_sec"] > 0
+    for measured in (run["hessian"], run["noise_scale"], *boxes):
+        assert measured["cpu_time_sec"] > 0
     assert 0.0 <= run["subset"]["accuracy"] <= 1.0
 
 
@@ -87,6 +89,23 @@ def test_the_subset_is_fixed_by_its_seed():
     np.testing.assert_array_equal(a["image"], b["image"])
     assert not np.array_equal(a["image"], c["image"])
     assert a["image"].dtype == np.float32 and a["image"].shape == (20, 28, 28, 1)
+
+
+def test_the_subset_leaves_out_the_held_out_split_and_follows_the_run_input():
+    from gbn_jax.data import sources
+
+    try:
+        subset = experiment.training_subset(
+            "fashion_mnist", 300, seed=0, augment="authors", validation_size=10_000
+        )
+    except input_pipeline.DatasetNotFoundError as e:
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    held, _ = sources.load_arrays("fashion_mnist", "holdout", None, 10_000)
+    held_bytes = {image.tobytes() for image in held}
+    # The authors' input: mean 0.5, std 0.5, so pixels map back by x * 0.5 + 0.5.
+    pixels = np.rint((subset["image"] * 0.5 + 0.5) * 255).astype(np.uint8)
+    assert subset["image"].min() >= -1.0 and subset["image"].max() <= 1.0
+    assert not any(image.tobytes() in held_bytes for image in pixels)
 
 
 @pytest.mark.parametrize(
