@@ -125,6 +125,11 @@ def make_noise_scale_train_step(
     )
 
     def train_step(state, batch, rng):
+        if "mask" in batch:
+            raise ValueError(
+                "a batch with padding (keep_last_batch's partial batch) has shards of "
+                "different real sizes; run the plain train step on it."
+            )
         (loss, (logits, shard_stats)), grads, estimate = grad_fn(
             state.params, batch, state.batch_stats, rng=rng
         )
