@@ -219,11 +219,73 @@ def test_resume_after_sigkill_is_bit_exact(reference, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
     assert not os.path.exists(fake)
+    assert_same_run(workdir, ref_dir)
+
+
+def assert_same_run(workdir, ref_dir):
+    """Same metrics (wall-clock fields aside) and bit-identical final parameters."""
     assert read_metrics(workdir) == read_metrics(ref_dir)
     (step, state), (ref_step, ref_state) = final_state(workdir), final_state(ref_dir)
     assert step == ref_step == 24 and state.keys() == ref_state.keys()
     for key in ref_state:
         np.testing.assert_array_equal(state[key], ref_state[key], err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"steps_per_loop": 1}, {"steps_per_loop": 3}, {"device_resident_data": False}],
+    ids=["one_step_per_dispatch", "three_steps_per_dispatch", "streamed_from_host"],
+)
+def test_steps_per_loop_and_data_path_change_nothing(reference, tmp_path, overrides):
+    """K = 1, K = 3 and host-fed batches against the reference (K unset: up to 4 steps
+    per dispatch, each dispatch cut at the logs of steps 1-13, 14, 16, 18, 20, the evals
+    and the checkpoints), bit for bit. K = 3 mixes full dispatches (steps 21-23) with
+    cut ones (14-16, ...)."""
+    ref_dir = reference[0]
+    config = load_config(F1_CONFIG, F1_ARG, {**F1_OVERRIDES, **overrides})
+    train.train_and_evaluate(config, str(tmp_path))
+    assert_same_run(str(tmp_path), ref_dir)
+
+
+def test_sigterm_saves_the_current_step_and_resume_is_bit_exact(reference, tmp_path):
+    """A real SIGTERM to the CLI with no periodic checkpoint due: the run saves the step
+    it reached, exits 0 within seconds, and the rerun ends as the uninterrupted one."""
+    ref_dir = reference[0]
+    workdir = str(tmp_path / "preempted")
+    overrides = {**F1_OVERRIDES, "checkpoint_every_steps": 1000}
+    signal_after = random.Random().randint(2, 10)
+    proc = subprocess.Popen(
+        cli(workdir, F1_ARG, overrides),
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    while proc.poll() is None:
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+            if steps and steps[-1] >= signal_after:
+                break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"run ended before the signal: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - sent < 60 and proc.returncode == 0, err[-3000:]
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert len(saved) == 1 and signal_after <= saved[0] < 24, (saved, out[-500:])
+    assert f"preemption notice (SIGTERM): saved step {saved[0]}" in out
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+    done = subprocess.run(
+        cli(workdir, F1_ARG, overrides), cwd=ROOT, env=cli_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"at step {saved[0]}" in done.stdout
+    assert_same_run(workdir, ref_dir)
 
 
 def test_rerun_of_finished_run_changes_nothing(reference, tmp_path):
