@@ -337,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
         print(f"model {config.model.name}: {num_params} parameters", flush=True)
 
-    # ---- Step functions: K steps per dispatch, evaluation in one pass. ----------------
+    # ---- Step functions: compiled here, so that no dispatch waits for a compile. --------
     train_loop = steps.make_train_loop(
         make_train_step(model, tx, regime.learning_rate), train_feed.batch, dropout_rng
     )
@@ -347,14 +347,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         donate_argnums=(0, 1),
         compiler_options=compiler_options(config) or None,
     )
-    # All K rows of a chunk (static trip count), or its first n (one program for all n).
-    p_train_loop = jit_train(lambda state, acc, arrays, xs: train_loop(state, acc, arrays, xs))
-    p_train_first = jit_train(train_loop)
+    state_shapes = _with_shardings(abstract_state, state_sharding)
+    acc_shapes = _with_shardings(abstract_acc, acc_sharding)
+    loop_args = (state_shapes, acc_shapes, train_feed.arrays, train_feed.chunk_shapes(loop_steps))
+    # The first n rows of a chunk: a fori_loop, one program for every n <= K.
+    num_steps = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
+    p_train_first = jit_train(train_loop).lower(*loop_args, num_steps).compile()
+    # All K rows: a scan, whose static trip count spares an accelerator a host round trip
+    # per step. The CPU has none to spare, so it runs every dispatch in p_train_first.
+    p_train_all = None
+    if jax.default_backend() != "cpu":
+        p_train_all = jit_train(lambda *args: train_loop(*args)).lower(*loop_args).compile()
     p_zero_accumulator = jax.jit(steps.zero_metrics, out_shardings=acc_sharding)
-    p_weight_distance = jax.jit(lambda s: weight_distance(s.params, s.params0))
+    p_weight_distance = (
+        jax.jit(lambda s: weight_distance(s.params, s.params0)).lower(state_shapes).compile()
+    )
     eval_step = make_eval_step(model)
     p_eval_pass = {
-        name: jax.jit(steps.make_eval_pass(eval_step, f.batch)) for name, f in eval_feeds.items()
+        name: jax.jit(steps.make_eval_pass(eval_step, f.batch))
+        .lower(state_shapes, f.arrays, f.xs)
+        .compile()
+        for name, f in eval_feeds.items()
     }
     p_eval_batch = jax.jit(
         lambda state, sums, batch: jax.tree.map(jnp.add, sums, eval_step(state, batch)),
@@ -420,8 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def chunk_length(step, seconds_per_step):
         """Steps of the next dispatch: at most K, and none past the next boundary."""
         limit = min(loop_steps, total_steps - step)
-        if timed_loops and seconds_per_step:
-            limit = min(limit, max(1, int(LOOP_SECONDS / seconds_per_step)))
+        if timed_loops:  # One step until a dispatch has been timed.
+            limit = min(limit, max(1, int(LOOP_SECONDS / (seconds_per_step or LOOP_SECONDS))))
         for n in range(1, limit):
             if is_log_step(step + n) or is_eval_step(step + n) or is_checkpoint_step(step + n):
                 return n
@@ -529,8 +542,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # -- Dispatch n steps: up to K, none past the next log, eval or checkpoint.
             n = chunk_length(step, seconds_per_step)
             xs = train_feed.next_chunk(n, loop_steps)
-            if n == loop_steps:
-                state, acc, done = p_train_loop(state, acc, train_feed.arrays, xs)
+            if n == loop_steps and p_train_all is not None:
+                state, acc, done = p_train_all(state, acc, train_feed.arrays, xs)
             else:
                 state, acc, done = p_train_first(state, acc, train_feed.arrays, xs, np.int32(n))
             dispatched_at = time.time()
@@ -596,6 +609,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _write_json(os.path.join(workdir, "summary.json"), summary)
         print("summary:", json.dumps({k: v for k, v in summary.items() if k != "config"}))
     return summary
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying shardings, to lower a program before its inputs exist."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
 
 
 def _device_resident(

@@ -167,6 +167,20 @@ class TrainFeed:
         chunk["label"] = jax.make_array_from_process_local_data(self._rows, labels, (length, batch))
         return chunk
 
+    def chunk_shapes(self, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes, dtypes and shardings of ``next_chunk(n, length)``, to compile ahead."""
+        it = self.iterator
+        batch = it.global_batch_size
+        shapes = {"step": jax.ShapeDtypeStruct((length,), np.int32, sharding=self._replicated)}
+        if self.resident:
+            shapes["index"] = jax.ShapeDtypeStruct((length, batch), np.int32, sharding=self._rows)
+        else:
+            shapes["image"] = jax.ShapeDtypeStruct(
+                (length, batch, *it.image_shape), np.uint8, sharding=self._rows
+            )
+            shapes["label"] = jax.ShapeDtypeStruct((length, batch), np.int32, sharding=self._rows)
+        return shapes
+
     def batch(self, arrays: dict[str, jax.Array], x: dict[str, jax.Array]) -> dict:
         """One step's batch from its row of a chunk (traced inside the loop).
 
