@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from gbn_jax.models.norm import example_mask
+
 # XLA:CPU compiler options of the train step (``config.xla_cpu_fast_options``, on by
 # default; other backends ignore it), each from a profile of the step on the 2-core AMD
 # EPYC of experiments/results:
@@ -167,30 +169,42 @@ def make_train_step(
     Returns:
       ``train_step(state, batch, rng) -> (state, metrics)`` with metrics ``loss``
       (mean cross-entropy), ``accuracy``, ``grad_norm`` (global L2 norm before
-      clipping) and ``learning_rate`` (the rate of this update), float32 scalars.
+      clipping) and ``learning_rate`` (the rate of this update), float32 scalars. A
+      batch with a ``"mask"`` (the padded partial batch of an epoch) averages the loss
+      over its real examples and leaves the padding out of every normalization
+      layer's statistics (``models.norm.example_mask``).
 
     References:
       Hoffer, Hubara & Soudry (2017), section 5 (SGD with momentum and clipping).
     """
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+        mask = batch.get("mask")
+
+        def mean(values):
+            if mask is None:
+                return jnp.mean(values)
+            weights = mask.astype(jnp.float32)
+            return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
         def loss_fn(params):
-            logits, new_vars = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                batch["image"],
-                train=True,
-                rngs={"dropout": rng},
-                mutable=["batch_stats"],
-            )
+            with example_mask(mask):
+                logits, new_vars = model.apply(
+                    {"params": params, "batch_stats": state.batch_stats},
+                    batch["image"],
+                    train=True,
+                    rngs={"dropout": rng},
+                    mutable=["batch_stats"],
+                )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-            return loss.mean(), (logits, new_vars)
+            return mean(loss), (logits, new_vars)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (logits, new_vars)), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics = {
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
+            "accuracy": mean(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
         }

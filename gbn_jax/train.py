@@ -171,6 +171,18 @@ def validate_config(
                 f"batch={_round_up(batch, ghost * device_count)} (a multiple of "
                 f"ghost x devices = {ghost * device_count})."
             )
+    validation_size = config.get("validation_size", 0)
+    if (
+        isinstance(validation_size, bool)
+        or not isinstance(validation_size, int)
+        or (validation_size < 0)
+    ):
+        raise ValueError(
+            f"validation_size={validation_size!r} must be an integer >= 0 (0: no split held "
+            f"out; e.g. validation=10000 in the config argument)."
+        )
+    if config.get("augment", "default") not in input_pipeline.AUGMENTS:
+        raise ValueError(f"augment={config.augment!r}; use one of {input_pipeline.AUGMENTS}.")
     if config.log_schedule not in LOG_SCHEDULES:
         raise ValueError(f"log_schedule={config.log_schedule!r}; use one of {LOG_SCHEDULES}.")
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
@@ -274,7 +286,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- Data: on the devices when the splits fit, else streamed from the host. --------
     info = input_pipeline.get_dataset_info(config.dataset, config.data_dir)
-    regime = regimes.resolve(config, info.num_train)
+    # Optional protocol switches (configs/: protocol=authors): the authors' input,
+    # a validation split held out of the training set, the partial last batch kept.
+    augment = config.get("augment", "default")
+    validation_size = config.get("validation_size", 0) or 0
+    keep_last_batch = bool(config.get("keep_last_batch", False))
+    regime = regimes.resolve(config, info.num_train - validation_size)
     total_steps = regime.total_steps
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -293,22 +310,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _write_json(os.path.join(workdir, "config.json"), _config_to_dict(config))
         _write_json(os.path.join(workdir, "regime.json"), regime.to_dict())
         print("regime:", json.dumps(regime.to_dict(), indent=2), flush=True)
+    # A partial batch is spread over the ghost batches as the authors' torch.chunk does.
+    ghost = config.model.ghost_batch_size if config.model.norm == "ghost" else None
     train_iter = input_pipeline.create_train_iterator(
         config.dataset,
         global_batch_size=config.batch_size,
         seed=config.seed,
         sharding=batch_sharding,
         data_dir=config.data_dir,
+        augment=augment,
+        validation_size=validation_size,
+        keep_last_batch=keep_last_batch,
+        batch_groups=config.batch_size // ghost if ghost else 1,
     )
-    # Evaluation splits by the prefix of their metrics ("eval_accuracy", ...).
+    # Metrics prefix -> split: "eval" is the test split; "val" the held-out validation.
     eval_iters = {
         "eval": input_pipeline.create_eval_iterator(
             config.dataset,
             global_batch_size=eval_batch_size,
             sharding=batch_sharding,
             data_dir=config.data_dir,
+            augment=augment,
         )
     }
+    if validation_size:
+        eval_iters["val"] = input_pipeline.create_eval_iterator(
+            config.dataset,
+            global_batch_size=eval_batch_size,
+            sharding=batch_sharding,
+            data_dir=config.data_dir,
+            split=input_pipeline.HOLDOUT_SPLIT,
+            augment=augment,
+            validation_size=validation_size,
+        )
     resident = _device_resident(config, train_iter, list(eval_iters.values()))
     train_feed = feed.TrainFeed(train_iter, mesh, resident=resident)
     eval_feeds = {name: feed.EvalFeed(it, mesh) for name, it in eval_iters.items() if resident}
@@ -645,12 +679,21 @@ def _summarize(
     records = _read_metrics(metrics_path) if jax.process_index() == 0 else []
     evals = [r for r in records if "eval_accuracy" in r]
     rates = [r["examples_per_sec"] for r in records if "examples_per_sec" in r]
+    # "best" on the test split is the authors' best_prec1 (selected on the test set);
+    # with a validation split, the honest pick is the test accuracy at the best val step.
     best = max(evals, key=lambda r: r["eval_accuracy"], default=None)
+    vals = [r for r in evals if "val_accuracy" in r]
+    best_val = max(vals, key=lambda r: r["val_accuracy"], default=None)
     return {
         "final_eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "best_eval_accuracy": best["eval_accuracy"] if best else None,
         "best_eval_step": best["step"] if best else None,
+        "final_val_accuracy": vals[-1]["val_accuracy"] if vals else None,
+        "final_val_loss": vals[-1]["val_loss"] if vals else None,
+        "best_val_accuracy": best_val["val_accuracy"] if best_val else None,
+        "best_val_step": best_val["step"] if best_val else None,
+        "eval_accuracy_at_best_val": best_val["eval_accuracy"] if best_val else None,
         "final_train_loss": _last(records, "train_loss"),
         "final_weight_distance": _last(records, "weight_distance"),
         "steps": total_steps,

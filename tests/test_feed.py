@@ -86,6 +86,33 @@ def test_fashion_mnist_resume_position_moves_the_feed(mesh):
     assert train_feed.arrays["image"].dtype == np.uint8
 
 
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "streamed"])
+def test_authors_protocol_chunks_equal_iterator_batches(mesh, resident):
+    """The authors' input (pad 2, crop 28, flip), a held-out validation split and the
+    partial last batch kept (masked, laid out as torch.chunk over 3 ghost batches)."""
+    kwargs = dict(
+        global_batch_size=96,
+        seed=5,
+        sharding=NamedSharding(mesh, PartitionSpec("data")),
+        augment="authors",
+        validation_size=59_000,
+        keep_last_batch=True,
+        batch_groups=3,
+    )
+    reference = ip.create_train_iterator("fashion_mnist", **kwargs)
+    assert reference.steps_per_epoch == 11  # 1,000 = 10 x 96 + 40
+    expected = [next(reference) for _ in range(13)]
+    train_feed = feed.TrainFeed(
+        ip.create_train_iterator("fashion_mnist", **kwargs), mesh, resident=resident
+    )
+    got = chunk_batches(train_feed, 6, length=6) + chunk_batches(train_feed, 6, length=6)
+    got += chunk_batches(train_feed, 1, length=6)
+    assert_same(got, expected)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a["mask"], np.asarray(b["mask"]))
+    assert got[10]["mask"].sum() == 40 and got[9]["mask"].all()
+
+
 def test_eval_pass_equals_eval_iterator(cifar_dir, mesh):
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     ev = ip.create_eval_iterator(

@@ -18,6 +18,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
@@ -459,3 +460,84 @@ def test_nan_loss_exits_nonzero_and_keeps_last_good_checkpoint(tmp_path):
     assert not any(
         d.isdigit() and int(d) > 4 for d in os.listdir(os.path.join(workdir, "checkpoints"))
     )
+
+
+# ------------------------------------------------------------ the authors' protocol
+
+
+@pytest.mark.parametrize("norm", ["batch", "ghost"])
+def test_padded_partial_batch_steps_like_the_compact_batch(norm):
+    """A partial batch padded to 256 rows with a mask trains like the 200 real rows.
+
+    With ghost norm (ghost 32: 8 groups) the 200 rows sit as 8 chunks of 25 (torch.chunk
+    in the authors' main_gbn.py), so the reference is the compact batch with ghost 25.
+    """
+    from gbn_jax import models
+    from gbn_jax.data import iterators
+
+    rng = np.random.default_rng(6)
+    n, batch, ghost = 200, 256, 32
+    images = rng.normal(size=(n, 28, 28, 1)).astype(np.float32)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    slots = iterators.partial_batch_slots(
+        np.arange(n), batch, batch // ghost if norm == "ghost" else 1
+    )
+    real = slots >= 0
+    padded = {
+        "image": np.where(real[:, None, None, None], images[np.maximum(slots, 0)], 0.0),
+        "label": np.where(real, labels[np.maximum(slots, 0)], 0).astype(np.int32),
+        "mask": real,
+    }
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    def one_step(ghost_size, batch_):
+        model = models.get_model(
+            "f1", num_classes=10, norm=norm, ghost_batch_size=ghost_size, width=32
+        )
+        state = train.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+        step = jax.jit(train.make_train_step(model, tx, lambda s: 0.1))
+        return step(state, batch_, jax.random.key(1))
+
+    got_state, got = one_step(ghost, padded)
+    want_state, want = one_step(
+        n // 8 if norm == "ghost" else ghost, {"image": images, "label": labels}
+    )
+    for key in ("loss", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-5)
+    for a, b in zip(
+        jax.tree.leaves((got_state.params, got_state.batch_stats)),
+        jax.tree.leaves((want_state.params, want_state.batch_stats)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+def test_authors_protocol_end_to_end_with_validation_split(tmp_path, devices):
+    """protocol=authors through the trainer: 1,000 training images at batch 512 give
+    2 steps per epoch, the second a partial batch of 488 (8 ghost chunks of 61)."""
+    workdir = str(tmp_path / "authors")
+    config = load_config(
+        F1_CONFIG,
+        "lb_lr_gbn,protocol=authors,batch=512,ghost=64,validation=59000,epochs_scale=0.06",
+        {"eval_batch_size": 2000},
+    )
+    summary = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "regime.json")) as f:
+        regime = json.load(f)
+    assert regime["steps_per_epoch"] == 2 and regime["total_steps"] == 6
+    assert regime["momentum_reset"] and regime["keep_last_batch"]
+    # main_gbn.py scales against the ghost size.
+    assert math.isclose(regime["lr_boundaries"][0][1], 0.1 * math.sqrt(512 / 64))
+    records = read_metrics(workdir)
+    evals = [r for r in records if "val_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(np.isfinite(r["val_loss"]) and np.isfinite(r["eval_loss"]) for r in evals)
+    best_val = max(evals, key=lambda r: r["val_accuracy"])
+    assert summary["best_val_accuracy"] == best_val["val_accuracy"]
+    assert summary["eval_accuracy_at_best_val"] == best_val["eval_accuracy"]
+    assert summary["best_eval_accuracy"] == max(r["eval_accuracy"] for r in evals)
+    assert summary["final_eval_accuracy"] == evals[-1]["eval_accuracy"]
+    _, state = final_state(workdir)
+    scales = [v for k, v in state.items() if "scale" in k and "params0" in k]
+    # gamma ~ U[0, 1) at step 0 (the checkpoint keeps the step-0 parameters).
+    assert len(scales) == 5 and all(np.all((s >= 0) & (s < 1)) for s in scales)

@@ -119,6 +119,8 @@ class TrainFeed:
         self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         self._rows = NamedSharding(mesh, PartitionSpec(None, "data"))
         self._seed = np.uint32(iterator.seed)
+        # A kept partial batch: the steps' rows carry a mask (False on padding slots).
+        self._masked = bool(getattr(iterator, "keep_last_batch", False))
         batch = iterator.global_batch_size
         if resident:
             images, labels = iterator.host_arrays
@@ -141,7 +143,8 @@ class TrainFeed:
 
         Returns:
           {"step": int32 (length,), and "index": int32 (length, B) (resident) or
-          "image": uint8 (length, B, H, W, C) and "label": int32 (length, B) (streamed)}.
+          "image": uint8 (length, B, H, W, C) and "label": int32 (length, B) (streamed),
+          and "mask": bool (length, B) when the iterator keeps the last partial batch}.
         """
         if not 1 <= num_steps <= length:
             raise ValueError(f"need 1 <= {num_steps=} <= {length=}")
@@ -149,22 +152,29 @@ class TrainFeed:
         steps = np.zeros((length,), np.int32)
         steps[:num_steps] = np.arange(it.step, it.step + num_steps)
         chunk = {"step": host_to_global(steps, self._replicated)}
+        batch = it.global_batch_size
         if self.resident:
-            index = np.zeros((length, it.global_batch_size), np.int32)
+            index = np.zeros((length, batch), np.int32)
             for row in range(num_steps):
                 index[row] = it.next_global_indices()
+            if self._masked:  # -1 marks a padding slot: gather row 0, mask it out.
+                chunk["mask"] = host_to_global(index >= 0, self._rows)
+                index = np.maximum(index, 0)
             chunk["index"] = host_to_global(index, self._rows)
             return chunk
-        local = it.global_batch_size // it.process_count
+        local = batch // it.process_count
         images = np.zeros((length, local, *it.image_shape), np.uint8)
         labels = np.zeros((length, local), np.int32)
+        mask = np.zeros((length, local), bool)
         for row in range(num_steps):
-            images[row], labels[row] = it.next_local_batch()
-        batch = it.global_batch_size
+            images[row], labels[row], row_mask = it.next_local_batch()
+            mask[row] = True if row_mask is None else row_mask
         chunk["image"] = jax.make_array_from_process_local_data(
             self._rows, images, (length, batch, *it.image_shape)
         )
-        chunk["label"] = jax.make_array_from_process_local_data(self._rows, labels, (length, batch))
+        local_rows = {"label": labels, "mask": mask} if self._masked else {"label": labels}
+        for key, rows in local_rows.items():
+            chunk[key] = jax.make_array_from_process_local_data(self._rows, rows, (length, batch))
         return chunk
 
     def chunk_shapes(self, length: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -179,6 +189,8 @@ class TrainFeed:
                 (length, batch, *it.image_shape), np.uint8, sharding=self._rows
             )
             shapes["label"] = jax.ShapeDtypeStruct((length, batch), np.int32, sharding=self._rows)
+        if self._masked:
+            shapes["mask"] = jax.ShapeDtypeStruct((length, batch), np.bool_, sharding=self._rows)
         return shapes
 
     def batch(self, arrays: dict[str, jax.Array], x: dict[str, jax.Array]) -> dict:
@@ -189,12 +201,17 @@ class TrainFeed:
           x: one row of `next_chunk` (leading axis removed).
 
         Returns:
-          {"image": float32 (B, H, W, C), "label": int32 (B,)}, sharded over "data".
+          {"image": float32 (B, H, W, C), "label": int32 (B,)}, sharded over "data",
+          and "mask" (False on padding, whose image is zeros and label 0) when the
+          iterator keeps the last partial batch.
         """
         if self.resident:
             # Replicated operand, sharded indices: each device gathers its own rows.
             images = arrays["image"][x["index"]]
             labels = arrays["label"][x["index"]]
+            if self._masked:
+                images = jnp.where(x["mask"][:, None, None, None], images, 0)
+                labels = jnp.where(x["mask"], labels, 0)
         else:
             images, labels = x["image"], x["label"]
         images = jax.lax.with_sharding_constraint(images, self._batch_sharding)
@@ -207,8 +224,13 @@ class TrainFeed:
             mean=spec.mean,
             std=spec.std,
             total_rows=self.iterator.global_batch_size,
+            pad=spec.pad,
+            fill=spec.fill,
         )
-        return {"image": image, "label": labels}
+        batch = {"image": image, "label": labels}
+        if self._masked:
+            batch["mask"] = x["mask"]
+        return batch
 
 
 class EvalFeed:
