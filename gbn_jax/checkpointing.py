@@ -21,8 +21,10 @@ deletes the leftovers of a write cut short when the manager opens, and
 ``latest_step`` never sees them.
 
 Preemption: `PreemptionWatch` says when to save and stop: on SIGTERM (what Cloud TPU,
-GCE and Kubernetes send before they take a machine back), at the same point of the run
-on every process.
+GCE and Kubernetes send before they take a machine back), at the same step on every
+process. It is the only caller of JAX's preemption sync point: the manager's own calls
+(orbax asks it at every save, with the checkpoint's step, also from its background
+thread) are turned off, since the protocol needs one caller that counts every step.
 
 References:
   Hoffer, Hubara & Soudry (2017), section 5 (long "train longer" runs must survive
@@ -52,7 +54,7 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     References:
       Hoffer, Hubara & Soudry (2017), section 5.
     """
-    return ocp.CheckpointManager(
+    return _CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -61,6 +63,14 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
             create=True,
         ),
     )
+
+
+class _CheckpointManager(ocp.CheckpointManager):
+    """Orbax's manager without its own calls to the preemption sync point."""
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
 
 
 def save(
@@ -139,19 +149,15 @@ def restore_latest(
 
 
 class PreemptionWatch:
-    """Tells the training loop when to save a checkpoint and stop: after a SIGTERM.
+    """Tells the training loop where to save a checkpoint and stop: after a SIGTERM.
 
     One process: a SIGTERM handler sets a flag (installed by the constructor from the
-    main thread, the previous handler put back by ``close``). Several processes: JAX's
-    preemption service (started by ``jax.distributed.initialize``) catches the SIGTERM
-    of any process and agrees with the others on a sync point, so every process sees
-    ``reached`` turn True at the same call and saves the same step
-    (``multihost_utils.reached_preemption_sync_point``; orbax's
-    ``CheckpointManager.reached_preemption`` is the same call).
-
-    Usage: call ``reached(i)`` once per dispatch, with i = 0, 1, 2, ... counted alike on
-    every process (the sync point is "one more than the largest i seen when the notice
-    came", so the calls must not skip numbers).
+    main thread; ``close`` puts the previous handler back), and the run stops at the
+    step it has reached. Several processes: JAX's preemption service (started by
+    ``jax.distributed.initialize``) catches the SIGTERM of any process and has them
+    agree on a step, one past the furthest any of them had announced
+    (``multihost_utils.reached_preemption_sync_point``, which must be called with every
+    step in order); every process runs up to that step and saves it.
     """
 
     def __init__(self):
@@ -165,18 +171,27 @@ class PreemptionWatch:
         del signum, frame
         self._notice.set()
 
-    def reached(self, sync_index: int) -> bool:
-        """Whether to save and stop now (the same answer on every process).
+    def stop_step(self, step: int, num_steps: int) -> int | None:
+        """Before running steps step+1, ..., step+num_steps: where to stop, if anywhere.
 
         Args:
-          sync_index: the number of earlier calls in this process.
+          step: the step the run has reached.
+          num_steps: the steps about to be dispatched.
+
+        Returns:
+          None to go on; else the step to save and stop at: ``step`` itself on one
+          process, and on several the first of the coming steps that the processes
+          agreed on (the same on every process). Call it before every dispatch.
         """
         if not self._multi_process:
-            return self._notice.is_set()
-        try:
-            return multihost_utils.reached_preemption_sync_point(sync_index)
-        except RuntimeError:  # The preemption service is turned off.
-            return False
+            return step if self._notice.is_set() else None
+        for candidate in range(step + 1, step + num_steps + 1):
+            try:
+                if multihost_utils.reached_preemption_sync_point(candidate):
+                    return candidate
+            except RuntimeError:  # The preemption service is turned off.
+                return None
+        return None
 
     def close(self) -> None:
         """Puts the previous SIGTERM handler back."""

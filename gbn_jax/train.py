@@ -561,20 +561,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return time.time()
 
     preemption = checkpointing.PreemptionWatch()
-    step, dispatches, preempted = start_step, 0, False
+    step, preempted = start_step, False
     pending = None  # a boundary's record, started on the devices, written one dispatch later
     previous = None  # (step marker, steps, dispatch time) of the dispatch before
     seconds_per_step, last_done_at = None, time.time()
     try:
         while step < total_steps:
-            # -- Preemption notice (SIGTERM): stop here, at the same step on every process.
-            if preemption.reached(dispatches):
+            # -- Dispatch n steps: up to K, none past the next log, eval or checkpoint,
+            # nor past the step a preemption notice (SIGTERM) stops at.
+            n = chunk_length(step, seconds_per_step)
+            stop = preemption.stop_step(step, n)
+            if stop == step:
                 preempted = True
                 break
-            dispatches += 1
-
-            # -- Dispatch n steps: up to K, none past the next log, eval or checkpoint.
-            n = chunk_length(step, seconds_per_step)
+            if stop is not None:
+                n, preempted = stop - step, True
             xs = train_feed.next_chunk(n, loop_steps)
             if n == loop_steps and p_train_all is not None:
                 state, acc, done = p_train_all(state, acc, train_feed.arrays, xs)
@@ -613,6 +614,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 save_checkpoint(step, state, acc)
                 saved_step = step
                 rate.pause(paused_at, time.time())
+            if preempted:
+                break
 
         # -- After the loop: the last record, and the checkpoint of a preemption.
         done_at = wait(state.step)
