@@ -11,17 +11,24 @@ For each case (a config of ``configs/`` at its default values, plus ``max_steps`
   --config.max_steps=<steps>``, in a subprocess, fresh workdir; its examples/s is the
   median of its logged intervals after the first (which holds the compilation), as its
   summary.json reports it: evaluation and checkpoint saves are left out, everything
-  else the loop does (data, dispatch, logging) is in. Also reported: the loop's whole
-  wall time per example from the second logged interval to the end (evaluations in).
+  else the loop does (data, dispatch, logging) is in.
 * ``baseline`` (``--baseline ROOT``): the same command run from another checkout, e.g.
   the commit before issue 12, for a before/after in the same conditions.
+* ``loop``: the trainer's own loop program (``steps.make_train_loop`` over the case's
+  device-resident data, ``steps.compile_train_loop``), in this process, dispatched as
+  the trainer dispatches it: up to K steps a dispatch (``train.steps_per_loop``, kept to
+  ``train.LOOP_SECONDS``), each dispatch's rows from ``TrainFeed.next_chunk``, the host
+  one dispatch ahead. What it leaves out of the trainer: logs, evaluation, checkpoints.
 
-Rounds interleave the variants (step, trainer[, baseline], step again); a round's ratio
-is the trainer's rate over the mean of the two step rates around it. Reported: median,
-min and max of the per-round ratios, and the load average.
+CLI rounds interleave the variants (step, trainer[, baseline], step again); a round's
+ratio is the trainer's rate over the mean of the two step rates around it. Paired rounds
+(``--paired-rounds``) alternate step and loop every few seconds, in either order; the
+machine's load, shared with other jobs, then hits both alike, where a CLI run lasts
+long enough for the load to change under it. Reported: median and range of per-round
+ratios, and the load average.
 
-Usage (CPU, the README table; a case is ``name=config[:arg]``):
-  .venv/bin/python experiments/bench_trainer.py --rounds 3
+Usage (CPU, the README table):
+  .venv/bin/python experiments/bench_trainer.py --rounds 3 --paired-rounds 12
 GPU (the device tool; experiments/run_gpu_trainer.sh runs it and the F1 table):
   python experiments/bench_trainer.py --platform gpu --cases f1_b128,f1_b4096
   python experiments/bench_trainer.py --table-walls <dir of the table's summaries>
@@ -44,6 +51,8 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
@@ -64,7 +73,10 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case")
+    p.add_argument("--rounds", type=int, default=3, help="CLI rounds per case (0: none)")
+    p.add_argument(
+        "--paired-rounds", type=int, default=12, help="step/loop rounds per case (0: none)"
+    )
     p.add_argument("--steps", type=int, default=None, help="override the trainer's steps")
     p.add_argument("--step-seconds", type=float, default=8.0, help="isolated-step timing")
     p.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
@@ -130,6 +142,96 @@ class IsolatedStep:
         return n * self.batch_size / elapsed
 
 
+class TrainerLoop:
+    """The trainer's loop program alone; ``rate(seconds)`` dispatches it as the trainer."""
+
+    def __init__(self, config: Any):
+        import jax
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from gbn_jax import input_pipeline, models, regimes, steps, train
+        from gbn_jax.data import feed
+
+        self._jax, self._loop_seconds = jax, train.LOOP_SECONDS
+        mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+        replicated = NamedSharding(mesh, P())
+        info = input_pipeline.get_dataset_info(config.dataset, config.get("data_dir"))
+        regime = regimes.resolve(config, info.num_train)
+        model = models.get_model(
+            config.model.name,
+            num_classes=info.num_classes,
+            **{k: v for k, v in config.model.to_dict().items() if k != "name"},
+        )
+        tx = regime.optimizer()
+        iterator = input_pipeline.create_train_iterator(
+            config.dataset,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            sharding=NamedSharding(mesh, P("data")),
+            data_dir=config.get("data_dir"),
+        )
+        self.feed = feed.TrainFeed(iterator, mesh, resident=True)
+        init = jax.jit(
+            lambda rng: steps.create_train_state(rng, model, tx, tuple(info.image_shape)),
+            out_shardings=replicated,
+        )
+        self.state = init(jax.random.key(0))
+        self.acc = jax.jit(steps.zero_metrics, out_shardings=replicated)()
+        eval_every = config.eval_every_steps or max(
+            1, round(config.eval_every_epochs * regime.steps_per_epoch)
+        )
+        self.k = train.steps_per_loop(config, eval_every=eval_every, total_steps=regime.total_steps)
+        loop = steps.make_train_loop(
+            steps.make_train_step(model, tx, regime.learning_rate),
+            self.feed.batch,
+            jax.random.key(1),
+        )
+        shapes = jax.eval_shape(lambda: (self.state, self.acc))
+        shapes = jax.tree.map(
+            lambda s, a: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=a.sharding),
+            shapes,
+            (self.state, self.acc),
+        )
+        self.first, self.every = steps.compile_train_loop(
+            loop,
+            *shapes,
+            self.feed.arrays,
+            self.feed.chunk_shapes(self.k),
+            compiler_options=steps.compiler_options(config),
+            scan=jax.default_backend() != "cpu",
+        )
+        self.batch_size = config.batch_size
+        self.per_step = self._loop_seconds  # one step a dispatch until timed
+        self.per_step = self._time(2) / 2
+
+    def _time(self, num_steps: int) -> float:
+        start = time.perf_counter()
+        previous, done_steps = None, 0
+        while done_steps < num_steps:
+            # As train.py: K steps a dispatch, kept to LOOP_SECONDS; wait one behind.
+            n = max(1, int(self._loop_seconds / self.per_step))
+            n = min(self.k, num_steps - done_steps, n)
+            xs = self.feed.next_chunk(n, self.k)
+            if n == self.k and self.every is not None:
+                self.state, self.acc, done = self.every(self.state, self.acc, self.feed.arrays, xs)
+            else:
+                self.state, self.acc, done = self.first(
+                    self.state, self.acc, self.feed.arrays, xs, np.int32(n)
+                )
+            if previous is not None:
+                self._jax.block_until_ready(previous)
+            previous, done_steps = done, done_steps + n
+        self._jax.block_until_ready(previous)
+        return time.perf_counter() - start
+
+    def rate(self, seconds: float) -> float:
+        n = max(3, round(seconds / self.per_step))
+        elapsed = self._time(n)
+        self.per_step = elapsed / n
+        return n * self.batch_size / elapsed
+
+
 def run_trainer(
     root: str, spec: str, steps: int, overrides: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -176,6 +278,8 @@ def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.data_dir:
         config.data_dir = args.data_dir
     step = IsolatedStep(config)
+    out = {"case": name, "config": spec, "overrides": overrides, "steps": steps}
+    out["batch_size"] = config.batch_size
     rounds = []
     for r in range(args.rounds):
         row: dict[str, Any] = {"load_before": os.getloadavg()}
@@ -189,7 +293,7 @@ def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for variant in ("trainer", "baseline"):
             if variant in row:
                 row[f"{variant}_ratio"] = (
-                    row[variant]["examples_per_sec"] / (row["step_examples_per_sec"])
+                    row[variant]["examples_per_sec"] / row["step_examples_per_sec"]
                 )
         row["load_after"] = os.getloadavg()
         rounds.append(row)
@@ -205,18 +309,46 @@ def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
             + f"; load {row['load_after'][0]:.1f}",
             flush=True,
         )
-    out = {"case": name, "config": spec, "overrides": overrides, "steps": steps}
-    out["batch_size"] = config.batch_size
     out["rounds"] = rounds
     for variant in ("trainer", "baseline"):
         ratios = [r[f"{variant}_ratio"] for r in rounds if f"{variant}_ratio" in r]
         if ratios:
-            out[f"{variant}_ratio"] = {
-                "median": statistics.median(ratios),
-                "min": min(ratios),
-                "max": max(ratios),
-            }
+            out[f"{variant}_ratio"] = _spread(ratios)
+            out[f"{variant}_examples_per_sec"] = statistics.median(
+                r[variant]["examples_per_sec"] for r in rounds
+            )
+            out["step_examples_per_sec"] = statistics.median(
+                r["step_examples_per_sec"] for r in rounds
+            )
+    if args.paired_rounds:
+        loop = TrainerLoop(config)
+        paired = []
+        for r in range(args.paired_rounds):
+            if r % 2:
+                loop_rate, step_rate = loop.rate(args.step_seconds), step.rate(args.step_seconds)
+            else:
+                step_rate, loop_rate = step.rate(args.step_seconds), loop.rate(args.step_seconds)
+            paired.append({"step": step_rate, "loop": loop_rate, "load": os.getloadavg()})
+        print(f"{name} paired: loop/step {[round(p['loop'] / p['step'], 3) for p in paired]}")
+        out["paired"] = paired
+        out["steps_per_loop"] = loop.k
+        out["loop_ratio"] = _spread([p["loop"] / p["step"] for p in paired])
+        out["loop_examples_per_sec"] = statistics.median(p["loop"] for p in paired)
+        out["paired_step_examples_per_sec"] = statistics.median(p["step"] for p in paired)
     return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles and range."""
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return {
+        "median": statistics.median(values),
+        "q1": quartiles[0],
+        "q3": quartiles[2],
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
@@ -224,19 +356,26 @@ def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
 
     rows = []
     for rec in records:
-        for variant in ("trainer", "baseline"):
+        label = f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)"
+        for variant, step_key in (
+            ("trainer", "step_examples_per_sec"),
+            ("baseline", "step_examples_per_sec"),
+            ("loop", "paired_step_examples_per_sec"),
+        ):
             if f"{variant}_ratio" not in rec:
                 continue
             ratio = rec[f"{variant}_ratio"]
-            rates = [r[variant]["examples_per_sec"] for r in rec["rounds"]]
-            step_rates = [r["step_examples_per_sec"] for r in rec["rounds"]]
             rows.append(
                 [
-                    f"{rec['case']} ({rec['config'].split(':', 1)[1]})",
-                    variant,
-                    f"{statistics.median(step_rates):.0f}",
-                    f"{statistics.median(rates):.0f}",
+                    label,
+                    {"trainer": "trainer CLI", "baseline": "baseline CLI"}.get(
+                        variant, f"loop, K = {rec.get('steps_per_loop')}"
+                    ),
+                    ratio["n"],
+                    f"{rec[step_key]:.0f}",
+                    f"{rec[f'{variant}_examples_per_sec']:.0f}",
                     f"**{ratio['median']:.3f}**",
+                    f"{ratio['q1']:.3f}-{ratio['q3']:.3f}",
                     f"{ratio['min']:.3f}-{ratio['max']:.3f}",
                 ]
             )
@@ -249,20 +388,24 @@ def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
             f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
             f"{tuple(round(x, 1) for x in env['load_average_end'])}.",
             "",
-            f"Command: `{env['command']}`. {args.rounds} interleaved rounds per case (step, "
-            "trainer CLI, [baseline CLI,] step); ratio = the trainer's examples/s (median of "
-            "its logged intervals, the first dropped; evaluation and checkpoint saves left "
-            "out) over the mean of the two step rates around it; median and range over "
-            "rounds.",
+            f"Command: `{env['command']}`. Ratio: examples/s over the isolated step's "
+            "(`make_train_step` of the same network, optimizer and batch, one fixed device "
+            "batch). CLI rows: the trainer's examples/s (median of its logged intervals, the "
+            "first dropped; evaluation and checkpoint saves left out) over the mean of the "
+            "step's rate measured before and after the run, per round. Loop rows: the "
+            "trainer's loop program dispatched as the trainer does, alternated with the step "
+            f"every {args.step_seconds:g} s. Median, quartiles and range over rounds.",
             "",
             bench_train.markdown_table(
                 [
                     "case",
                     "variant",
+                    "rounds",
                     "step img/s",
-                    "trainer img/s",
+                    "img/s",
                     "ratio (median)",
-                    "ratio (range)",
+                    "quartiles",
+                    "range",
                 ],
                 rows,
             ),

@@ -17,6 +17,7 @@ References:
   Hoffer, Hubara & Soudry (2017): section 3 (||w_t - w_0||), sections 4-5 (the step).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -365,6 +366,47 @@ def make_train_loop(
         return state, acc, state.step
 
     return train_loop
+
+
+def compile_train_loop(
+    train_loop: Callable[..., tuple[TrainState, dict, jax.Array]],
+    state_shapes: Any,
+    acc_shapes: Any,
+    arrays: Any,
+    chunk_shapes: Any,
+    *,
+    compiler_options: dict[str, Any],
+    scan: bool,
+) -> tuple[Callable, Callable | None]:
+    """Compiles a `make_train_loop` program before its inputs exist, state donated.
+
+    Args:
+      train_loop: from `make_train_loop`.
+      state_shapes: the TrainState as ShapeDtypeStructs with shardings (kept on output).
+      acc_shapes: the accumulator likewise.
+      arrays: the arrays handed to every dispatch (``TrainFeed.arrays``).
+      chunk_shapes: ``TrainFeed.chunk_shapes(K)``.
+      compiler_options: XLA options (`compiler_options`).
+      scan: also compile the K-row scan (worth it on accelerators, see the module
+        docstring).
+
+    Returns:
+      ``(first, all)``: ``first(state, acc, arrays, xs, n)`` runs the first n rows
+      (an int32 n), ``all(state, acc, arrays, xs)`` every row (None unless ``scan``).
+    """
+    sharding = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    step_sharding = state_shapes.step.sharding
+    jit = functools.partial(
+        jax.jit,
+        out_shardings=(sharding(state_shapes), sharding(acc_shapes), step_sharding),
+        donate_argnums=(0, 1),
+        compiler_options=compiler_options or None,
+    )
+    args = (state_shapes, acc_shapes, arrays, chunk_shapes)
+    num_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding)
+    first = jit(train_loop).lower(*args, num_steps).compile()
+    every = jit(lambda *a: train_loop(*a)).lower(*args).compile() if scan else None
+    return first, every
 
 
 def make_eval_pass(

@@ -78,6 +78,7 @@ __all__ = [
     "log_spaced_steps",
     "make_eval_step",
     "make_train_step",
+    "steps_per_loop",
     "train_and_evaluate",
     "validate_config",
     "weight_distance",
@@ -191,6 +192,15 @@ def validate_config(
     for name in ("eval_every_steps", "max_steps", "steps_per_loop"):
         if config.get(name) is not None and config[name] <= 0:
             raise ValueError(f"{name}={config[name]} must be positive (or unset).")
+
+
+def steps_per_loop(config: ml_collections.ConfigDict, *, eval_every: int, total_steps: int) -> int:
+    """K, the most steps one dispatch runs: ``config.steps_per_loop``, or (unset) the
+    shortest of the log, eval and checkpoint cadences, so that most dispatches run all
+    K steps (the loop cuts a dispatch at each of those steps)."""
+    return config.get("steps_per_loop") or min(
+        config.log_every_steps, eval_every, config.checkpoint_every_steps, total_steps
+    )
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -346,10 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     resident = _device_resident(config, train_iter, list(eval_iters.values()))
     train_feed = feed.TrainFeed(train_iter, mesh, resident=resident)
     eval_feeds = {name: feed.EvalFeed(it, mesh) for name, it in eval_iters.items() if resident}
-    # K: by default the shortest cadence, so that most dispatches run all K steps.
-    loop_steps = config.get("steps_per_loop") or min(
-        config.log_every_steps, eval_every, config.checkpoint_every_steps, total_steps
-    )
+    loop_steps = steps_per_loop(config, eval_every=eval_every, total_steps=total_steps)
     loop_steps = min(loop_steps, train_feed.max_steps_per_loop or loop_steps)
     # Dispatches kept to ~LOOP_SECONDS; one process only (processes must dispatch alike).
     timed_loops = config.get("steps_per_loop") is None and jax.process_count() == 1
@@ -375,23 +382,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_loop = steps.make_train_loop(
         make_train_step(model, tx, regime.learning_rate), train_feed.batch, dropout_rng
     )
-    jit_train = functools.partial(
-        jax.jit,
-        out_shardings=(state_sharding, acc_sharding, replicated),
-        donate_argnums=(0, 1),
-        compiler_options=compiler_options(config) or None,
-    )
     state_shapes = _with_shardings(abstract_state, state_sharding)
     acc_shapes = _with_shardings(abstract_acc, acc_sharding)
-    loop_args = (state_shapes, acc_shapes, train_feed.arrays, train_feed.chunk_shapes(loop_steps))
-    # The first n rows of a chunk: a fori_loop, one program for every n <= K.
-    num_steps = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
-    p_train_first = jit_train(train_loop).lower(*loop_args, num_steps).compile()
-    # All K rows: a scan, whose static trip count spares an accelerator a host round trip
-    # per step. The CPU has none to spare, so it runs every dispatch in p_train_first.
-    p_train_all = None
-    if jax.default_backend() != "cpu":
-        p_train_all = jit_train(lambda *args: train_loop(*args)).lower(*loop_args).compile()
+    # The first n rows of a chunk (a fori_loop: one program for every n <= K), and all
+    # K rows (a scan, whose static trip count spares an accelerator a host round trip
+    # per step; the CPU has none to spare, so it runs every dispatch in the first).
+    p_train_first, p_train_all = steps.compile_train_loop(
+        train_loop,
+        state_shapes,
+        acc_shapes,
+        train_feed.arrays,
+        train_feed.chunk_shapes(loop_steps),
+        compiler_options=compiler_options(config),
+        scan=jax.default_backend() != "cpu",
+    )
     p_zero_accumulator = jax.jit(steps.zero_metrics, out_shardings=acc_sharding)
     p_weight_distance = (
         jax.jit(lambda s: weight_distance(s.params, s.params0)).lower(state_shapes).compile()
