@@ -106,9 +106,9 @@ class IsolatedStep:
     """The case's step alone, compiled once; ``rate(seconds)`` times it back to back."""
 
     def __init__(self, config: Any):
-        import bench_train
         import jax
 
+        from experiments import bench_train
         from gbn_jax import input_pipeline, models, regimes, steps
 
         info = input_pipeline.get_dataset_info(config.dataset, config.get("data_dir"))
@@ -352,7 +352,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
-    import bench_train
+    from experiments import bench_train
 
     rows = []
     for rec in records:
@@ -423,7 +423,7 @@ def table_walls(run_dir: str, out_stem: str) -> None:
     """Wall time per column of the unscaled F1 table: runs in ``run_dir`` against the
     committed ones (summary.json ``wall_time_sec``: the whole run, start-up and
     compilation included; a column that did not finish has no summary)."""
-    import bench_train
+    from experiments import bench_train
 
     def wall(directory: str, column: str) -> float | None:
         path = os.path.join(directory, f"{column}.json")
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.platform == "cpu":
         steps.keep_host_allocations()  # as the CLI does, before the CPU client starts
-    import bench_train
+    from experiments import bench_train
 
     env = bench_train.environment(args)
     records = [bench_case(name, args) for name in args.cases.split(",") if name]
