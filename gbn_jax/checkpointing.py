@@ -152,12 +152,12 @@ class PreemptionWatch:
     """Tells the training loop where to save a checkpoint and stop: after a SIGTERM.
 
     One process: a SIGTERM handler sets a flag (installed by the constructor from the
-    main thread; ``close`` puts the previous handler back), and the run stops at the
-    step it has reached. Several processes: JAX's preemption service (started by
-    ``jax.distributed.initialize``) catches the SIGTERM of any process and has them
-    agree on a step, one past the furthest any of them had announced
-    (``multihost_utils.reached_preemption_sync_point``, which must be called with every
-    step in order); every process runs up to that step and saves it.
+    main thread; ``close``, or leaving a ``with`` block, puts the previous handler
+    back), and the run stops at the step it has reached. Several processes: JAX's
+    preemption service (started by ``jax.distributed.initialize``) catches the SIGTERM
+    of any process and has them agree on a step, one past the furthest any of them had
+    announced (``multihost_utils.reached_preemption_sync_point``, which must be called
+    with every step in order); every process runs up to that step and saves it.
     """
 
     def __init__(self):
@@ -198,3 +198,9 @@ class PreemptionWatch:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+    def __enter__(self) -> "PreemptionWatch":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

@@ -285,6 +285,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     References:
       Hoffer, Hubara & Soudry (2017), sections 3-5.
     """
+    # Watching for SIGTERM from the start: a notice during compilation stops the run at
+    # its first step with that step saved.
+    with checkpointing.PreemptionWatch() as preemption:
+        return _train_and_evaluate(config, workdir, preemption)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, preemption: checkpointing.PreemptionWatch
+) -> dict:
     start_time = time.time()
     is_main = jax.process_index() == 0
 
@@ -564,7 +573,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.block_until_ready(done)
         return time.time()
 
-    preemption = checkpointing.PreemptionWatch()
     step, preempted = start_step, False
     pending = None  # a boundary's record, started on the devices, written one dispatch later
     previous = None  # (step marker, steps, dispatch time) of the dispatch before
@@ -628,7 +636,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if preempted and saved_step != step:
             save_checkpoint(step, state, acc)
     finally:
-        preemption.close()
         if bar is not None:
             bar.close()
         if writer is not None:
