@@ -270,6 +270,13 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.max_steps = config_dict.placeholder(int)
+    # Steps per dispatch (one jitted lax.scan); unset: the shortest of the log, eval and
+    # checkpoint cadences, each dispatch kept to ~1 s of work on one process. No effect
+    # on the results, bit for bit.
+    config.steps_per_loop = config_dict.placeholder(int)
+    # Hold the uint8 splits on the devices (replicated) and gather batches there; unset:
+    # when they are in host memory and take at most a quarter of a device's memory.
+    config.device_resident_data = config_dict.placeholder(bool)
     # CPU speed-ups, on by default (same training to float32 rounding; False gives
     # XLA's defaults): Eigen dots and convolutions and kept optimization barriers
     # (train.XLA_CPU_FAST_OPTIONS) and, in the CLI, glibc malloc keeping the step's

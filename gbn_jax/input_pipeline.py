@@ -20,6 +20,10 @@ Design (details in gbn_jax/data/):
   function keyed by (seed, global step).
 - ImageNet-sized datasets stream through grain from `tfds.data_source` (array_record),
   with host-side random-resized crops in grain threads, seeded by (seed, epoch, index).
+- The trainer goes one step further for small datasets (gbn_jax/data/feed.py): the
+  uint8 split itself lives on the devices, replicated, and each step gathers its batch
+  there from the permutation rows these iterators compute, inside the jitted loop; the
+  batches are the same bit for bit.
 
 Why in memory + on-device augmentation for small datasets (measured by
 experiments/bench_input.py on this project's 2-core CPU machine; numbers in

@@ -84,6 +84,50 @@ def step_key(seed: int | jax.Array, global_step: int | jax.Array) -> jax.Array:
     return jax.random.fold_in(key, global_step)
 
 
+def transform(
+    images: jax.Array,
+    seed: int | jax.Array,
+    global_step: int | jax.Array,
+    *,
+    augmentation: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    row_offset: int | jax.Array = 0,
+    total_rows: int | None = None,
+    pad: int = CIFAR_PAD,
+    fill: int = 0,
+) -> jax.Array:
+    """Augments (from (seed, global step)) and normalizes uint8 images: pure, traceable.
+
+    The one definition of a training batch's pixels, traced both by
+    `make_device_transform` (one jitted call per batch) and inside the trainer's scanned
+    loop (gbn_jax/data/feed.py), so the two give the same float32 batch bit for bit.
+
+    Args:
+      images: uint8 (n, H, W, C).
+      seed: the data seed (uint32).
+      global_step: the step the batch belongs to.
+      augmentation: "crop_flip" or "none".
+      mean: per-channel mean of [0, 1] pixels.
+      std: per-channel std of [0, 1] pixels.
+      row_offset: row of `images[0]` in the global batch.
+      total_rows: rows of the global batch (default n).
+      pad: padding on each side before the crop ("crop_flip").
+      fill: the padding's pixel value.
+
+    Returns:
+      float32 (n, H, W, C).
+
+    References: paper-notes section 5 (CIFAR: pad 4 + random crop + horizontal flip).
+    """
+    if augmentation == "crop_flip":
+        key = step_key(seed, global_step)
+        images = crop_flip(
+            images, key, row_offset=row_offset, total_rows=total_rows, pad=pad, fill=fill
+        )
+    return normalize(images, mean, std)
+
+
 @functools.lru_cache(maxsize=64)
 def make_device_transform(
     augmentation: str,
@@ -113,15 +157,21 @@ def make_device_transform(
     if augmentation not in ("crop_flip", "none"):
         raise ValueError(f"{augmentation=} is not a device augmentation; use 'crop_flip'/'none'")
 
-    def transform(images, seed, global_step, row_offset):
-        if augmentation == "crop_flip":
-            key = step_key(seed, global_step)
-            images = crop_flip(
-                images, key, row_offset=row_offset, total_rows=total_rows, pad=pad, fill=fill
-            )
-        return normalize(images, mean, std)
+    def batch_transform(images, seed, global_step, row_offset):
+        return transform(
+            images,
+            seed,
+            global_step,
+            augmentation=augmentation,
+            mean=mean,
+            std=std,
+            row_offset=row_offset,
+            total_rows=total_rows,
+            pad=pad,
+            fill=fill,
+        )
 
-    return jax.jit(transform, out_shardings=out_sharding)
+    return jax.jit(batch_transform, out_shardings=out_sharding)
 
 
 def random_resized_crop(

@@ -236,9 +236,11 @@ class TrainIterator:
                 f"{global_batch_size=} is larger than the {num_examples} training examples "
                 f"of {name!r}; use a smaller batch"
             )
-        device_aug = "crop_flip" if spec.augmentation == "crop_flip" else "none"
+        self.spec = spec
+        # What the devices still do to a uint8 batch (host-cropped data: normalize only).
+        self.device_augmentation = "crop_flip" if spec.augmentation == "crop_flip" else "none"
         self._transform = augment.make_device_transform(
-            device_aug,
+            self.device_augmentation,
             spec.mean,
             spec.std,
             total_rows=global_batch_size,
@@ -251,6 +253,11 @@ class TrainIterator:
         self._epoch, self._step_in_epoch = 0, 0
         self._stream = None  # (epoch, next step, grain iterator) on the grain path.
         self._cached_permutation = (-1, None)
+
+    @property
+    def host_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The whole split in host memory (uint8 images, int32 labels); None if streamed."""
+        return None if self._reader is not None else (self._images, self._labels)
 
     # -------------------------------------------------------------- state
 
@@ -297,13 +304,19 @@ class TrainIterator:
             )
         return self._cached_permutation[1]
 
-    def local_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
-        """Training-split indices this process reads for one global batch."""
+    def global_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+        """Training-split indices of one global batch (every process's rows, in order;
+        -1 marks the empty slots of a kept partial batch)."""
         permutation = self._permutation(epoch)
         start = step_in_epoch * self.global_batch_size
         positions = permutation[start : start + self.global_batch_size]
         if self.keep_last_batch:  # -1 marks the empty slots of a partial batch.
             positions = partial_batch_slots(positions, self.global_batch_size, self._batch_groups)
+        return positions
+
+    def local_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+        """Training-split indices this process reads for one global batch."""
+        positions = self.global_indices(epoch, step_in_epoch)
         return process_slice(positions, self.process_index, self.process_count)
 
     def _local_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -332,12 +345,35 @@ class TrainIterator:
         self._stream = (epoch, step + 1, self._stream[2])
         return images, labels, None
 
+    def _advance(self) -> None:
+        self._step_in_epoch += 1
+        if self._step_in_epoch == self.steps_per_epoch:
+            self._epoch, self._step_in_epoch = self._epoch + 1, 0
+
+    def next_global_indices(self) -> np.ndarray:
+        """The next global batch as training-split indices (nothing read); advances.
+
+        The device-resident path of gbn_jax/data/feed.py gathers these rows on the
+        devices, from its copy of the split.
+        """
+        indices = self.global_indices(self._epoch, self._step_in_epoch)
+        self._advance()
+        return indices
+
+    def next_local_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """This process's rows of the next global batch: (uint8 images, int32 labels,
+        mask or None), not augmented or normalized (`augment.transform` of step
+        `self.step` before the call does that); advances."""
+        batch = self._local_batch()
+        self._advance()
+        return batch
+
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        images, labels, mask = self._local_batch()
         global_step = np.int32(self.step)
+        images, labels, mask = self.next_local_batch()
         if self._simulated:
             images, labels = jax.device_put(images), jax.device_put(labels)
             if mask is not None:
@@ -359,9 +395,6 @@ class TrainIterator:
         }
         if mask is not None:  # False on the padding of a partial batch.
             batch["mask"] = mask
-        self._step_in_epoch += 1
-        if self._step_in_epoch == self.steps_per_epoch:
-            self._epoch, self._step_in_epoch = self._epoch + 1, 0
         return batch
 
 
@@ -405,6 +438,7 @@ class EvalIterator:
             source = sources.random_access_source(spec.tfds_name, split, data_dir)
             self._reader = _GrainReader(source, spec.augmentation, 0, False, num_threads)
             self.num_examples, self.image_shape = len(source), self._reader.image_shape
+        self.spec = spec
         self._transform = augment.make_device_transform(
             "none",
             spec.mean,
@@ -412,14 +446,23 @@ class EvalIterator:
             out_sharding=None if simulated else sharding,
         )
 
+    @property
+    def host_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The whole split in host memory (uint8 images, int32 labels); None if streamed."""
+        return None if self._reader is not None else (self._images, self._labels)
+
+    def global_positions(self) -> np.ndarray:
+        """(batches, global batch) split positions of one pass; -1 marks padding."""
+        positions = np.arange(len(self) * self.global_batch_size)
+        positions[positions >= self.num_examples] = -1
+        return positions.reshape(len(self), self.global_batch_size)
+
     def __len__(self) -> int:
         return -(-self.num_examples // self.global_batch_size)
 
     def _local_positions(self) -> np.ndarray:
         """(num_batches, local batch) split positions; -1 marks padding."""
-        positions = np.arange(len(self) * self.global_batch_size)
-        positions[positions >= self.num_examples] = -1
-        per_batch = positions.reshape(len(self), self.process_count, -1)
+        per_batch = self.global_positions().reshape(len(self), self.process_count, -1)
         return per_batch[:, self.process_index]
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
