@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Array, Dtype, Initializer
+from flax.nnx.nn import dtypes
+from flax.typing import Array, Dtype, Initializer, PromoteDtypeFn
 
 from gbn_jax.ghost_norm import _check_config, ghost_batch_norm
 
@@ -22,12 +23,14 @@ from gbn_jax.ghost_norm import _check_config, ghost_batch_norm
 class GhostBatchNorm(nnx.Module):
     """Ghost Batch Normalization following ``flax.nnx.BatchNorm`` conventions.
 
-    The same arguments, state (``scale``, ``bias`` params; ``mean``, ``var`` batch
-    statistics) and ``.train()`` / ``.eval()`` switching as ``nnx.BatchNorm``, plus
-    ``ghost_batch_size`` and ``running_update``; the computation is
-    :func:`gbn_jax.ghost_norm.ghost_batch_norm`, shared with the linen module. Dtypes
-    follow the linen rules (statistics in at least float32, output dtype inferred from
-    the input and parameters unless ``dtype`` is given).
+    Every argument, the state (``scale``, ``bias`` params; ``mean``, ``var`` batch
+    statistics) and ``.train()`` / ``.eval()`` switching of ``nnx.BatchNorm``, plus
+    ``ghost_batch_size``, ``running_update`` and linen's ``force_float32_reductions``;
+    the computation is :func:`gbn_jax.ghost_norm.ghost_batch_norm`, shared with the
+    linen module. As in ``nnx.BatchNorm``, ``promote_dtype`` first casts the input, the
+    statistics and the parameters to a common dtype (``dtype`` if given); statistics are
+    then reduced in at least float32. ``promote_dtype=lambda args, **kw: args`` keeps
+    linen's dtype rules instead.
 
     Example:
 
@@ -62,6 +65,8 @@ class GhostBatchNorm(nnx.Module):
       axis_index_groups: device subgroups for axis_name (only with one ghost batch).
       use_fast_variance: one-pass variance E[x^2] - E[x]^2.
       force_float32_reductions: statistics in at least float32.
+      promote_dtype: casts ``(x, mean, var, scale, bias)`` to a common dtype, called
+        with ``dtype=dtype``; as in ``nnx.BatchNorm``.
       rngs: random number generators for the parameter initializers.
       bias_metadata: metadata for the bias Param.
       scale_metadata: metadata for the scale Param.
@@ -90,6 +95,7 @@ class GhostBatchNorm(nnx.Module):
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
         force_float32_reductions: bool = True,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -128,6 +134,7 @@ class GhostBatchNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.force_float32_reductions = force_float32_reductions
+        self.promote_dtype = promote_dtype
 
     def __call__(
         self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
@@ -150,12 +157,22 @@ class GhostBatchNorm(nnx.Module):
                 "GhostBatchNorm got use_running_average=None: pass it to the constructor "
                 "or the call, or switch modes with .train() / .eval()."
             )
+        x, mean, var, scale, bias = self.promote_dtype(
+            (
+                x,
+                self.mean[...],
+                self.var[...],
+                None if self.scale is None else self.scale[...],
+                None if self.bias is None else self.bias[...],
+            ),
+            dtype=self.dtype,
+        )
         y, new_mean, new_var = ghost_batch_norm(
             x,
-            None if self.scale is None else self.scale[...],
-            None if self.bias is None else self.bias[...],
-            self.mean[...],
-            self.var[...],
+            scale,
+            bias,
+            mean,
+            var,
             use_running_average=use_running_average,
             ghost_batch_size=self.ghost_batch_size,
             running_update=self.running_update,

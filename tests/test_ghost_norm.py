@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gbn_jax import GhostBatchNorm, ghost_batch_norm
@@ -327,6 +327,214 @@ def test_errors_name_the_problem():
 
 
 # --------------------------------------------------------------------------------------
+# Drop-in for nn.BatchNorm: the behaviours Flax's own BatchNorm tests check, and the
+# input layouts where a ghost split is undefined.
+
+
+def np_batch_norm(x, reduce_axes, mask=None):
+    """Closed-form batch norm in float64, complex-aware: (x_hat, mean, biased variance)."""
+    x = np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
+    m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+    count = m.sum(reduce_axes, keepdims=True)
+    mean = np.where(m, x, 0).sum(reduce_axes, keepdims=True) / count
+    var = np.where(m, np.abs(x - mean) ** 2, 0).sum(reduce_axes, keepdims=True) / count
+    return (x - mean) / np.sqrt(var + EPS), mean, var
+
+
+def _random_variables(rng, features, dtype=jnp.float32):
+    """Parameters and running statistics of a BatchNorm with these feature dims."""
+    draw = lambda: jnp.asarray(rng.normal(size=features), dtype)
+    return {
+        "params": {"scale": draw(), "bias": draw()},
+        "batch_stats": {"mean": draw(), "var": jnp.abs(draw()) + 0.5},
+    }
+
+
+@pytest.mark.parametrize("ghost", [None, 8, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_normalized_statistics_and_running_average_in_closed_form(ghost, masked):
+    """Each ghost batch comes out with mean 0 and variance 1 over its unmasked entries
+    and the running statistics follow m * init + (1 - m) * stat; masked entries may
+    hold NaN without spoiling anything."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(8, 3, 2)) * 1.7 - 0.4
+    mask = None
+    if masked:  # per (example, position), shared by the features
+        mask = rng.random((8, 3, 1)) < 0.6
+        mask[::4, 0] = True  # every ghost batch keeps some entries
+        x = np.where(mask, x, np.nan)
+    module = GhostBatchNorm(momentum=0.9, use_running_average=False, ghost_batch_size=ghost)
+    xj = jnp.asarray(x, jnp.float32)
+    y, variables = module.init_with_output(jax.random.key(0), xj, mask=mask)
+    _, updates = module.apply(variables, xj, mutable=["batch_stats"], mask=mask)
+    groups = 1 if ghost is None else 8 // ghost
+    ys, masks = np.asarray(y).reshape(groups, -1, 3, 2), [None] * groups
+    if masked:
+        masks = mask.reshape(groups, -1, 3, 1)
+    ref_mean, ref_var = 0.0, 1.0
+    for xg, yg, mg in zip(x.reshape(groups, -1, 3, 2), ys, masks, strict=True):
+        x_hat, mean, var = np_batch_norm(xg, (0, 1), mg)
+        keep = np.ones(xg.shape, bool) if mg is None else np.broadcast_to(mg, xg.shape)
+        np.testing.assert_allclose(yg[keep], x_hat[keep], rtol=1e-4, atol=1e-4)
+        ref_mean = 0.9 * ref_mean + 0.1 * mean.reshape(2)
+        ref_var = 0.9 * ref_var + 0.1 * var.reshape(2)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], ref_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], ref_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ghost", [None, 4, 2])
+@pytest.mark.parametrize("fast", [True, False])
+def test_complex_inputs_use_abs_squared_and_keep_complex_statistics(ghost, fast):
+    """Variance E|x - mean|^2 (real) and a complex running mean, as flax.linen has."""
+    rng = np.random.default_rng(23)
+    x = (rng.normal(size=(4, 3, 2)) + 1j * rng.normal(size=(4, 3, 2))) * 1.5 + (0.3 - 0.7j)
+    xc = jnp.asarray(x, jnp.complex64)
+    kw = dict(momentum=0.9, use_running_average=False, dtype=jnp.complex64, use_fast_variance=fast)
+    module = GhostBatchNorm(ghost_batch_size=ghost, **kw)
+    variables = module.init(jax.random.key(0), xc)
+    y, updates = module.apply(variables, xc, mutable=["batch_stats"])
+    stats = updates["batch_stats"]
+    assert y.dtype == jnp.complex64 and stats["mean"].dtype == jnp.complex64
+    assert stats["var"].dtype == jnp.float32
+    groups = 1 if ghost is None else 4 // ghost
+    ref_mean, ref_var, ref_y = 0.0, 1.0, []
+    for xg in x.reshape(groups, -1, 3, 2):
+        x_hat, mean, var = np_batch_norm(xg, (0, 1))
+        ref_y.append(x_hat)
+        ref_mean = 0.9 * ref_mean + 0.1 * mean.reshape(2)
+        ref_var = 0.9 * ref_var + 0.1 * var.reshape(2)
+    np.testing.assert_allclose(y, np.concatenate(ref_y), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats["mean"], ref_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["var"], ref_var, rtol=1e-5, atol=1e-5)
+    if ghost is None:
+        bn_y, bn_updates = nn.BatchNorm(**kw).apply(variables, xc, mutable=["batch_stats"])
+        np.testing.assert_allclose(y, bn_y, rtol=1e-5, atol=1e-5)
+        assert_trees_close(updates, bn_updates)
+    y_eval = module.clone(use_running_average=True).apply({**variables, **updates}, xc)
+    np.testing.assert_allclose(
+        y_eval, (x - ref_mean) / np.sqrt(ref_var + EPS), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("shape,axis", [((5,), -1), ((6, 4), 0), ((6, 4, 3), (0, 2))])
+def test_leading_feature_axis_and_1d_inputs_match_batchnorm(shape, axis):
+    """With features on the leading axis there is no batch to split: the statistics
+    reduce every other axis, as in nn.BatchNorm (a 1-D input normalizes to the bias)."""
+    rng = np.random.default_rng(29)
+    x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
+    features = [a % len(shape) for a in (axis if isinstance(axis, tuple) else (axis,))]
+    feature_dims = tuple(shape[a] for a in features)
+    variables = _random_variables(rng, feature_dims)
+    kw = dict(axis=axis, momentum=0.8, use_running_average=False)
+    bn_y, bn_updates = nn.BatchNorm(**kw).apply(variables, x, mutable=["batch_stats"])
+    for ghost in (None, shape[0]):
+        module = GhostBatchNorm(ghost_batch_size=ghost, **kw)
+        y, updates = module.apply(variables, x, mutable=["batch_stats"])
+        np.testing.assert_allclose(y, bn_y, rtol=1e-5, atol=1e-5)
+        assert_trees_close(updates, bn_updates, rtol=1e-6, atol=1e-6)
+    reduce_axes = tuple(a for a in range(len(shape)) if a not in features)
+    x_hat, mean, _ = np_batch_norm(x, reduce_axes)
+    as_x = lambda v: np.expand_dims(np.asarray(v), reduce_axes)
+    p = variables["params"]
+    np.testing.assert_allclose(y, x_hat * as_x(p["scale"]) + as_x(p["bias"]), rtol=1e-4, atol=1e-4)
+    expected_mean = 0.8 * np.asarray(variables["batch_stats"]["mean"]) + 0.2 * mean.squeeze(
+        reduce_axes
+    )
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], expected_mean, rtol=1e-5, atol=1e-5)
+
+
+def test_init_ignores_axis_name_and_repeated_calls_share_variables():
+    """Initializing outside any mapped axis works with axis_name set (as nn.BatchNorm);
+    one module called twice uses one set of variables, and normalizing its own output
+    again changes it only through epsilon."""
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            norm = GhostBatchNorm(use_running_average=False, axis_name="batch", ghost_batch_size=4)
+            return norm(x), norm(norm(x))
+
+    x = jax.random.normal(jax.random.key(1), (8, 3)) * 3 + 1
+    (y1, y2), variables = Twice().init_with_output(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables)["params"] == {
+        "GhostBatchNorm_0": {"bias": (3,), "scale": (3,)}
+    }
+    np.testing.assert_allclose(y1, y2, rtol=5e-3, atol=5e-3)
+
+
+def test_layout_errors_name_the_value_and_the_fix():
+    args = (None, None, jnp.zeros(3), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"1-D input has no batch axis.*ghost_batch_size=None"):
+        ghost_batch_norm(jnp.ones(3), *args, use_running_average=False, ghost_batch_size=2)
+    with pytest.raises(ValueError, match=r"axis=0.*axis=-1"):
+        ghost_batch_norm(
+            jnp.ones((4, 3)), *args, use_running_average=False, ghost_batch_size=2, axis=0
+        )
+    with pytest.raises(ValueError, match=r"Feature axis 2 is out of range.*rank 2"):
+        ghost_batch_norm(jnp.ones((4, 3)), *args, use_running_average=False, axis=2)
+    with pytest.raises(ValueError, match="at least one axis"):
+        GhostBatchNorm(use_running_average=False).init(jax.random.key(0), jnp.ones(()))
+
+
+# --------------------------------------------------------------------------------------
+# Forward-mode differentiation (the backward is JAX's transpose of a custom JVP rule).
+
+
+def jnp_ghost_bn(x, scale, bias, ghost):
+    """Algorithm 1 in plain jnp, features last, differentiated by JAX's own rules."""
+    groups = x.reshape(x.shape[0] // ghost, -1, x.shape[-1])
+    mean = groups.mean(1, keepdims=True)
+    var = jnp.square(groups - mean).mean(1, keepdims=True)
+    return ((groups - mean) / jnp.sqrt(var + EPS) * scale + bias).reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    "ghost,fast,masked",
+    [(None, True, False), (None, False, True), (4, True, False), (4, False, False)],
+)
+def test_forward_mode_jvp_jacfwd_and_hessian_vector_products(ghost, fast, masked):
+    """jvp, jacfwd and forward-over-reverse HVPs agree with nn.BatchNorm (one ghost
+    batch) or with plain-jnp Algorithm 1 (ghost batches), and with reverse mode."""
+    rng = np.random.default_rng(31)
+    x = jnp.asarray(rng.normal(size=(8, 2, 3)) * 2 + 1, jnp.float32)
+    variables = _random_variables(rng, (3,))
+    mask = jnp.asarray(rng.random((8, 2, 1)) < 0.7) if masked else None
+    primals = (x, variables["params"]["scale"], variables["params"]["bias"])
+    tangents = tuple(jnp.asarray(rng.normal(size=p.shape), jnp.float32) for p in primals)
+    kw = dict(use_fast_variance=fast, use_running_average=False)
+
+    def layer(module):
+        def f(x, scale, bias):
+            v = {**variables, "params": {"scale": scale, "bias": bias}}
+            return module.apply(v, x, mutable=["batch_stats"], mask=mask)[0]
+
+        return f
+
+    gbn = layer(GhostBatchNorm(ghost_batch_size=ghost, **kw))
+    if ghost is None:
+        ref = layer(nn.BatchNorm(**kw))
+    else:
+        ref = lambda x, scale, bias: jnp_ghost_bn(x, scale, bias, ghost)
+    y, dy = jax.jvp(gbn, primals, tangents)
+    ref_y, ref_dy = jax.jvp(ref, primals, tangents)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dy, ref_dy, rtol=1e-4, atol=1e-4)
+    for arg in range(3):
+        forward = jax.jacfwd(gbn, arg)(*primals)
+        np.testing.assert_allclose(forward, jax.jacfwd(ref, arg)(*primals), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(forward, jax.jacrev(gbn, arg)(*primals), rtol=1e-4, atol=1e-4)
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    loss = lambda f: lambda *args: jnp.sum(jnp.tanh(f(*args)) * w)
+    hvp = lambda f: jax.jvp(jax.grad(loss(f), (0, 1, 2)), primals, tangents)[1]
+    assert_trees_close(hvp(gbn), hvp(ref), rtol=1e-3, atol=1e-4)
+    # Reverse over reverse: the gradient of <grad L, t> is the same H t.
+    grad_dot_t = lambda *args: sum(
+        jnp.vdot(g, t) for g, t in zip(jax.grad(loss(gbn), (0, 1, 2))(*args), tangents, strict=True)
+    )
+    assert_trees_close(jax.grad(grad_dot_t, (0, 1, 2))(*primals), hvp(gbn), rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
 # Sharded execution: ghost batches need no cross-device communication.
 
 COLLECTIVE = re.compile(
@@ -480,3 +688,56 @@ def test_shard_map_axis_name_equals_global(sharded_setup, ghost):
     np.testing.assert_allclose(got[1], ref[2][1], rtol=1e-4, atol=1e-4)
     assert_trees_close(got[2], ref[2][0], rtol=1e-4, atol=1e-4)
     assert_trees_close(got[3], ref[1])
+
+
+# --------------------------------------------------------------------------------------
+# Explicit-axes sharding (jax.make_mesh(..., axis_types=Explicit) and jax.set_mesh).
+
+
+@pytest.fixture(scope="module")
+def explicit_mesh(devices):
+    return jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,), devices=devices)
+
+
+@pytest.mark.parametrize("ghost", [4, 16, 32, None])  # in a device, one each, 2 each, all
+def test_explicit_sharding_equals_single_device(sharded_setup, explicit_mesh, ghost):
+    _, _, _, variables = sharded_setup
+    rng = np.random.default_rng(19)
+    batch = 128  # 16 examples per device
+    x, dy, tangent = (
+        jnp.asarray(rng.normal(size=(batch, d)) * 2 + 0.5, jnp.float32) for d in (7, 3, 7)
+    )
+    model = TwoLayer(GhostBatchNorm, ghost=ghost)
+    step = _step(model)
+    forward = lambda v, x, t: jax.jvp(
+        lambda x: model.apply(v, x, train=True, mutable=["batch_stats"])[0], (x,), (t,)
+    )[1]
+    single, single_jvp = jax.jit(step)(variables, x, dy), jax.jit(forward)(variables, x, tangent)
+    with jax.set_mesh(explicit_mesh):
+        x_s, dy_s, t_s = (jax.device_put(a, P("data")) for a in (x, dy, tangent))
+        sharded = jax.jit(step)(variables, x_s, dy_s)
+        assert jax.typeof(sharded[0]).sharding.spec[0] == "data"
+        sharded_jvp = jax.jit(forward)(variables, x_s, t_s)
+        hlo = jax.jit(_normalization_only(model)).lower(variables, x_s, dy_s).compile().as_text()
+    assert_trees_close(sharded, single, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sharded_jvp, single_jvp, rtol=1e-5, atol=1e-5)
+    # Only per-ghost-batch sums cross devices, never activations; nothing at all when
+    # every ghost batch is on one device.
+    ops = collectives(hlo)
+    if ghost is not None and ghost <= batch // 8:
+        assert ops == []
+    assert not {batch, batch // 8} & set(_dims(" ".join(shape for _, shape in ops)))
+
+
+def test_explicit_sharding_rejects_ghost_batches_straddling_devices(explicit_mesh):
+    x = jnp.ones((48, 3))  # 6 examples per device
+    with jax.set_mesh(explicit_mesh):
+        x_s = jax.device_put(x, P("data"))
+        with pytest.raises(ValueError, match=r"sharded over 8 devices.*6 examples.*divides 6"):
+            GhostBatchNorm(use_running_average=False, ghost_batch_size=4).init(
+                jax.random.key(0), x_s
+            )
+        for ghost in (3, 12):  # a divisor, and two devices per ghost batch
+            GhostBatchNorm(use_running_average=False, ghost_batch_size=ghost).init(
+                jax.random.key(0), x_s
+            )
