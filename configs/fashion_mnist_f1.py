@@ -10,6 +10,13 @@ goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
 
+The authors' protocol (eladhoffer/bigBatch, see gbn_jax/config_lib.py):
+``:lb_lr_gbn,protocol=authors`` turns on momentum reset every epoch, gamma ~ U[0, 1),
+their input (pad 2, crop 28, flip, mean/std 0.5), the partial last batch, and their
+batch and LR rule per column (AUTHORS_BATCH_SIZES below); each is also a switch of its
+own (momentum_reset=1, bn_scale_init=uniform, augment=authors, keep_last_batch=1,
+lr_rule=authors). ``validation=10000`` holds 10k training images out for selection.
+
 Expected runtime: measured on this project's 2-core CPU machine (shared, single device):
 ~4.5k images/s for F1 at batch 2048-4096. sb, lb, lb_lr, lb_lr_gbn: 50 epochs = 3M
 images, ~11 min each (sb slower per image at batch 128); lb_lr_gbn_ra at batch 4096:
@@ -30,6 +37,10 @@ from gbn_jax import config_lib, regimes
 
 # |B_L|: the large batch of this row in the authors' runs; |B_S| comes from the regime.
 LARGE_BATCH_SIZE = 4096
+# lr_rule=authors: the authors' run_experiments.sh ran the F1 LB and +LR columns with
+# main_normal.py at 2048 (LR x sqrt(2048/256) = 0.283 for +LR) and +GBN with main_gbn.py
+# at 4096, ghost 128 (LR x sqrt(4096/128) = 0.566). It has no F1 +RA run; ours keeps 4096.
+AUTHORS_BATCH_SIZES = {"lb": 2048, "lb_lr": 2048, "lb_lr_gbn": 4096, "lb_lr_gbn_ra": 4096}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -42,4 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Derived from the variant: batch_size (|B_L|, or |B_S| for sb), model.norm,
     # model.ghost_batch_size (= |B_S| = regime.reference_batch_size unless ghost=),
     # regime.lr_scaling, regime_adaptation, warmup_epochs, grad_clip_norm, optimizer.
-    return config_lib.apply_variant(config, variant, options, large_batch_size=LARGE_BATCH_SIZE)
+    return config_lib.apply_variant(
+        config,
+        variant,
+        options,
+        large_batch_size=LARGE_BATCH_SIZE,
+        authors_batch_sizes=AUTHORS_BATCH_SIZES,
+    )

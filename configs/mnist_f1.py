@@ -24,6 +24,10 @@ from gbn_jax import config_lib, regimes
 
 # |B_L|: the large batch of this row in the authors' runs; |B_S| comes from the regime.
 LARGE_BATCH_SIZE = 4096
+# lr_rule=authors: the authors' run_experiments.sh ran the F1 LB and +LR columns with
+# main_normal.py at 2048 (LR x sqrt(2048/256) = 0.283 for +LR) and +GBN with main_gbn.py
+# at 4096, ghost 128 (LR x sqrt(4096/128) = 0.566). It has no F1 +RA run; ours keeps 4096.
+AUTHORS_BATCH_SIZES = {"lb": 2048, "lb_lr": 2048, "lb_lr_gbn": 4096, "lb_lr_gbn_ra": 4096}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,4 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Derived from the variant: batch_size (|B_L|, or |B_S| for sb), model.norm,
     # model.ghost_batch_size (= |B_S| = regime.reference_batch_size unless ghost=),
     # regime.lr_scaling, regime_adaptation, warmup_epochs, grad_clip_norm, optimizer.
-    return config_lib.apply_variant(config, variant, options, large_batch_size=LARGE_BATCH_SIZE)
+    return config_lib.apply_variant(
+        config,
+        variant,
+        options,
+        large_batch_size=LARGE_BATCH_SIZE,
+        authors_batch_sizes=AUTHORS_BATCH_SIZES,
+    )

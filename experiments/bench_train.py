@@ -329,15 +329,8 @@ def project_step(
       donated), a fresh state on the mesh, a random batch and key, and the lowering
       (for XLA's cost and memory analyses).
     """
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from gbn_jax import models
 
-    from gbn_jax import models, train
-
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     zoo_name = "resnet_cifar" if model_name == "resnet44" else model_name
     model = models.get_model(
         zoo_name,
@@ -349,8 +342,40 @@ def project_step(
     if norm == "none":
         model = without_normalization(model)
     regime = paper_regime(ghost, batch_size)
+    return compile_step(model, regime, INPUT_SHAPE[model_name], batch_size, compiler_options or {})
+
+
+def compile_step(
+    model: Any,
+    regime: Any,
+    shape: tuple[int, ...],
+    batch_size: int,
+    compiler_options: dict[str, Any],
+) -> tuple[Callable, Any, dict, Any, Any]:
+    """``gbn_jax.steps.make_train_step`` of a model and regime, compiled on one device.
+
+    Jitted as the trainer jits its steps (explicit shardings over a 1-D "data" mesh,
+    the state donated), fed a random float32 batch; shared with bench_trainer.py.
+
+    Args:
+      model: a ``gbn_jax.models`` network.
+      regime: a ``gbn_jax.regimes.ResolvedRegime`` (its optimizer and schedule).
+      shape: one example's shape.
+      batch_size: examples per step.
+      compiler_options: XLA options (``{}``: XLA's defaults).
+
+    Returns:
+      ``(compiled_step, state, batch, rng, compiled)`` as ``project_step``.
+    """
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from gbn_jax import train
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = regime.optimizer()
-    shape = INPUT_SHAPE[model_name]
     init = jax.jit(
         lambda rng: train.create_train_state(rng, model, tx, shape), out_shardings=replicated
     )
@@ -372,8 +397,7 @@ def project_step(
     )
     key = jax.device_put(jax.random.key(1), replicated)
     lowered = jitted.lower(state, batch, key)
-    compiled = lowered.compile(compiler_options=compiler_options or {})
-    del jnp
+    compiled = lowered.compile(compiler_options=compiler_options)
     return compiled, state, batch, key, compiled
 
 

@@ -370,7 +370,11 @@ def markdown(result: dict[str, Any]) -> str:
         return f"| {name} | " + " | ".join(cells) + " |"
 
     lines = [
-        f"# Table 1, F1 row: Fashion-MNIST on this machine ({result['preset']} preset)",
+        f"# Table 1, F1 row: Fashion-MNIST on this machine ({result['preset']} preset, "
+        f"regime COMPRESSED x{result['setting']['epochs_scale']})",
+        "",
+        "Compressed in time, the large-LR columns get too few updates to recover from their "
+        "first steps; the uncompressed runs are in experiments/results/ablation_f1.md.",
         "",
         f"Final test accuracy (%), mean ± std over {n} seed(s) (std: ddof=1); gap = column "
         "minus SB, paired by seed. The paper's row is MNIST with |B_L| = 4096: compare "

@@ -21,6 +21,28 @@ ghost batch size defaults to the reference batch |B_S|. ``epochs_scale=`` multip
 the epochs, every learning-rate and weight-decay boundary and the warm-up, so a quick
 run keeps the regime's shape.
 
+Protocol switches, each off by default, where the authors' code (eladhoffer/bigBatch)
+departs from the paper's text; ``protocol=authors`` turns them all on (an explicit
+switch still overrides it):
+
+======================  ===================================  ======================
+option                  authors' code                        default (off)
+======================  ===================================  ======================
+``momentum_reset=1``    a new torch.optim.SGD every epoch    one momentum buffer
+``bn_scale_init=``      ``uniform``: gamma ~ U[0, 1)         ``ones``
+``augment=``            ``authors``: pad, crop, flip, 0.5    ``default``
+``keep_last_batch=1``   the partial last batch is trained    dropped
+``lr_rule=``            ``authors``: their batch per column  ``paper``
+======================  ===================================  ======================
+
+``lr_rule=authors`` takes each column's batch from the experiment family's
+``authors_batch_sizes`` (the authors' run_experiments.sh; F1: LB and +LR at 2048, +GBN
+at 4096) and scales the LR against 256 without ghost batches (``main_normal.py``) and
+against the ghost size with them (``main_gbn.py``). ``validation=N`` holds N training
+examples out as a validation split (metrics ``val_*``), on which protocols are chosen;
+the test split stays the reported one. Best and final accuracies are both in every
+run's summary.json (the authors report the best test accuracy over epochs).
+
 References:
   Hoffer, Hubara & Soudry (2017), sections 3-5 and table 1; Goyal et al. (2017) for
   linear scaling with warm-up; You et al. (2017) for LARS.
@@ -70,6 +92,19 @@ VARIANTS: dict[str, Variant] = {
 # The paper's code clips every run at this global L2 norm; it acts as a warm-up.
 GRAD_CLIP_NORM = 5.0
 
+
+def _flag(text: str) -> bool:
+    """Parses an on/off option value."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not on/off")
+
+
+_flag.__name__ = "flag (1/0, true/false)"
+
 OPTIONS: dict[str, Callable[[str], Any]] = {
     "batch": int,
     "ghost": int,
@@ -79,9 +114,33 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "dtype": str,
     "model": str,
     "eval_every": int,
+    "protocol": str,
+    "momentum_reset": _flag,
+    "bn_scale_init": str,
+    "augment": str,
+    "keep_last_batch": _flag,
+    "lr_rule": str,
+    "validation": int,
 }
 
 DTYPES = ("float32", "bfloat16")
+# Values of the string-valued options: the default first, then the authors' value.
+CHOICES = {
+    "protocol": ("default", "authors"),
+    "bn_scale_init": ("ones", "uniform"),
+    "augment": ("default", "authors"),
+    "lr_rule": ("paper", "authors"),
+}
+# What protocol=authors sets; each is also an option of its own.
+AUTHORS_PROTOCOL = {
+    "momentum_reset": True,
+    "bn_scale_init": "uniform",
+    "augment": "authors",
+    "keep_last_batch": True,
+    "lr_rule": "authors",
+}
+# The authors' main_normal.py scales the LR by sqrt(B / 256) (main_gbn.py: B / ghost).
+AUTHORS_NORMAL_LR_REFERENCE = 256
 
 
 class ConfigArgError(ValueError):
@@ -137,6 +196,14 @@ def parse_arg(arg: str | None, default_variant: str = "lb_lr_gbn_ra") -> tuple[s
         )
     if "dtype" in options and options["dtype"] not in DTYPES:
         raise ConfigArgError(f"config option dtype={options['dtype']!r}; use one of {DTYPES}.")
+    for key, choices in CHOICES.items():
+        if key in options and options[key] not in choices:
+            raise ConfigArgError(f"config option {key}={options[key]!r}; use one of {choices}.")
+    if "validation" in options and options["validation"] < 0:
+        raise ConfigArgError(
+            f"config option validation={options['validation']} must be >= 0 (examples held "
+            "out of the training set; 0 for none)."
+        )
     for key in ("batch", "ghost", "eval_every"):
         if key in options and options[key] <= 0:
             raise ConfigArgError(f"config option {key}={options[key]} must be positive.")
@@ -203,11 +270,22 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.max_steps = config_dict.placeholder(int)
+    # Steps per dispatch (one jitted lax.scan); unset: the shortest of the log, eval and
+    # checkpoint cadences, each dispatch kept to ~1 s of work on one process. No effect
+    # on the results, bit for bit.
+    config.steps_per_loop = config_dict.placeholder(int)
+    # Hold the uint8 splits on the devices (replicated) and gather batches there; unset:
+    # when they are in host memory and take at most a quarter of a device's memory.
+    config.device_resident_data = config_dict.placeholder(bool)
     # CPU speed-ups, on by default (same training to float32 rounding; False gives
     # XLA's defaults): Eigen dots and convolutions and kept optimization barriers
     # (train.XLA_CPU_FAST_OPTIONS) and, in the CLI, glibc malloc keeping the step's
     # temporary buffer (train.keep_host_allocations). Ignored off the CPU.
     config.xla_cpu_fast_options = True
+    # Protocol switches (apply_variant sets them from the config argument).
+    config.augment = "default"
+    config.validation_size = 0
+    config.keep_last_batch = False
     return config
 
 
@@ -217,29 +295,45 @@ def apply_variant(
     options: dict,
     *,
     large_batch_size: int,
+    authors_batch_sizes: dict[str, int] | None = None,
 ) -> ml_collections.ConfigDict:
-    """Sets batch size, normalization and regime fields for one paper column.
+    """Sets batch size, normalization, regime and protocol fields for one paper column.
 
     ``config.regime`` must already hold the base regime and ``config.model`` the model
-    fields. Options from the config argument override the variant's defaults.
+    fields. Options from the config argument override the variant's defaults, and an
+    explicit protocol switch overrides ``protocol=authors``.
 
     Args:
       config: the experiment config, modified in place.
       variant: a key of ``VARIANTS``.
       options: parsed options (``parse_arg``).
       large_batch_size: |B_L| for this experiment family.
+      authors_batch_sizes: variant -> the batch the authors' run_experiments.sh used
+        for it (``lr_rule=authors``); variants not listed use ``large_batch_size``.
 
     Returns:
       ``config``, for chaining.
 
     References:
-      Hoffer, Hubara & Soudry (2017), sections 3 (+LR), 4 (+GBN) and 5 (+RA).
+      Hoffer, Hubara & Soudry (2017), sections 3 (+LR), 4 (+GBN) and 5 (+RA);
+      eladhoffer/bigBatch (main_normal.py, main_gbn.py, run_experiments.sh, utils.py,
+      preprocess.py) for the protocol switches.
     """
     v = VARIANTS[variant]
+    protocol = options.get("protocol", "default")
+
+    def switch(name: str, default: Any) -> Any:
+        """An option's value: explicit, else the authors' under protocol=authors."""
+        if name in options:
+            return options[name]
+        return AUTHORS_PROTOCOL[name] if protocol == "authors" else default
+
+    lr_rule = switch("lr_rule", "paper")
     reference_batch_size = config.regime.reference_batch_size
-    config.batch_size = options.get(
-        "batch", large_batch_size if v.large_batch else reference_batch_size
-    )
+    large_batch = large_batch_size
+    if lr_rule == "authors":
+        large_batch = (authors_batch_sizes or {}).get(variant, large_batch_size)
+    config.batch_size = options.get("batch", large_batch if v.large_batch else reference_batch_size)
     config.model.norm = v.norm
     # Ghost batches reproduce the small-batch normalization noise: |B_S| by default.
     config.model.ghost_batch_size = options.get("ghost", reference_batch_size)
@@ -260,6 +354,18 @@ def apply_variant(
     config.regime.warmup_epochs = v.warmup_epochs * epochs_scale
     config.regime.grad_clip_norm = GRAD_CLIP_NORM
     config.regime.optimizer = v.optimizer
+    config.regime.lr_scaling_reference = None
+    if lr_rule == "authors" and v.large_batch:
+        config.regime.lr_scaling_reference = (
+            config.model.ghost_batch_size if v.norm == "ghost" else AUTHORS_NORMAL_LR_REFERENCE
+        )
+    config.regime.momentum_reset = switch("momentum_reset", False)
+    config.model.bn_scale_init = switch("bn_scale_init", "ones")
+    config.augment = switch("augment", "default")
+    config.keep_last_batch = switch("keep_last_batch", False)
+    config.validation_size = options.get("validation", 0)
+    config.protocol = protocol
+    config.lr_rule = lr_rule
     config.variant = variant
     return config
 

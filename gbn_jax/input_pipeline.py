@@ -20,6 +20,10 @@ Design (details in gbn_jax/data/):
   function keyed by (seed, global step).
 - ImageNet-sized datasets stream through grain from `tfds.data_source` (array_record),
   with host-side random-resized crops in grain threads, seeded by (seed, epoch, index).
+- The trainer goes one step further for small datasets (gbn_jax/data/feed.py): the
+  uint8 split itself lives on the devices, replicated, and each step gathers its batch
+  there from the permutation rows these iterators compute, inside the jitted loop; the
+  batches are the same bit for bit.
 
 Why in memory + on-device augmentation for small datasets (measured by
 experiments/bench_input.py on this project's 2-core CPU machine; numbers in
@@ -44,6 +48,7 @@ import jax
 from gbn_jax.data import iterators, sources
 from gbn_jax.data.iterators import EvalIterator, TrainIterator
 from gbn_jax.data.sources import (
+    HOLDOUT_SPLIT,
     KNOWN_DATASETS,
     DatasetInfo,
     DatasetNotFoundError,
@@ -53,6 +58,8 @@ from gbn_jax.data.sources import (
 )
 
 __all__ = [
+    "AUGMENTS",
+    "HOLDOUT_SPLIT",
     "KNOWN_DATASETS",
     "DatasetInfo",
     "DatasetNotFoundError",
@@ -76,6 +83,10 @@ def create_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int = 16,
+    augment: str = "default",
+    validation_size: int = 0,
+    keep_last_batch: bool = False,
+    batch_groups: int = 1,
 ) -> TrainIterator:
     """Endless training stream, reshuffled every epoch, remainder of each epoch dropped.
 
@@ -93,6 +104,14 @@ def create_train_iterator(
         value simulates one process of a larger job: batches are then this process's
         unassembled B / process_count rows.
       num_threads: grain reader threads (streamed datasets only).
+      augment: "default" (the dataset's own input, `sources.KNOWN_DATASETS`) or
+        "authors" (the authors' preprocess.py, `sources.authors_spec`).
+      validation_size: examples held out of the training split (0: none); the
+        iterator trains on the rest.
+      keep_last_batch: end every epoch with its partial batch, padded to
+        global_batch_size rows; batches then carry a "mask" (False on padding).
+      batch_groups: how a partial batch is spread (`iterators.partial_batch_slots`):
+        the number of ghost batches per global batch, or 1.
 
     Returns:
       A `TrainIterator` (`.steps_per_epoch`, `.get_state()`, `.set_state()`).
@@ -102,7 +121,7 @@ def create_train_iterator(
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed=}")
-    spec = sources.spec_for(name, data_dir)
+    spec = _spec(name, data_dir, augment)
     sharding = iterators.default_sharding() if sharding is None else sharding
     index, count, simulated = iterators.check_layout(
         global_batch_size, sharding, process_index, process_count
@@ -118,6 +137,9 @@ def create_train_iterator(
         process_count=count,
         simulated=simulated,
         num_threads=num_threads,
+        validation_size=validation_size,
+        keep_last_batch=keep_last_batch,
+        batch_groups=batch_groups,
     )
 
 
@@ -131,6 +153,8 @@ def create_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int = 16,
+    augment: str = "default",
+    validation_size: int = 0,
 ) -> EvalIterator:
     """The whole evaluation split, every example exactly once, last batch padded.
 
@@ -139,16 +163,20 @@ def create_eval_iterator(
       global_batch_size: examples per batch over all processes.
       sharding: sharding of a batch (default: all devices on a 1-D "data" mesh).
       data_dir: IDX directory (MNIST family) or TFDS data_dir of prepared data.
-      split: split to read (default: "test"; "validation" for imagenet2012).
+      split: split to read (default: "test"; "validation" for imagenet2012), or
+        "holdout", the validation split held out of the training split.
       process_index: this process (default jax.process_index()).
       process_count: processes in the job (default jax.process_count()).
       num_threads: grain reader threads (streamed datasets only).
+      augment: "default" or "authors": which normalization constants to use (the
+        training iterator's; evaluation is never augmented).
+      validation_size: examples held out of the training split ("holdout" split).
 
     Returns:
       A re-iterable `EvalIterator` of {"image", "label", "mask"} batches; `len()` is
       the number of batches.
     """
-    spec = sources.spec_for(name, data_dir)
+    spec = _spec(name, data_dir, augment)
     sharding = iterators.default_sharding() if sharding is None else sharding
     index, count, simulated = iterators.check_layout(
         global_batch_size, sharding, process_index, process_count
@@ -164,4 +192,15 @@ def create_eval_iterator(
         process_count=count,
         simulated=simulated,
         num_threads=num_threads,
+        validation_size=validation_size,
     )
+
+
+AUGMENTS = ("default", "authors")
+
+
+def _spec(name: str, data_dir: str | None, augment: str) -> DatasetSpec:
+    if augment not in AUGMENTS:
+        raise ValueError(f"Unknown {augment=}; use one of {AUGMENTS}.")
+    spec = sources.spec_for(name, data_dir)
+    return sources.authors_spec(spec) if augment == "authors" else spec

@@ -67,6 +67,8 @@ def main(argv: list[str]) -> int:
         jax.devices()[0].device_kind,
     )
     try:
+        # After a preemption notice (SIGTERM) this returns early, its checkpoint saved:
+        # a clean exit, and rerunning the command continues the run.
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, train.NonFiniteLossError) as e:
         # Bad configurations and diverged runs: the message says what to do.

@@ -19,6 +19,14 @@ step-indexed schedule and optax optimizer of one large-batch variant:
   adaptation is on: warm-up tames the first updates of the large LR, which is a matter
   of updates taken at |B_L|, not of the small-batch clock. The warm-up lies inside the
   run (it replaces the start of the first LR phase; total_steps does not change).
+* ``lr_scaling_reference``: the batch that ``r`` is taken against for the LR scaling
+  only (default |B_S|). The authors' code scales by sqrt(|B_L|/256) in
+  ``main_normal.py`` and by sqrt(|B_L|/ghost) in ``main_gbn.py``.
+* ``keep_last_batch``: an epoch is ceil(N/B) steps, the last one partial (PyTorch's
+  DataLoader default, which the authors' code uses), instead of floor(N/B).
+* ``momentum_reset``: the momentum buffer is zeroed at the start of every epoch of the
+  run. The authors' ``adjust_optimizer`` builds a new ``torch.optim.SGD`` each epoch
+  because every regime names ``'optimizer': 'SGD'`` at epoch 0.
 * ``grad_clip_norm``: clipping by global L2 norm before anything else (paper: 5).
 * ``optimizer``: "sgd" (heavy-ball momentum, optional Nesterov, weight decay added to
   the gradient before momentum, on every parameter, as in the authors' PyTorch code),
@@ -48,7 +56,7 @@ import itertools
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,8 +182,10 @@ class ResolvedRegime:
       reference_batch_size: |B_S|, the batch the base regime was written for.
       batch_size: |B_L|, the run's global batch.
       num_train_examples: N, examples in one pass over the training set.
-      steps_per_epoch: floor(N / |B_L|), updates per pass of the run.
-      reference_steps_per_epoch: floor(N / |B_S|), updates per pass of the SB run.
+      steps_per_epoch: floor(N / |B_L|) (ceil with keep_last_batch), updates per
+        pass of the run.
+      reference_steps_per_epoch: floor(N / |B_S|) (ceil with keep_last_batch),
+        updates per pass of the SB run.
       total_steps: the number of updates the run takes.
       lr_boundaries: (step, lr) pairs from step 0, the (scaled) LR from that step on.
       weight_decay_boundaries: (step, weight_decay) pairs from step 0.
@@ -183,6 +193,9 @@ class ResolvedRegime:
       lr_scale: the factor applied to every LR of the base regime.
       momentum, nesterov, grad_clip_norm, optimizer_name, lr_scaling,
       regime_adaptation, base_epochs, warmup_epochs, trust_coefficient: as configured.
+      lr_scaling_reference: the batch the LR scale is taken against (None: |B_S|).
+      keep_last_batch: epochs end with a partial batch (ceil(N/B) steps).
+      momentum_reset: the momentum buffer restarts at every epoch of the run.
 
     References:
       Paper section 4 (LR scaling, regime adaptation); Goyal et al. 2017 (warm-up).
@@ -207,6 +220,9 @@ class ResolvedRegime:
     base_epochs: float
     warmup_epochs: float
     trust_coefficient: float = 0.001
+    lr_scaling_reference: int | None = None
+    keep_last_batch: bool = False
+    momentum_reset: bool = False
 
     @property
     def ratio(self) -> float:
@@ -246,7 +262,8 @@ class ResolvedRegime:
 
         Returns:
           "sgd": clip -> g + wd * w (all parameters, as the authors' torch.optim.SGD)
-          -> momentum trace (PyTorch form, optional Nesterov) -> -lr. "lars": clip ->
+          -> momentum trace (PyTorch form, optional Nesterov; restarted every epoch
+          with ``momentum_reset``) -> -lr. "lars": clip ->
           optax.lars. "lamb": clip -> Adam moments -> + wd * w -> trust ratio -> -lr.
           For LARS and LAMB the weight decay and the trust ratio skip 1-D parameters
           (biases, normalization scale and bias).
@@ -256,12 +273,20 @@ class ResolvedRegime:
           You et al. 2020 (LAMB).
         """
         parts = []
+        if self.momentum_reset and self.optimizer_name != "sgd":
+            raise ValueError(
+                f"momentum_reset is implemented for optimizer='sgd' (the authors' "
+                f"torch.optim.SGD), not {self.optimizer_name!r}; turn momentum_reset off."
+            )
         if self.grad_clip_norm:
             parts.append(optax.clip_by_global_norm(self.grad_clip_norm))
         if self.optimizer_name == "sgd":
             parts.append(optax.add_decayed_weights(self.weight_decay))
             if self.momentum:
-                parts.append(optax.trace(decay=self.momentum, nesterov=self.nesterov))
+                momentum = optax.trace(decay=self.momentum, nesterov=self.nesterov)
+                if self.momentum_reset:
+                    momentum = reset_every(momentum, self.steps_per_epoch)
+                parts.append(momentum)
             parts.append(optax.scale_by_learning_rate(self.learning_rate))
         elif self.optimizer_name == "lars":
             parts.append(
@@ -311,6 +336,9 @@ class ResolvedRegime:
             weight_decay=wd[0][1] if len(wd) == 1 else [[s, v] for s, v in wd],
             grad_clip_norm=self.grad_clip_norm,
             trust_coefficient=self.trust_coefficient,
+            lr_scaling_reference=self.lr_scaling_reference or self.reference_batch_size,
+            keep_last_batch=self.keep_last_batch,
+            momentum_reset=self.momentum_reset,
         )
 
 
@@ -358,10 +386,15 @@ def resolve(config: Any, num_train_examples: int) -> ResolvedRegime:
     optimizer_name = _get(regime, "optimizer", "sgd")
     momentum = float(_get(regime, "momentum", 0.0))
     trust_coefficient = float(_get(regime, "trust_coefficient", 0.001))
+    lr_scaling_reference = _get(regime, "lr_scaling_reference", None)
+    keep_last_batch = bool(_get(regime, "keep_last_batch", _get(config, "keep_last_batch", False)))
+    momentum_reset = bool(_get(regime, "momentum_reset", False))
 
     _check_positive_int(batch_size, "batch_size")
     _check_positive_int(reference_batch_size, "reference_batch_size")
     _check_positive_int(num_train_examples, "num_train_examples")
+    if lr_scaling_reference is not None:
+        _check_positive_int(lr_scaling_reference, "lr_scaling_reference")
     # Plain ints from here on (NumPy integers would leak into the JSON summary).
     batch_size, reference_batch_size = int(batch_size), int(reference_batch_size)
     num_train_examples = int(num_train_examples)
@@ -386,13 +419,15 @@ def resolve(config: Any, num_train_examples: int) -> ResolvedRegime:
             f"regime_adaptation off."
         )
 
-    steps_per_epoch = num_train_examples // batch_size
-    if steps_per_epoch == 0:
+    if num_train_examples < batch_size:
         raise ValueError(
             f"The dataset is smaller than one batch ({num_train_examples=} < "
-            f"{batch_size=}), so steps_per_epoch == 0; use a smaller batch_size."
+            f"{batch_size=}); use a smaller batch_size."
         )
-    reference_steps_per_epoch = num_train_examples // reference_batch_size
+    steps_per_epoch = _steps_per_pass(num_train_examples, batch_size, keep_last_batch)
+    reference_steps_per_epoch = _steps_per_pass(
+        num_train_examples, reference_batch_size, keep_last_batch
+    )
     # The clock that maps the base regime's epochs to steps: under regime adaptation
     # the small-batch run's, so the run makes the same updates with the same drops.
     clock = reference_steps_per_epoch if regime_adaptation else steps_per_epoch
@@ -400,8 +435,8 @@ def resolve(config: Any, num_train_examples: int) -> ResolvedRegime:
     if total_steps == 0:
         raise ValueError(f"{epochs=} gives no training step at {clock} steps per epoch.")
 
-    ratio = batch_size / reference_batch_size
-    lr_scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[lr_scaling]
+    lr_ratio = batch_size / (lr_scaling_reference or reference_batch_size)
+    lr_scale = {"none": 1.0, "linear": lr_ratio, "sqrt": math.sqrt(lr_ratio)}[lr_scaling]
     lr_pairs = _epoch_pairs(_get(regime, "lr_schedule", None), "lr_schedule", epochs)
     lr_boundaries = _to_steps([(e, lr * lr_scale) for e, lr in lr_pairs], clock)
 
@@ -440,7 +475,60 @@ def resolve(config: Any, num_train_examples: int) -> ResolvedRegime:
         base_epochs=int(epochs) if isinstance(epochs, numbers.Integral) else float(epochs),
         warmup_epochs=float(warmup_epochs),
         trust_coefficient=trust_coefficient,
+        lr_scaling_reference=None if lr_scaling_reference is None else int(lr_scaling_reference),
+        keep_last_batch=keep_last_batch,
+        momentum_reset=momentum_reset,
     )
+
+
+class _ResetEveryState(NamedTuple):
+    count: jax.Array
+    inner: Any
+
+
+def reset_every(inner: optax.GradientTransformation, period: int) -> optax.GradientTransformation:
+    """Restarts ``inner`` from its initial state every ``period`` updates.
+
+    Update ``t`` (counting from 0) with ``t % period == 0`` runs on a freshly initialized
+    state of ``inner``, as when the authors' code builds a new ``torch.optim.SGD`` at the
+    start of every epoch: with ``optax.trace`` the momentum buffer restarts from zero, so
+    the first update of an epoch is the plain (clipped, decayed) gradient.
+
+    Args:
+      inner: the transformation whose state restarts (e.g. ``optax.trace``); its
+        ``init`` must depend on the shapes of its argument only.
+      period: updates between restarts (the run's steps per epoch), > 0.
+
+    Returns:
+      A GradientTransformation with state ``(count, inner_state)``.
+
+    Raises:
+      ValueError: a period that is not a positive integer.
+
+    References:
+      eladhoffer/bigBatch, ``utils.adjust_optimizer`` called at every epoch of
+      ``main_normal.py`` / ``main_gbn.py``.
+    """
+    _check_positive_int(period, "period")
+
+    def init(params):
+        return _ResetEveryState(jnp.zeros((), jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        restart = state.count % period == 0
+        fresh = inner.init(updates)
+        inner_state = jax.tree.map(
+            lambda new, old: jnp.where(restart, new, old), fresh, state.inner
+        )
+        updates, inner_state = inner.update(updates, inner_state, params)
+        return updates, _ResetEveryState(state.count + 1, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _steps_per_pass(num_examples: int, batch_size: int, keep_last_batch: bool) -> int:
+    """Steps in one pass over the data: the partial last batch dropped or kept."""
+    return -(-num_examples // batch_size) if keep_last_batch else num_examples // batch_size
 
 
 def _get(config: Any, name: str, default: Any) -> Any:
@@ -527,5 +615,6 @@ __all__ = [
     "OPTIMIZERS",
     "ResolvedRegime",
     "base_regime",
+    "reset_every",
     "resolve",
 ]

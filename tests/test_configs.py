@@ -150,3 +150,64 @@ def test_absl_flags_override_fields():
     config = flag_values.config
     assert (config.max_steps, config.regime.epochs, config.seed) == (10, 2.5, 5)
     assert (config.model.bn_momentum, config.data_dir, config.batch_size) == (0.99, "/data", 128)
+
+
+# ------------------------------------------------------------ the authors' protocol
+
+
+@pytest.mark.parametrize(
+    ("variant", "batch", "lr0"),
+    [
+        # run_experiments.sh: LB and +LR with main_normal.py at 2048, LR x sqrt(B/256);
+        # +GBN with main_gbn.py at 4096, ghost 128, LR x sqrt(B/128); SB is ours, 128.
+        ("sb", 128, 0.1),
+        ("lb", 2048, 0.1),
+        ("lb_lr", 2048, 0.1 * math.sqrt(2048 / 256)),
+        ("lb_lr_gbn", 4096, 0.1 * math.sqrt(4096 / 128)),
+    ],
+)
+def test_protocol_authors_sets_every_switch_and_the_columns_batch(variant, batch, lr0, modules):
+    config = modules["fashion_mnist_f1"].get_config(f"{variant},protocol=authors")
+    assert config.batch_size == batch
+    assert config.regime.momentum_reset and config.keep_last_batch
+    assert config.model.bn_scale_init == "uniform" and config.augment == "authors"
+    resolved = regimes.resolve(config, 60_000)
+    assert math.isclose(resolved.lr_boundaries[0][1], lr0, rel_tol=1e-12)
+    assert resolved.steps_per_epoch == -(-60_000 // batch)  # the partial batch is kept
+
+
+def test_protocol_switches_are_off_by_default_and_override_one_by_one(modules):
+    f1 = modules["fashion_mnist_f1"]
+    default = f1.get_config("lb_lr")
+    assert (default.batch_size, default.regime.momentum_reset, default.keep_last_batch) == (
+        4096,
+        False,
+        False,
+    )
+    assert default.model.bn_scale_init == "ones" and default.augment == "default"
+    assert default.validation_size == 0 and default.regime.lr_scaling_reference is None
+    # One switch alone, and protocol=authors with one switch turned back off.
+    alone = f1.get_config("lb_lr,keep_last_batch=1")
+    assert alone.keep_last_batch and not alone.regime.momentum_reset and alone.batch_size == 4096
+    minus = f1.get_config("lb_lr,protocol=authors,lr_rule=paper,momentum_reset=0,validation=7")
+    assert minus.batch_size == 4096 and not minus.regime.momentum_reset
+    assert minus.keep_last_batch and minus.validation_size == 7
+    assert regimes.resolve(minus, 60_000).lr_boundaries[0][1] == pytest.approx(0.1 * math.sqrt(32))
+    # Families without an authors' batch table keep their |B_L|.
+    c1 = modules["cifar10_c1"].get_config("lb_lr,lr_rule=authors")
+    assert c1.batch_size == 4096 and c1.regime.lr_scaling_reference == 256
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("lb,protocol=torch", "protocol"),
+        ("lb,bn_scale_init=zeros", "bn_scale_init"),
+        ("lb,momentum_reset=maybe", "momentum_reset"),
+        ("lb,validation=-1", "validation"),
+        ("lb,augment=heavy", "augment"),
+    ],
+)
+def test_bad_protocol_options_raise(arg, message, modules):
+    with pytest.raises(config_lib.ConfigArgError, match=message):
+        modules["fashion_mnist_f1"].get_config(arg)

@@ -274,3 +274,27 @@ def test_bench_sweep_trainer_entry_is_the_trainer_default():
     from gbn_jax import train
 
     assert bench_train.XLA_SWEEP["trainer"] == train.XLA_CPU_FAST_OPTIONS
+
+
+def test_bench_trainer_table_walls_against_the_committed_table(tmp_path):
+    """The unscaled F1 table's wall times: a run directory against the committed one."""
+    from experiments import bench_trainer
+
+    committed = {}
+    for column in bench_trainer.TABLE_COLUMNS:
+        path = Path(bench_trainer.COMMITTED_TABLE) / f"{column}.json"
+        if path.exists():
+            committed[column] = json.loads(path.read_text())["wall_time_sec"]
+    assert set(committed) == {"sb", "lb", "lb_lr_gbn", "lb_lr_gbn_ra"}  # +LR timed out
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for column in ("sb", "lb", "lb_lr", "lb_lr_gbn"):  # +RA unfinished here
+        (runs / f"{column}.json").write_text(json.dumps({"wall_time_sec": 20.0}))
+    bench_trainer.table_walls(str(runs), str(tmp_path / "walls"))
+    record = json.loads((tmp_path / "walls.json").read_text())["columns"]
+    assert record["sb"] == {"committed_s": committed["sb"], "now_s": 20.0}
+    assert record["lb_lr"]["committed_s"] is None and record["lb_lr_gbn_ra"]["now_s"] is None
+    table = (tmp_path / "walls.md").read_text()
+    both = committed["sb"] + committed["lb"] + committed["lb_lr_gbn"]
+    assert f"| all finished in both | {both:.0f} | 60 | - |" in table
+    assert f"| sb | {committed['sb']:.0f} | 20 | {committed['sb'] / 20:.2f} |" in table

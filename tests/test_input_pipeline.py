@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gbn_jax import input_pipeline as ip
-from gbn_jax.data import augment, sources
+from gbn_jax.data import augment, iterators, sources
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST = ip.KNOWN_DATASETS["fashion_mnist"]
@@ -371,3 +371,157 @@ def test_bad_batch_layout(kwargs, message):
 def test_debian_files_are_used_when_present():
     assert os.path.isdir(FMNIST_DIR)
     assert ip.get_dataset_info("fashion_mnist").source == f"idx:{FMNIST_DIR}"
+
+
+# ---------------------------------------------------------------- the authors' protocol
+
+
+def test_authors_input_is_pad2_crop28_flip_and_half_normalization(fmnist, sharding):
+    images, _ = fmnist["train"]
+    it = ip.create_train_iterator(
+        "fashion_mnist", global_batch_size=256, seed=11, sharding=sharding, augment="authors"
+    )
+    indices = it.local_indices(0, 0)
+    got = np.asarray(next(it)["image"])[..., 0]
+    # torchvision ToTensor + Normalize(0.5, 0.5): x = (p / 255 - 0.5) / 0.5.
+    pixels = (got * 0.5 + 0.5) * 255.0
+    assert np.abs(pixels - np.round(pixels)).max() < 1e-3
+    pixels = np.round(pixels).astype(np.uint8)
+    matches = [
+        crop_matches(o[..., None], images[i][..., None], pad=2)
+        for o, i in zip(pixels, indices, strict=True)
+    ]
+    assert all(matches), "some image is not a 28x28 window of the 2-padded image or its mirror"
+    # Every offset in [0, 4]^2 turns up, and about half the images are flipped (a
+    # symmetric image can match both ways: count the first match).
+    offsets = {m[0][:2] for m in matches}
+    assert len(offsets) == 25
+    assert 90 < sum(m[0][2] for m in matches) < 166
+
+
+def test_crop_flip_pads_with_the_fill_value():
+    rng = np.random.default_rng(8)
+    images = rng.integers(0, 256, (64, 6, 6, 3), dtype=np.uint8)
+    out = np.asarray(augment.crop_flip(images, jax.random.key(1), pad=4, fill=127))
+    for o, image in zip(out, images, strict=True):
+        padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), constant_values=127)
+        windows = [padded[dy : dy + 6, dx : dx + 6] for dy in range(9) for dx in range(9)]
+        assert any(np.array_equal(o, w) or np.array_equal(o, w[:, ::-1]) for w in windows)
+    assert np.any(out == 127)
+
+
+def test_authors_spec_by_dataset():
+    cifar = sources.authors_spec(sources.KNOWN_DATASETS["cifar10"])
+    assert (cifar.pad, cifar.fill, cifar.mean) == (4, 127, sources.IMAGENET_MEAN)
+    mnist = sources.authors_spec(sources.KNOWN_DATASETS["mnist"])
+    assert (mnist.pad, mnist.mean, mnist.std, mnist.augmentation) == (
+        2,
+        (0.5,),
+        (0.5,),
+        "crop_flip",
+    )
+    with pytest.raises(ValueError, match="imagenet2012"):
+        sources.authors_spec(sources.KNOWN_DATASETS["imagenet2012"])
+    with pytest.raises(ValueError, match="augment"):
+        ip.create_train_iterator("fashion_mnist", global_batch_size=8, seed=0, augment="torch")
+
+
+def _chunks_reference(positions, batch, groups):
+    """torch.chunk(batch, groups) by its definition: chunks of ceil(n / groups) rows."""
+    n = len(positions)
+    size = -(-n // groups)
+    slots = np.full(batch, -1)
+    for j, start in enumerate(range(0, n, size)):
+        chunk = positions[start : start + size]
+        slots[j * (batch // groups) : j * (batch // groups) + len(chunk)] = chunk
+    return slots
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "groups"), [(2656, 4096, 32), (608, 2048, 1), (97, 128, 8), (5, 64, 8)]
+)
+def test_partial_batch_slots_follow_torch_chunk(n, batch, groups):
+    positions = np.random.default_rng(n).permutation(10 * batch)[:n]
+    slots = iterators.partial_batch_slots(positions, batch, groups)
+    np.testing.assert_array_equal(slots, _chunks_reference(positions, batch, groups))
+    full = np.arange(batch)
+    np.testing.assert_array_equal(iterators.partial_batch_slots(full, batch, groups), full)
+    with pytest.raises(ValueError, match="groups"):
+        iterators.partial_batch_slots(positions, batch, 3)
+
+
+def test_keep_last_batch_trains_every_example_once_per_epoch(fmnist, sharding):
+    images, labels = fmnist["train"]
+    it = ip.create_train_iterator(
+        "fashion_mnist",
+        global_batch_size=4096,
+        seed=5,
+        sharding=sharding,
+        keep_last_batch=True,
+        batch_groups=32,
+    )
+    assert it.steps_per_epoch == 15  # 14 full batches and 2656 = 60000 - 14 * 4096
+    seen = []
+    for step in range(15):
+        slots = it.local_indices(0, step)
+        batch = jax.tree.map(np.asarray, next(it))
+        real = batch["mask"]
+        np.testing.assert_array_equal(real, slots >= 0)
+        np.testing.assert_allclose(
+            denormalize(batch["image"][real], FMNIST)[..., 0], images[slots[real]], atol=1e-3
+        )
+        np.testing.assert_array_equal(batch["label"][real], labels[slots[real]])
+        if not real.all():  # Padding rows hold the normalization of zero pixels.
+            padding = denormalize(batch["image"][~real], FMNIST)
+            np.testing.assert_allclose(padding, 0.0, atol=1e-3)
+        seen.append(slots[real])
+    assert [len(s) for s in seen] == [4096] * 14 + [2656]
+    # The partial batch: 32 chunks of 83 examples, each at the start of a ghost batch.
+    np.testing.assert_array_equal(real.reshape(32, 128).sum(1), np.full(32, 83))
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(60000))
+    # A restored iterator at the partial batch yields it again.
+    resumed = ip.create_train_iterator(
+        "fashion_mnist",
+        global_batch_size=4096,
+        seed=5,
+        sharding=sharding,
+        keep_last_batch=True,
+        batch_groups=32,
+    )
+    resumed.set_state({**it.get_state(), "epoch": 0, "step_in_epoch": 14})
+    np.testing.assert_array_equal(np.asarray(next(resumed)["mask"]), real)
+    assert it.get_state()["epoch"] == 1 and it.get_state()["step_in_epoch"] == 0
+
+
+def test_validation_split_is_held_out_of_training(fmnist, sharding):
+    images, labels = fmnist["train"]
+    held = sources.holdout_indices(60_000, 10_000)
+    assert len(held) == len(np.unique(held)) == 10_000
+    np.testing.assert_array_equal(held, sources.holdout_indices(60_000, 10_000))  # fixed
+    rest = np.setdiff1d(np.arange(60_000), held)
+    train_images, train_labels = sources.load_arrays("fashion_mnist", "train", None, 10_000)
+    val_images, val_labels = sources.load_arrays("fashion_mnist", "holdout", None, 10_000)
+    np.testing.assert_array_equal(val_images[..., 0], images[held])
+    np.testing.assert_array_equal(val_labels, labels[held])
+    np.testing.assert_array_equal(train_images[..., 0], images[rest])
+    np.testing.assert_array_equal(train_labels, labels[rest])
+    # Roughly stratified by chance: every class has 800-1200 of the 10,000.
+    assert np.all(np.abs(np.bincount(val_labels, minlength=10) - 1000) < 200)
+    it = ip.create_train_iterator(
+        "fashion_mnist", global_batch_size=5000, seed=1, sharding=sharding, validation_size=10_000
+    )
+    assert it.steps_per_epoch == 10 and it.num_examples == 50_000
+    evals = ip.create_eval_iterator(
+        "fashion_mnist",
+        global_batch_size=1000,
+        sharding=sharding,
+        split="holdout",
+        validation_size=10_000,
+    )
+    got = np.concatenate([np.asarray(b["label"])[np.asarray(b["mask"])] for b in evals])
+    np.testing.assert_array_equal(got, labels[held])
+    for bad in (0, 60_000, -5):
+        with pytest.raises(ValueError, match="validation_size"):
+            sources.holdout_indices(60_000, bad)
+    with pytest.raises(ValueError, match="holdout"):
+        sources.load_arrays("fashion_mnist", "holdout", None, 0)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from gbn_jax.ghost_norm import GhostBatchNorm
 from gbn_jax.models import MODELS, base, get_model, make_norm
@@ -426,3 +427,41 @@ def test_cpu_options_keep_barriers_and_the_gradients():
     g_expanded = jax.tree.leaves(expanded(variables["params"]))
     for a, b in zip(g_kept, g_expanded, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------ normalization scale init
+
+
+@pytest.mark.parametrize("norm", ["batch", "ghost"])
+def test_bn_scale_init_uniform_is_u01_and_ones_by_default(norm):
+    x = jnp.zeros((4, 28, 28, 1))
+    scales = {}
+    for init in ("ones", "uniform"):
+        model = get_model("f1", num_classes=10, norm=norm, ghost_batch_size=2, bn_scale_init=init)
+        params = model.init(_init_rngs(3), x, train=False)["params"]
+        scales[init] = np.concatenate(
+            [np.asarray(params[f"norm{i}"]["scale"]) for i in range(1, 6)]
+        )
+    assert np.all(scales["ones"] == 1.0)
+    u = scales["uniform"]
+    assert u.shape == (5 * 512,) and np.all((u >= 0) & (u < 1))
+    # 2560 draws of U[0, 1): Kolmogorov-Smirnov against the uniform CDF, and the five
+    # layers draw different values.
+    assert scipy.stats.kstest(u, "uniform").pvalue > 1e-3
+    assert len(np.unique(u.reshape(5, 512)[:, 0])) == 5
+
+
+def test_bn_scale_init_keeps_a_models_own_scale_init():
+    # ResNet-50's zero-initialized residual branch wins over the model-wide init.
+    model = get_model("resnet50", num_classes=10, bn_scale_init="uniform", zero_init_residual=True)
+    params = model.init(_init_rngs(), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    blocks = [v for v in params.values() if "norm3" in v]
+    assert len(blocks) == 16
+    assert all(np.all(np.asarray(b["norm3"]["scale"]) == 0.0) for b in blocks)
+    stem = np.asarray(params["stem_norm"]["scale"])
+    assert np.all((stem >= 0) & (stem < 1)) and stem.std() > 0.1
+
+
+def test_bn_scale_init_unknown_raises():
+    with pytest.raises(ValueError, match="scale_init"):
+        get_model("f1", num_classes=10, bn_scale_init="normal")

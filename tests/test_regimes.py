@@ -347,3 +347,81 @@ def test_unknown_base_regime_raises():
         regimes.base_regime("mlp")
     with pytest.raises(ValueError, match="regime='f1'"):
         regimes.resolve(dict(batch_size=4096, regime="f1"), N_MNIST)
+
+
+# ------------------------------------------------------------ the authors' protocol
+
+
+def test_momentum_reset_matches_numpy_sgd_restarted_every_epoch():
+    # N = 40 at batch 8: 5 steps per epoch, so the buffer restarts at steps 5 and 10.
+    config = dict(_sgd_regime(False), epochs=3, momentum_reset=True, grad_clip_norm=2.0)
+    resolved = regimes.resolve(config, 40)
+    assert resolved.steps_per_epoch == 5 and resolved.to_dict()["momentum_reset"]
+    rng = np.random.default_rng(4)
+    params = {"w": rng.normal(size=(4, 3)), "b": rng.normal(size=(3,))}
+    grads = [{k: 3 * rng.normal(size=v.shape) for k, v in params.items()} for _ in range(13)]
+    tx = resolved.optimizer()
+    state = tx.init(jax.tree.map(jnp.asarray, params))
+    got = jax.tree.map(jnp.asarray, params)
+    update = jax.jit(tx.update)
+    want = {k: v.copy() for k, v in params.items()}
+    buf = {k: np.zeros_like(v) for k, v in params.items()}
+    for t, g in enumerate(grads):
+        updates, state = update(jax.tree.map(jnp.asarray, g), state, got)
+        got = optax.apply_updates(got, updates)
+        # The authors: a new torch.optim.SGD (empty buffers) at every epoch's start.
+        if t % 5 == 0:
+            buf = {k: np.zeros_like(v) for k, v in params.items()}
+        norm = np.sqrt(sum(np.sum(v**2) for v in g.values()))
+        scale = min(1.0, 2.0 / norm)
+        lr, wd = (0.5, 0.05) if t < 5 else (0.1, 0.01)
+        for k in want:
+            d = scale * g[k] + wd * want[k]
+            buf[k] = 0.9 * buf[k] + d
+            want[k] = want[k] - lr * buf[k]
+        if t == 5:  # Right after a boundary the buffer holds that update's gradient only.
+            trace = [s for s in jax.tree.leaves(state) if np.shape(s) == (4, 3)]
+            np.testing.assert_allclose(np.asarray(trace[0]), buf["w"], rtol=1e-5, atol=1e-6)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_momentum_reset_changes_only_the_buffer_not_the_schedule():
+    config = dict(_sgd_regime(False), momentum_reset=True)
+    plain = regimes.resolve(dict(_sgd_regime(False)), 40)
+    reset = regimes.resolve(config, 40)
+    assert reset.lr_boundaries == plain.lr_boundaries and reset.total_steps == plain.total_steps
+    with pytest.raises(ValueError, match="momentum_reset"):
+        regimes.resolve(dict(config, optimizer="lars"), 40).optimizer()
+    with pytest.raises(ValueError, match="period"):
+        regimes.reset_every(optax.trace(0.9), 0)
+
+
+def test_keep_last_batch_counts_the_partial_batch():
+    # 60000 = 14 * 4096 + 2656: 15 steps per epoch with the partial batch, 14 without.
+    kept = regimes.resolve(_f1_config(batch_size=4096, keep_last_batch=True), 60_000)
+    dropped = regimes.resolve(_f1_config(batch_size=4096), 60_000)
+    assert (kept.steps_per_epoch, dropped.steps_per_epoch) == (15, 14)
+    assert kept.total_steps == 750 and kept.lr_boundaries[1] == (150, 0.01)
+    ra = regimes.resolve(
+        _f1_config(batch_size=4096, keep_last_batch=True, regime_adaptation=True), 60_000
+    )
+    assert ra.reference_steps_per_epoch == 469 and ra.total_steps == 50 * 469
+
+
+@pytest.mark.parametrize(
+    ("batch", "reference", "lr_scaling", "expected"),
+    [
+        (2048, 256, "sqrt", 0.1 * math.sqrt(8)),
+        (4096, 128, "sqrt", 0.1 * math.sqrt(32)),
+        (2048, 256, "linear", 0.8),
+        (2048, 256, "none", 0.1),
+        (2048, None, "sqrt", 0.4),
+    ],
+)
+def test_lr_scaling_reference(batch, reference, lr_scaling, expected):
+    config = _f1_config(batch_size=batch, lr_scaling=lr_scaling, lr_scaling_reference=reference)
+    resolved = regimes.resolve(config, 60_000)
+    assert math.isclose(resolved.lr_boundaries[0][1], expected, rel_tol=1e-12)
+    # Only the LR moves: the clock still runs on |B_S| = 128.
+    assert resolved.reference_steps_per_epoch == 468

@@ -1,8 +1,10 @@
 """Tests of the trainer (gbn_jax/train.py) and its command line (gbn_jax/main.py).
 
 One short reference run of F1 on the real Fashion-MNIST files (8 fake CPU devices,
-in this process) is the yardstick: a run killed with SIGKILL and restarted, and a run
-split over two processes, must end with the same metrics and parameters.
+in this process) is the yardstick: a run killed with SIGKILL and restarted, one stopped
+by SIGTERM and restarted, and runs with other numbers of steps per dispatch or with
+host-fed batches must end with the same metrics and parameters, bit for bit; a run split
+over two processes with the same metrics to float rounding.
 """
 
 import importlib.util
@@ -18,6 +20,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
@@ -219,11 +222,73 @@ def test_resume_after_sigkill_is_bit_exact(reference, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
     assert not os.path.exists(fake)
+    assert_same_run(workdir, ref_dir)
+
+
+def assert_same_run(workdir, ref_dir):
+    """Same metrics (wall-clock fields aside) and bit-identical final parameters."""
     assert read_metrics(workdir) == read_metrics(ref_dir)
     (step, state), (ref_step, ref_state) = final_state(workdir), final_state(ref_dir)
     assert step == ref_step == 24 and state.keys() == ref_state.keys()
     for key in ref_state:
         np.testing.assert_array_equal(state[key], ref_state[key], err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"steps_per_loop": 1}, {"steps_per_loop": 3}, {"device_resident_data": False}],
+    ids=["one_step_per_dispatch", "three_steps_per_dispatch", "streamed_from_host"],
+)
+def test_steps_per_loop_and_data_path_change_nothing(reference, tmp_path, overrides):
+    """K = 1, K = 3 and host-fed batches against the reference (K unset: up to 4 steps
+    per dispatch, each dispatch cut at the logs of steps 1-13, 14, 16, 18, 20, the evals
+    and the checkpoints), bit for bit. K = 3 mixes full dispatches (steps 21-23) with
+    cut ones (14-16, ...)."""
+    ref_dir = reference[0]
+    config = load_config(F1_CONFIG, F1_ARG, {**F1_OVERRIDES, **overrides})
+    train.train_and_evaluate(config, str(tmp_path))
+    assert_same_run(str(tmp_path), ref_dir)
+
+
+def test_sigterm_saves_the_current_step_and_resume_is_bit_exact(reference, tmp_path):
+    """A real SIGTERM to the CLI with no periodic checkpoint due: the run saves the step
+    it reached, exits 0 within seconds, and the rerun ends as the uninterrupted one."""
+    ref_dir = reference[0]
+    workdir = str(tmp_path / "preempted")
+    overrides = {**F1_OVERRIDES, "checkpoint_every_steps": 1000}
+    signal_after = random.Random().randint(2, 10)
+    proc = subprocess.Popen(
+        cli(workdir, F1_ARG, overrides),
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    while proc.poll() is None:
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+            if steps and steps[-1] >= signal_after:
+                break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"run ended before the signal: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - sent < 60 and proc.returncode == 0, err[-3000:]
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert len(saved) == 1 and signal_after <= saved[0] < 24, (saved, out[-500:])
+    assert f"preemption notice (SIGTERM): saved step {saved[0]}" in out
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+    done = subprocess.run(
+        cli(workdir, F1_ARG, overrides), cwd=ROOT, env=cli_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"at step {saved[0]}" in done.stdout
+    assert_same_run(workdir, ref_dir)
 
 
 def test_rerun_of_finished_run_changes_nothing(reference, tmp_path):
@@ -245,21 +310,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    """2 processes x 4 devices against 1 process x 8 devices, same config.
+TWO_PROCESS_OVERRIDES = {**F1_OVERRIDES, "xla_cpu_fast_options": False}
 
-    Both with XLA's default CPU options, under which the per-device programs compute
-    bit for bit alike and only the all-reduce order differs. Under
-    train.XLA_CPU_FAST_OPTIONS the first update already differs by float32 rounding
-    (1e-7 in ||w_1 - w_0||; presumably the Eigen kernels split work by how many devices share
-    a process's threads), which then grows as any kernel change does (compare
-    test_xla_cpu_fast_options_train_the_same): 9e-5 in ||w_t - w_0|| and 7e-3 in the
-    batch metrics by step 24, too much for this test's tolerances.
-    """
-    overrides = {**F1_OVERRIDES, "xla_cpu_fast_options": False}
-    ref_dir, workdir = str(tmp_path / "one"), str(tmp_path / "two")
+
+def two_processes(workdir, overrides):
+    """The CLI as 2 processes x 4 CPU devices (jax.distributed), started, not waited for."""
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             cli(
                 workdir,
@@ -277,9 +334,18 @@ def test_two_processes_match_one(tmp_path):
         )
         for i in range(2)
     ]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Workdirs of the reference config (XLA's default CPU options) run uninterrupted as
+    2 processes x 4 devices and as 1 process x 8 devices, side by side."""
+    ref_dir = str(tmp_path_factory.mktemp("one_process"))
+    workdir = str(tmp_path_factory.mktemp("two_processes"))
+    procs = two_processes(workdir, TWO_PROCESS_OVERRIDES)
     procs.append(
         subprocess.Popen(
-            cli(ref_dir, F1_ARG, overrides),
+            cli(ref_dir, F1_ARG, TWO_PROCESS_OVERRIDES),
             cwd=ROOT,
             env=cli_env(num_devices=8),
             stdout=subprocess.PIPE,
@@ -290,6 +356,21 @@ def test_two_processes_match_one(tmp_path):
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
+    return workdir, ref_dir
+
+
+def test_two_processes_match_one(two_process_runs):
+    """2 processes x 4 devices against 1 process x 8 devices, same config.
+
+    Both with XLA's default CPU options, under which the per-device programs compute
+    bit for bit alike and only the all-reduce order differs. Under
+    train.XLA_CPU_FAST_OPTIONS the first update already differs by float32 rounding
+    (1e-7 in ||w_1 - w_0||; presumably the Eigen kernels split work by how many devices share
+    a process's threads), which then grows as any kernel change does (compare
+    test_xla_cpu_fast_options_train_the_same): 9e-5 in ||w_t - w_0|| and 7e-3 in the
+    batch metrics by step 24, too much for this test's tolerances.
+    """
+    workdir, ref_dir = two_process_runs
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
     assert (summary["process_count"], summary["devices"]) == (2, 8)
@@ -342,6 +423,40 @@ def test_xla_cpu_fast_options_train_the_same(reference, tmp_path):
         assert a["weight_distance"] == pytest.approx(b["weight_distance"], rel=1e-3)
         for key in b:
             assert a[key] == pytest.approx(b[key], rel=3e-2, abs=1e-6), (a["step"], key)
+
+
+def test_sigterm_to_one_of_two_processes(two_process_runs, tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption service has both processes save the
+    same step and exit 0; the rerun ends as the uninterrupted two-process run."""
+    ref_dir = two_process_runs[0]
+    workdir = str(tmp_path / "preempted")
+    overrides = {**TWO_PROCESS_OVERRIDES, "checkpoint_every_steps": 1000}
+    procs = two_processes(workdir, overrides)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    while all(p.poll() is None for p in procs):
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+            if steps and steps[-1] >= 4:
+                break
+        time.sleep(0.01)
+    assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-2000:]
+    procs[1].send_signal(signal.SIGTERM)
+    sent = time.time()
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert time.time() - sent < 60
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert len(saved) == 1 and 4 <= saved[0] < 24, saved
+    assert f"saved step {saved[0]}" in outputs[0][0]
+
+    outputs = [p.communicate(timeout=300) for p in two_processes(workdir, overrides)]
+    assert f"at step {saved[0]}" in outputs[0][0]
+    assert read_metrics(workdir) == read_metrics(ref_dir)
+    (_, state), (_, ref_state) = final_state(workdir), final_state(ref_dir)
+    for key in ref_state:
+        np.testing.assert_array_equal(state[key], ref_state[key], err_msg=key)
 
 
 # ------------------------------------------------------------------ errors
@@ -397,3 +512,84 @@ def test_nan_loss_exits_nonzero_and_keeps_last_good_checkpoint(tmp_path):
     assert not any(
         d.isdigit() and int(d) > 4 for d in os.listdir(os.path.join(workdir, "checkpoints"))
     )
+
+
+# ------------------------------------------------------------ the authors' protocol
+
+
+@pytest.mark.parametrize("norm", ["batch", "ghost"])
+def test_padded_partial_batch_steps_like_the_compact_batch(norm):
+    """A partial batch padded to 256 rows with a mask trains like the 200 real rows.
+
+    With ghost norm (ghost 32: 8 groups) the 200 rows sit as 8 chunks of 25 (torch.chunk
+    in the authors' main_gbn.py), so the reference is the compact batch with ghost 25.
+    """
+    from gbn_jax import models
+    from gbn_jax.data import iterators
+
+    rng = np.random.default_rng(6)
+    n, batch, ghost = 200, 256, 32
+    images = rng.normal(size=(n, 28, 28, 1)).astype(np.float32)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    slots = iterators.partial_batch_slots(
+        np.arange(n), batch, batch // ghost if norm == "ghost" else 1
+    )
+    real = slots >= 0
+    padded = {
+        "image": np.where(real[:, None, None, None], images[np.maximum(slots, 0)], 0.0),
+        "label": np.where(real, labels[np.maximum(slots, 0)], 0).astype(np.int32),
+        "mask": real,
+    }
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    def one_step(ghost_size, batch_):
+        model = models.get_model(
+            "f1", num_classes=10, norm=norm, ghost_batch_size=ghost_size, width=32
+        )
+        state = train.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+        step = jax.jit(train.make_train_step(model, tx, lambda s: 0.1))
+        return step(state, batch_, jax.random.key(1))
+
+    got_state, got = one_step(ghost, padded)
+    want_state, want = one_step(
+        n // 8 if norm == "ghost" else ghost, {"image": images, "label": labels}
+    )
+    for key in ("loss", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-5)
+    for a, b in zip(
+        jax.tree.leaves((got_state.params, got_state.batch_stats)),
+        jax.tree.leaves((want_state.params, want_state.batch_stats)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+def test_authors_protocol_end_to_end_with_validation_split(tmp_path, devices):
+    """protocol=authors through the trainer: 1,000 training images at batch 512 give
+    2 steps per epoch, the second a partial batch of 488 (8 ghost chunks of 61)."""
+    workdir = str(tmp_path / "authors")
+    config = load_config(
+        F1_CONFIG,
+        "lb_lr_gbn,protocol=authors,batch=512,ghost=64,validation=59000,epochs_scale=0.06",
+        {"eval_batch_size": 2000},
+    )
+    summary = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "regime.json")) as f:
+        regime = json.load(f)
+    assert regime["steps_per_epoch"] == 2 and regime["total_steps"] == 6
+    assert regime["momentum_reset"] and regime["keep_last_batch"]
+    # main_gbn.py scales against the ghost size.
+    assert math.isclose(regime["lr_boundaries"][0][1], 0.1 * math.sqrt(512 / 64))
+    records = read_metrics(workdir)
+    evals = [r for r in records if "val_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(np.isfinite(r["val_loss"]) and np.isfinite(r["eval_loss"]) for r in evals)
+    best_val = max(evals, key=lambda r: r["val_accuracy"])
+    assert summary["best_val_accuracy"] == best_val["val_accuracy"]
+    assert summary["eval_accuracy_at_best_val"] == best_val["eval_accuracy"]
+    assert summary["best_eval_accuracy"] == max(r["eval_accuracy"] for r in evals)
+    assert summary["final_eval_accuracy"] == evals[-1]["eval_accuracy"]
+    _, state = final_state(workdir)
+    scales = [v for k, v in state.items() if "scale" in k and "params0" in k]
+    # gamma ~ U[0, 1) at step 0 (the checkpoint keeps the step-0 parameters).
+    assert len(scales) == 5 and all(np.all((s >= 0) & (s < 1)) for s in scales)

@@ -42,14 +42,19 @@ def crop_flip(
     *,
     row_offset: int | jax.Array = 0,
     total_rows: int | None = None,
+    pad: int = CIFAR_PAD,
+    fill: int = 0,
 ) -> jax.Array:
-    """Pads by 4 (zeros), takes a random window of the original size, flips half.
+    """Pads by `pad` pixels of value `fill`, takes a random window of the original size
+    (every offset in [0, 2 * pad] equally likely), flips half of the images.
 
     Args:
       images: uint8 (n, H, W, C).
       key: the step's key; draws are made for `total_rows` rows.
       row_offset: row of `images[0]` in the global batch.
       total_rows: rows of the global batch (default n).
+      pad: padding on each side (4 for CIFAR; 2 for the authors' MNIST, 28 -> 32).
+      fill: the padding's pixel value (the authors pad CIFAR with 127).
 
     Returns:
       uint8 (n, H, W, C).
@@ -59,12 +64,12 @@ def crop_flip(
     n, height, width, channels = images.shape
     total_rows = n if total_rows is None else total_rows
     crop_key, flip_key = jax.random.split(key)
-    offsets = jax.random.randint(crop_key, (total_rows, 2), 0, 2 * CIFAR_PAD + 1)
+    offsets = jax.random.randint(crop_key, (total_rows, 2), 0, 2 * pad + 1)
     flips = jax.random.bernoulli(flip_key, 0.5, (total_rows,))
     offsets = jax.lax.dynamic_slice_in_dim(offsets, row_offset, n)
     flips = jax.lax.dynamic_slice_in_dim(flips, row_offset, n)
-    pad = ((0, 0), (CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0))
-    padded = jnp.pad(images, pad)
+    widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    padded = jnp.pad(images, widths, constant_values=jnp.asarray(fill, images.dtype))
 
     def window(image, offset):
         return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
@@ -79,6 +84,50 @@ def step_key(seed: int | jax.Array, global_step: int | jax.Array) -> jax.Array:
     return jax.random.fold_in(key, global_step)
 
 
+def transform(
+    images: jax.Array,
+    seed: int | jax.Array,
+    global_step: int | jax.Array,
+    *,
+    augmentation: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    row_offset: int | jax.Array = 0,
+    total_rows: int | None = None,
+    pad: int = CIFAR_PAD,
+    fill: int = 0,
+) -> jax.Array:
+    """Augments (from (seed, global step)) and normalizes uint8 images: pure, traceable.
+
+    The one definition of a training batch's pixels, traced both by
+    `make_device_transform` (one jitted call per batch) and inside the trainer's scanned
+    loop (gbn_jax/data/feed.py), so the two give the same float32 batch bit for bit.
+
+    Args:
+      images: uint8 (n, H, W, C).
+      seed: the data seed (uint32).
+      global_step: the step the batch belongs to.
+      augmentation: "crop_flip" or "none".
+      mean: per-channel mean of [0, 1] pixels.
+      std: per-channel std of [0, 1] pixels.
+      row_offset: row of `images[0]` in the global batch.
+      total_rows: rows of the global batch (default n).
+      pad: padding on each side before the crop ("crop_flip").
+      fill: the padding's pixel value.
+
+    Returns:
+      float32 (n, H, W, C).
+
+    References: paper-notes section 5 (CIFAR: pad 4 + random crop + horizontal flip).
+    """
+    if augmentation == "crop_flip":
+        key = step_key(seed, global_step)
+        images = crop_flip(
+            images, key, row_offset=row_offset, total_rows=total_rows, pad=pad, fill=fill
+        )
+    return normalize(images, mean, std)
+
+
 @functools.lru_cache(maxsize=64)
 def make_device_transform(
     augmentation: str,
@@ -87,6 +136,8 @@ def make_device_transform(
     *,
     total_rows: int | None = None,
     out_sharding: jax.sharding.Sharding | None = None,
+    pad: int = CIFAR_PAD,
+    fill: int = 0,
 ):
     """Returns jitted `transform(images_uint8, seed, global_step, row_offset) -> float32`.
 
@@ -100,17 +151,27 @@ def make_device_transform(
       std: per-channel std of [0, 1] pixels.
       total_rows: rows of the global batch (default: rows of the input).
       out_sharding: sharding of the output (None: follow the input).
+      pad: padding on each side before the crop ("crop_flip").
+      fill: the padding's pixel value.
     """
     if augmentation not in ("crop_flip", "none"):
         raise ValueError(f"{augmentation=} is not a device augmentation; use 'crop_flip'/'none'")
 
-    def transform(images, seed, global_step, row_offset):
-        if augmentation == "crop_flip":
-            key = step_key(seed, global_step)
-            images = crop_flip(images, key, row_offset=row_offset, total_rows=total_rows)
-        return normalize(images, mean, std)
+    def batch_transform(images, seed, global_step, row_offset):
+        return transform(
+            images,
+            seed,
+            global_step,
+            augmentation=augmentation,
+            mean=mean,
+            std=std,
+            row_offset=row_offset,
+            total_rows=total_rows,
+            pad=pad,
+            fill=fill,
+        )
 
-    return jax.jit(transform, out_shardings=out_sharding)
+    return jax.jit(batch_transform, out_shardings=out_sharding)
 
 
 def random_resized_crop(

@@ -4,7 +4,9 @@ Every process computes the same permutation of the training split from (seed, ep
 Global batch `s` of an epoch is positions [s*B, (s+1)*B) of that permutation, and
 process `p` of `P` reads the contiguous slice [p*B/P, (p+1)*B/P) of it, so the processes
 read disjoint shards whose union is the epoch's used examples, each exactly once (the
-last N mod B examples of the permutation are dropped). The process-local uint8 batches
+last N mod B examples of the permutation are dropped, unless `keep_last_batch`: then
+the epoch ends with a partial batch laid out by `partial_batch_slots`, padded to B rows
+and marked by a "mask"). The process-local uint8 batches
 are assembled into one global `jax.Array` with `jax.make_array_from_process_local_data`
 and then augmented and normalized on the devices.
 
@@ -38,6 +40,45 @@ def process_slice(
     """The contiguous part of one global batch that process `process_index` reads."""
     local = len(global_positions) // process_count
     return global_positions[process_index * local : (process_index + 1) * local]
+
+
+def partial_batch_slots(positions: np.ndarray, global_batch_size: int, groups: int) -> np.ndarray:
+    """Lays out one batch of positions in `global_batch_size` slots; -1 marks an empty slot.
+
+    A full batch is returned unchanged. A partial batch of n < B examples is cut as
+    ``torch.chunk(batch, groups)`` cuts it in the authors' ``main_gbn.py``: into chunks
+    of c = ceil(n / groups) consecutive examples (the last may be shorter), and chunk j
+    fills the first slots of the j-th group of B / groups slots. With ghost batch norm
+    (groups = B / ghost size) each chunk is then normalized alone, as there; with
+    ``groups=1`` the real examples come first.
+
+    Args:
+      positions: the batch's positions in the epoch's permutation (at most B of them).
+      global_batch_size: B, slots per batch.
+      groups: slot groups (ghost batches per global batch); must divide B.
+
+    Returns:
+      An array of B positions, -1 where no example goes.
+
+    Raises:
+      ValueError: more positions than slots, or groups not dividing B.
+
+    >>> partial_batch_slots(np.arange(5), 8, 2)
+    array([ 0,  1,  2, -1,  3,  4, -1, -1])
+    """
+    n = len(positions)
+    if n > global_batch_size or groups <= 0 or global_batch_size % groups:
+        raise ValueError(
+            f"cannot lay out {n} examples in {global_batch_size} slots of {groups} groups; "
+            "the groups (ghost batches) must divide the global batch."
+        )
+    if n == global_batch_size:
+        return positions
+    chunk = -(-n // groups)
+    within = np.arange(n)
+    slots = np.full(global_batch_size, -1, dtype=np.asarray(positions).dtype)
+    slots[(within // chunk) * (global_batch_size // groups) + within % chunk] = positions
+    return slots
 
 
 def default_sharding() -> NamedSharding:
@@ -157,9 +198,14 @@ class TrainIterator:
         process_count: int,
         simulated: bool,
         num_threads: int,
+        validation_size: int = 0,
+        keep_last_batch: bool = False,
+        batch_groups: int = 1,
     ):
         self.name = name
         self.seed = seed
+        self.keep_last_batch = keep_last_batch
+        self._batch_groups = batch_groups
         self.global_batch_size = global_batch_size
         self.sharding = sharding
         self.process_index = process_index
@@ -167,33 +213,51 @@ class TrainIterator:
         self._simulated = simulated
         self._local_batch_size = global_batch_size // process_count
         if spec.in_memory:
-            self._images, self._labels = sources.load_arrays(name, spec.train_split, data_dir)
+            self._images, self._labels = sources.load_arrays(
+                name, spec.train_split, data_dir, validation_size
+            )
             self._reader = None
             num_examples, self.image_shape = len(self._labels), self._images.shape[1:]
         else:
+            if validation_size or keep_last_batch:
+                raise ValueError(
+                    f"{validation_size=} and {keep_last_batch=} need an in-memory dataset; "
+                    f"{name!r} streams through grain. Set both off."
+                )
             source = sources.random_access_source(spec.tfds_name, spec.train_split, data_dir)
             self._reader = _GrainReader(source, spec.augmentation, seed, True, num_threads)
             num_examples, self.image_shape = len(source), self._reader.image_shape
         self.num_examples = num_examples
         self.steps_per_epoch = num_examples // global_batch_size
-        if self.steps_per_epoch == 0:
+        if keep_last_batch:
+            self.steps_per_epoch = -(-num_examples // global_batch_size)
+        if num_examples < global_batch_size:
             raise ValueError(
                 f"{global_batch_size=} is larger than the {num_examples} training examples "
                 f"of {name!r}; use a smaller batch"
             )
-        device_aug = "crop_flip" if spec.augmentation == "crop_flip" else "none"
+        self.spec = spec
+        # What the devices still do to a uint8 batch (host-cropped data: normalize only).
+        self.device_augmentation = "crop_flip" if spec.augmentation == "crop_flip" else "none"
         self._transform = augment.make_device_transform(
-            device_aug,
+            self.device_augmentation,
             spec.mean,
             spec.std,
             total_rows=global_batch_size,
             out_sharding=None if simulated else sharding,
+            pad=spec.pad,
+            fill=spec.fill,
         )
         self._seed32 = np.uint32(seed)
         self._row_offset = np.int32(process_index * self._local_batch_size if simulated else 0)
         self._epoch, self._step_in_epoch = 0, 0
         self._stream = None  # (epoch, next step, grain iterator) on the grain path.
         self._cached_permutation = (-1, None)
+
+    @property
+    def host_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The whole split in host memory (uint8 images, int32 labels); None if streamed."""
+        return None if self._reader is not None else (self._images, self._labels)
 
     # -------------------------------------------------------------- state
 
@@ -240,18 +304,33 @@ class TrainIterator:
             )
         return self._cached_permutation[1]
 
-    def local_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
-        """Training-split indices this process reads for one global batch."""
+    def global_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+        """Training-split indices of one global batch (every process's rows, in order;
+        -1 marks the empty slots of a kept partial batch)."""
         permutation = self._permutation(epoch)
         start = step_in_epoch * self.global_batch_size
         positions = permutation[start : start + self.global_batch_size]
+        if self.keep_last_batch:  # -1 marks the empty slots of a partial batch.
+            positions = partial_batch_slots(positions, self.global_batch_size, self._batch_groups)
+        return positions
+
+    def local_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+        """Training-split indices this process reads for one global batch."""
+        positions = self.global_indices(epoch, step_in_epoch)
         return process_slice(positions, self.process_index, self.process_count)
 
-    def _local_batch(self) -> tuple[np.ndarray, np.ndarray]:
+    def _local_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(images, labels, mask): mask is None unless the last batch is kept."""
         epoch, step = self._epoch, self._step_in_epoch
         if self._reader is None:
             indices = self.local_indices(epoch, step)
-            return self._images[indices], self._labels[indices]
+            if not self.keep_last_batch:
+                return self._images[indices], self._labels[indices], None
+            real = indices >= 0
+            rows = np.where(real, indices, 0)
+            images = self._images[rows]
+            images[~real] = 0
+            return images, np.where(real, self._labels[rows], 0), real
         if self._stream is None or self._stream[:2] != (epoch, step):
             # (Re)open the epoch's grain stream at this step.
             used = self._permutation(epoch)[: self.steps_per_epoch * self.global_batch_size]
@@ -264,29 +343,58 @@ class TrainIterator:
             )
         images, labels = next(self._stream[2])
         self._stream = (epoch, step + 1, self._stream[2])
-        return images, labels
+        return images, labels, None
+
+    def _advance(self) -> None:
+        self._step_in_epoch += 1
+        if self._step_in_epoch == self.steps_per_epoch:
+            self._epoch, self._step_in_epoch = self._epoch + 1, 0
+
+    def next_global_indices(self) -> np.ndarray:
+        """The next global batch as training-split indices (nothing read); advances.
+
+        The device-resident path of gbn_jax/data/feed.py gathers these rows on the
+        devices, from its copy of the split.
+        """
+        indices = self.global_indices(self._epoch, self._step_in_epoch)
+        self._advance()
+        return indices
+
+    def next_local_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """This process's rows of the next global batch: (uint8 images, int32 labels,
+        mask or None), not augmented or normalized (`augment.transform` of step
+        `self.step` before the call does that); advances."""
+        batch = self._local_batch()
+        self._advance()
+        return batch
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        images, labels = self._local_batch()
         global_step = np.int32(self.step)
+        images, labels, mask = self.next_local_batch()
         if self._simulated:
             images, labels = jax.device_put(images), jax.device_put(labels)
+            if mask is not None:
+                mask = jax.device_put(mask)
         else:
             shape = (self.global_batch_size, *images.shape[1:])
+            label_sharding = _label_sharding(self.sharding)
             images = jax.make_array_from_process_local_data(self.sharding, images, shape)
             labels = jax.make_array_from_process_local_data(
-                _label_sharding(self.sharding), labels, (self.global_batch_size,)
+                label_sharding, labels, (self.global_batch_size,)
             )
+            if mask is not None:
+                mask = jax.make_array_from_process_local_data(
+                    label_sharding, mask, (self.global_batch_size,)
+                )
         batch = {
             "image": self._transform(images, self._seed32, global_step, self._row_offset),
             "label": labels,
         }
-        self._step_in_epoch += 1
-        if self._step_in_epoch == self.steps_per_epoch:
-            self._epoch, self._step_in_epoch = self._epoch + 1, 0
+        if mask is not None:  # False on the padding of a partial batch.
+            batch["mask"] = mask
         return batch
 
 
@@ -309,6 +417,7 @@ class EvalIterator:
         process_count: int,
         simulated: bool,
         num_threads: int,
+        validation_size: int = 0,
     ):
         self.global_batch_size = global_batch_size
         self.sharding = sharding
@@ -317,13 +426,19 @@ class EvalIterator:
         self._simulated = simulated
         self._local_batch_size = global_batch_size // process_count
         if spec.in_memory:
-            self._images, self._labels = sources.load_arrays(name, split, data_dir)
+            self._images, self._labels = sources.load_arrays(name, split, data_dir, validation_size)
             self._reader = None
             self.num_examples, self.image_shape = len(self._labels), self._images.shape[1:]
         else:
+            if split == sources.HOLDOUT_SPLIT:
+                raise ValueError(
+                    f"a validation split held out of the training split needs an in-memory "
+                    f"dataset; {name!r} streams through grain."
+                )
             source = sources.random_access_source(spec.tfds_name, split, data_dir)
             self._reader = _GrainReader(source, spec.augmentation, 0, False, num_threads)
             self.num_examples, self.image_shape = len(source), self._reader.image_shape
+        self.spec = spec
         self._transform = augment.make_device_transform(
             "none",
             spec.mean,
@@ -331,14 +446,23 @@ class EvalIterator:
             out_sharding=None if simulated else sharding,
         )
 
+    @property
+    def host_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The whole split in host memory (uint8 images, int32 labels); None if streamed."""
+        return None if self._reader is not None else (self._images, self._labels)
+
+    def global_positions(self) -> np.ndarray:
+        """(batches, global batch) split positions of one pass; -1 marks padding."""
+        positions = np.arange(len(self) * self.global_batch_size)
+        positions[positions >= self.num_examples] = -1
+        return positions.reshape(len(self), self.global_batch_size)
+
     def __len__(self) -> int:
         return -(-self.num_examples // self.global_batch_size)
 
     def _local_positions(self) -> np.ndarray:
         """(num_batches, local batch) split positions; -1 marks padding."""
-        positions = np.arange(len(self) * self.global_batch_size)
-        positions[positions >= self.num_examples] = -1
-        per_batch = positions.reshape(len(self), self.process_count, -1)
+        per_batch = self.global_positions().reshape(len(self), self.process_count, -1)
         return per_batch[:, self.process_index]
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:

@@ -20,6 +20,15 @@ Normalization constants (per channel, on pixels scaled to [0, 1]):
 - cifar100: mean (0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762) (train split).
 - imagenet2012: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225) (torchvision).
 - any other TFDS dataset: mean 0.5, std 0.5 (maps pixels to [-1, 1]).
+
+`authors_spec` gives the training input of the authors' code instead (their
+``preprocess.py``): MNIST family padded by 2 to 32, a random 28x28 crop, a random
+horizontal flip, mean 0.5 and std 0.5; CIFAR padded by 4 with the value 127, crop and
+flip, ImageNet's mean and std.
+
+A validation split can be held out of the training split (`validation_size`): a fixed
+random subset, the same for every run and seed, read as the split "holdout"; the
+training split is then what remains.
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ IDX_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 # Datasets with a fixed image shape and at most this many bytes of uint8 pixels are
 # held in host memory and augmented on the device; larger ones stream through grain.
 IN_MEMORY_MAX_BYTES = 4 * 2**30
+# The validation split held out of the training split (`load_arrays(validation_size=)`).
+HOLDOUT_SPLIT = "holdout"
+# Fixes which examples are held out: one subset for every run and seed.
+HOLDOUT_SEED = 1705_08741
 
 
 class DatasetNotFoundError(FileNotFoundError, ValueError):
@@ -55,9 +68,11 @@ class DatasetSpec:
       eval_split: split used for evaluation when none is given.
       mean: per-channel mean of pixels in [0, 1].
       std: per-channel standard deviation of pixels in [0, 1].
-      augmentation: "none", "crop_flip" (pad 4, random crop, horizontal flip) or
+      augmentation: "none", "crop_flip" (pad, random crop, horizontal flip) or
         "inception" (random resized crop 224 and flip; eval resize 256, center crop 224).
       in_memory: hold the uint8 split in host memory (else stream through grain).
+      pad: pixels of padding on each side before the random crop ("crop_flip").
+      fill: the padding's pixel value (0-255).
     """
 
     tfds_name: str
@@ -67,6 +82,8 @@ class DatasetSpec:
     std: tuple[float, ...]
     augmentation: str
     in_memory: bool
+    pad: int = 4
+    fill: int = 0
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -297,23 +314,103 @@ def spec_for(name: str, data_dir: str | None = None) -> DatasetSpec:
     return DatasetSpec(name, "train", eval_split, IMAGENET_MEAN, IMAGENET_STD, "inception", False)
 
 
+def authors_spec(spec: DatasetSpec) -> DatasetSpec:
+    """The authors' training input for a dataset (eladhoffer/bigBatch preprocess.py).
+
+    Args:
+      spec: the dataset's own spec.
+
+    Returns:
+      MNIST family: pad 2 (zeros) to 32x32, random 28x28 crop, random horizontal flip,
+      mean 0.5, std 0.5. CIFAR: pad 4 with 127, random 32x32 crop, flip, ImageNet's
+      mean and std (their ``get_transform`` falls back to them).
+
+    Raises:
+      ValueError: a dataset whose authors' preprocessing is not implemented here.
+
+    References:
+      eladhoffer/bigBatch, ``preprocess.get_transform`` with ``augment=True``
+      (``pad_random_crop``).
+    """
+    if spec.tfds_name in ("mnist", "fashion_mnist"):
+        return dataclasses.replace(
+            spec, mean=(0.5,), std=(0.5,), augmentation="crop_flip", pad=2, fill=0
+        )
+    if spec.tfds_name in ("cifar10", "cifar100"):
+        return dataclasses.replace(
+            spec,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            augmentation="crop_flip",
+            pad=4,
+            fill=127,
+        )
+    raise ValueError(
+        f"the authors' input pipeline is implemented for the MNIST family and CIFAR, not "
+        f"{spec.tfds_name!r}; use augment='default'."
+    )
+
+
+def holdout_indices(num_train: int, validation_size: int) -> np.ndarray:
+    """The training-split indices held out as the validation split, sorted.
+
+    A fixed random subset (seeded by HOLDOUT_SEED, not by the run's seed), so that all
+    runs select and compare on the same examples.
+
+    Args:
+      num_train: examples in the whole training split.
+      validation_size: examples to hold out, 0 < validation_size < num_train.
+
+    Returns:
+      int64 indices, sorted.
+
+    Raises:
+      ValueError: a size outside (0, num_train).
+    """
+    if isinstance(validation_size, bool) or not 0 < validation_size < num_train:
+        raise ValueError(
+            f"{validation_size=} must lie strictly between 0 and the {num_train} training "
+            f"examples (e.g. validation=10000 for the MNIST family)."
+        )
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(num_train)
+    return np.sort(order[:validation_size])
+
+
 # ---------------------------------------------------------------------------- arrays
 
 
 @functools.lru_cache(maxsize=8)
 def load_arrays(
-    name: str, split: str, data_dir: str | None = None
+    name: str, split: str, data_dir: str | None = None, validation_size: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loads a whole split into host memory (cached per process).
 
     Args:
       name: dataset name.
-      split: "train", "test", ... .
+      split: "train", "test", ..., or "holdout" (the validation split held out of the
+        training split; needs ``validation_size``).
       data_dir: directory of IDX files (MNIST family) or of prepared TFDS data.
+      validation_size: examples held out of the training split (`holdout_indices`);
+        with it, the training split is what remains. 0: nothing held out.
 
     Returns:
       (images uint8 (N, H, W, C), labels int32 (N,)), both read-only.
     """
+    train_split = spec_for(name, data_dir).train_split
+    if split == HOLDOUT_SPLIT or (validation_size and split == train_split):
+        if not validation_size:
+            raise ValueError(
+                f"split {HOLDOUT_SPLIT!r} is held out of the training split; give its size "
+                f"(validation_size=, the config's validation= option)."
+            )
+        images, labels = load_arrays(name, train_split, data_dir)
+        held = np.zeros(len(labels), bool)
+        held[holdout_indices(len(labels), validation_size)] = True
+        keep = held if split == HOLDOUT_SPLIT else ~held
+        images, labels = images[keep], labels[keep]
+        images.flags.writeable = False
+        labels.flags.writeable = False
+        return images, labels
     idx_dir = find_idx_dir(name, data_dir) if name in ("mnist", "fashion_mnist") else None
     if idx_dir is not None:
         if split not in IDX_SPLIT_PREFIX:

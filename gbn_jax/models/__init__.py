@@ -64,6 +64,7 @@ def get_model(
     running_update: str = "sequential",
     bn_momentum: float = 0.9,
     dtype: Any = jnp.float32,
+    bn_scale_init: str = "ones",
     **kwargs: Any,
 ) -> nn.Module:
     """Builds a model of the zoo by name.
@@ -79,6 +80,8 @@ def get_model(
       bn_momentum: Flax running-average momentum (0.9 == PyTorch's 0.1).
       dtype: compute dtype, a dtype or its name ("float32", "bfloat16", "float16").
         Parameters and batch statistics stay float32; logits are float32.
+      bn_scale_init: initial scale of every normalization layer: "ones" or
+        "uniform" (U[0, 1), PyTorch < 1.0 as in the authors' code).
       **kwargs: architecture fields of the chosen model, e.g. ``depth=56`` for
         "resnet_cifar", ``widen_factor=8, dropout_rate=0.3`` for "wide_resnet",
         ``classifier_width=4096`` for "vgg", ``zero_init_residual=True`` for
@@ -105,6 +108,7 @@ def get_model(
         running_update=running_update,
         momentum=bn_momentum,
         dtype=dtype,
+        scale_init=bn_scale_init,
     )
     constructor = MODELS[name]
     fixed = getattr(constructor, "keywords", {})
@@ -128,6 +132,7 @@ def get_model(
         running_update=running_update,
         bn_momentum=bn_momentum,
         dtype=dtype,
+        bn_scale_init=bn_scale_init,
         **kwargs,
     )
 

@@ -179,6 +179,8 @@ class ZooModel(nn.Module):
       bn_momentum: Flax running-average momentum (0.9 == PyTorch's 0.1).
       dtype: compute dtype of activations; parameters stay float32 and the logits
         are returned as float32.
+      bn_scale_init: initial scale of the normalization layers, "ones" or "uniform"
+        (U[0, 1), PyTorch < 1.0 as in the authors' code).
     """
 
     num_classes: int
@@ -187,6 +189,7 @@ class ZooModel(nn.Module):
     running_update: str = "sequential"
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    bn_scale_init: str = "ones"
 
     def norm_layer(self, train: bool) -> Callable[..., nn.Module]:
         """Returns the normalization constructor for this call (batch stats in training).
@@ -208,6 +211,7 @@ class ZooModel(nn.Module):
             running_update=self.running_update,
             momentum=self.bn_momentum,
             dtype=self.dtype,
+            scale_init=self.bn_scale_init,
         )
         return functools.partial(norm, use_running_average=not train)
 

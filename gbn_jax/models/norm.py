@@ -8,18 +8,24 @@ References:
   Hoffer, Hubara & Soudry (2017), section 4 (Ghost Batch Normalization, Algorithm 1).
 """
 
+import contextlib
 import functools
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from gbn_jax.ghost_norm import GhostBatchNorm
 
 NORMS = ("batch", "ghost")
 RUNNING_UPDATES = ("sequential", "mean")
+# Initial scale (gamma) of every normalization layer. "ones" is Flax's and PyTorch's
+# (>= 1.0) default; "uniform" draws U[0, 1) as PyTorch < 1.0 did (``reset_parameters``
+# of its _BatchNorm), which the authors' code ran with.
+SCALE_INITS = {"ones": nn.initializers.ones, "uniform": nn.initializers.uniform(scale=1.0)}
 
 # PyTorch's epsilon (and Flax's default); the authors' models use nn.BatchNorm{1,2}d.
 BN_EPSILON = 1e-5
@@ -32,6 +38,7 @@ def make_norm(
     running_update: str = "sequential",
     momentum: float = 0.9,
     dtype: Any = jnp.float32,
+    scale_init: str = "ones",
 ) -> Callable[..., nn.Module]:
     """Returns a constructor for the normalization layer a model should use.
 
@@ -55,13 +62,17 @@ def make_norm(
       momentum: Flax's running-average momentum (new = m * old + (1 - m) * stat);
         0.9 equals PyTorch's default momentum of 0.1 used by the authors' code.
       dtype: compute dtype of the layer's output (e.g. ``jnp.bfloat16``).
+      scale_init: the initial scale of every layer: "ones" or "uniform" (U[0, 1), the
+        authors' PyTorch < 1.0). A model may still pass ``scale_init=`` to one layer
+        (e.g. zero-initialized residual branches), which overrides this.
 
     Returns:
       A callable that builds the normalization module, e.g.
       ``make_norm("ghost", ghost_batch_size=128)(use_running_average=not train)``.
 
     Raises:
-      ValueError: for an unknown ``norm`` or ``running_update``, for ``norm="ghost"``
+      ValueError: for an unknown ``norm``, ``running_update`` or ``scale_init``, for
+        ``norm="ghost"``
         without a positive integer ``ghost_batch_size``, or for a momentum outside
         [0, 1).
 
@@ -70,6 +81,8 @@ def make_norm(
     """
     if norm not in NORMS:
         raise ValueError(f"Unknown normalization {norm=}; use one of {NORMS}.")
+    if scale_init not in SCALE_INITS:
+        raise ValueError(f"Unknown {scale_init=}; use one of {sorted(SCALE_INITS)}.")
     if not 0.0 <= momentum < 1.0:
         raise ValueError(
             f"Batch-norm {momentum=} must lie in [0, 1) (Flax convention: 0.9 is "
@@ -80,6 +93,7 @@ def make_norm(
         epsilon=BN_EPSILON,
         dtype=dtype,
         param_dtype=jnp.float32,
+        scale_init=SCALE_INITS[scale_init],
     )
     if norm == "batch":
         return functools.partial(nn.BatchNorm, **common)
@@ -102,3 +116,38 @@ def make_norm(
         running_update=running_update,
         **common,
     )
+
+
+@contextlib.contextmanager
+def example_mask(mask: jax.Array | None) -> Iterator[None]:
+    """Leaves masked examples out of the statistics of every normalization layer.
+
+    Inside the context, each call of a ``flax.linen.BatchNorm`` or ``GhostBatchNorm``
+    (of any model, without changing its code) receives ``mask`` for the leading axis of
+    its input, so padded rows of a batch (e.g. the partial last batch of an epoch,
+    padded to the global batch) change neither the batch or ghost-batch statistics nor
+    the running averages. ``None`` changes nothing.
+
+    Args:
+      mask: boolean (batch,), False on the rows to leave out, or None.
+
+    Yields:
+      Nothing; apply the model inside the ``with`` block.
+
+    References:
+      Flax ``nn.intercept_methods``; ``nn.BatchNorm``'s ``mask`` argument.
+    """
+    if mask is None:
+        yield
+        return
+
+    def add_mask(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(
+            context.module, nn.BatchNorm | GhostBatchNorm
+        ):
+            rank = jnp.ndim(args[0])
+            kwargs = {**kwargs, "mask": mask.reshape(mask.shape + (1,) * (rank - 1))}
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(add_mask):
+        yield

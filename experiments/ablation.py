@@ -1,0 +1,484 @@
+"""Ablation of the authors' protocol on the uncompressed F1 regime (Fashion-MNIST).
+
+Which of the ways the authors' code (eladhoffer/bigBatch) departs from the paper's text
+moves the +LR and +GBN columns relative to plain LB? Every run is the full F1 regime
+(50 epochs, LR 0.1 x0.1 at epochs 10/20/30, momentum 0.9, wd 1e-4, clip 5) through the
+real trainer CLI, with 10,000 training images held out as a validation split
+(``validation=10000``): protocols are compared on validation accuracy, never on the
+test split that the headline table reports.
+
+Groups of runs (each a set of config options on top of the column's variant):
+
+* ``default``: today's protocol (|B_L| = 4096 for LB, +LR, +GBN; LR x sqrt(B/128)).
+* ``authors``: ``protocol=authors``, every switch below at once.
+* one group per switch alone on top of ``default``: ``momentum_reset``,
+  ``bn_scale_init``, ``augment``, ``keep_last_batch``, ``lr_rule``.
+
+The plan is a priority list (seed 0 of default and authors, then each switch on seed
+0, then seeds 1 and 2, then SB); ``--stage`` picks how far to go. Every finished run
+writes ``experiments/results/ablation_f1/runs/<group>__<column>__seed<k>.json`` and the
+driver skips runs whose file exists, so a sweep continues across sessions and machines;
+``--commit`` commits each file as it lands. Unfinished runs resume from their trainer
+checkpoints under ``--runs_dir``.
+
+Usage:
+
+  .venv/bin/python -m experiments.ablation --stage 1 --commit   # seed 0 of everything
+  .venv/bin/python -m experiments.ablation --stage 2 --commit   # + seeds 1, 2 and SB
+  .venv/bin/python -m experiments.ablation --report_only
+
+Writes experiments/results/ablation_f1.{md,json}.
+
+References:
+  Hoffer, Hubara & Soudry (2017), table 1 (F1 row); eladhoffer/bigBatch (main_normal.py,
+  main_gbn.py, utils.adjust_optimizer, preprocess.py, run_experiments.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO_ROOT))
+
+from experiments import plots, reproduce_table  # noqa: E402
+
+CONFIG_FILE = "configs/fashion_mnist_f1.py"
+VALIDATION_SIZE = 10_000
+COLUMNS = ("lb", "lb_lr", "lb_lr_gbn")
+# Options of each group, on top of the variant (values as typed in the config argument).
+GROUPS: dict[str, dict[str, str]] = {
+    "default": {},
+    "authors": {"protocol": "authors"},
+    "momentum_reset": {"momentum_reset": "1"},
+    "bn_scale_init": {"bn_scale_init": "uniform"},
+    "augment": {"augment": "authors"},
+    "keep_last_batch": {"keep_last_batch": "1"},
+    "lr_rule": {"lr_rule": "authors"},
+}
+SWITCHES = tuple(g for g in GROUPS if g not in ("default", "authors"))
+# The protocol of the README's headline table, chosen on validation accuracy (see
+# the ablation's markdown): its SB, LB, +LR, +GBN and +RA runs give the headline.
+HEADLINE_GROUP = "default"
+# lr_rule=authors leaves +GBN as it is (4096, LR x sqrt(4096/128) either way).
+SAME_AS_DEFAULT = {("lr_rule", "lb_lr_gbn")}
+LABELS = {"sb": "SB", "lb": "LB", "lb_lr": "+LR", "lb_lr_gbn": "+GBN", "lb_lr_gbn_ra": "+RA"}
+RESULTS_DIR = REPO_ROOT / "experiments" / "results"
+RUN_RESULTS = RESULTS_DIR / "ablation_f1" / "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One run of the ablation."""
+
+    group: str
+    column: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}__{self.column}__seed{self.seed}"
+
+    @property
+    def arg(self) -> str:
+        options = {**GROUPS[self.group], "validation": str(VALIDATION_SIZE)}
+        options["seed"] = str(self.seed)
+        return ",".join([self.column, *(f"{k}={v}" for k, v in options.items())])
+
+
+def plan(stage: int) -> list[Planned]:
+    """The runs up to `stage`, most informative first.
+
+    Stage 1: seed 0 of default and authors for LB, +LR, +GBN and SB, then each switch
+    alone (LB, +LR, +GBN).
+    Stage 2: seeds 1 and 2 of default and authors (LB, +LR, +GBN, then SB).
+    Stage 3: seeds 1 and 2 of every switch alone.
+    Stage 4: +RA at the full ratio (32: 1,600 epochs, ~80M images), seed 0, under the
+    headline protocol (HEADLINE_GROUP).
+    """
+    runs = [Planned(g, c, 0) for g in ("default", "authors") for c in COLUMNS]
+    runs += [Planned(g, "sb", 0) for g in ("default", "authors")]
+    runs += [Planned(g, c, 0) for g in SWITCHES for c in COLUMNS if (g, c) not in SAME_AS_DEFAULT]
+    if stage >= 2:
+        runs += [Planned(g, c, s) for s in (1, 2) for g in ("default", "authors") for c in COLUMNS]
+        runs += [Planned(g, "sb", s) for s in (1, 2) for g in ("default", "authors")]
+    if stage >= 4:
+        runs.append(Planned(HEADLINE_GROUP, "lb_lr_gbn_ra", 0))
+    if stage >= 3:
+        runs += [
+            Planned(g, c, s)
+            for s in (1, 2)
+            for g in SWITCHES
+            for c in COLUMNS
+            if (g, c) not in SAME_AS_DEFAULT
+        ]
+    return runs
+
+
+def result_path(run: Planned) -> Path:
+    return RUN_RESULTS / f"{run.name}.json"
+
+
+def git_commit() -> str | None:
+    """The checked-out commit (with '+dirty' when the library has uncommitted changes)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "gbn_jax", "configs"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def record(run: Planned, workdir: Path, argv: Sequence[str], commit: str | None) -> dict:
+    """The committed result of one finished run: summary, curve, regime, provenance."""
+    finished = plots.load_run(str(workdir))
+    summary = {k: v for k, v in (finished.summary or {}).items() if k != "config"}
+    curve = {}
+    for key in ("val_accuracy", "val_loss", "eval_accuracy", "eval_loss"):
+        steps, epochs, values = finished.series(key)
+        curve["step"], curve["epoch"] = steps.tolist(), [round(e, 3) for e in epochs.tolist()]
+        curve[key] = [round(v, 5) for v in values.tolist()]
+    regime = finished.regime or {}
+    return dict(
+        group=run.group,
+        column=run.column,
+        seed=run.seed,
+        config_arg=run.arg,
+        command=reproduce_table.printable_command(argv),
+        summary=summary,
+        curve=curve,
+        regime={
+            k: regime.get(k)
+            for k in (
+                "batch_size",
+                "steps_per_epoch",
+                "total_steps",
+                "lr_boundaries",
+                "lr_scale",
+                "momentum_reset",
+                "keep_last_batch",
+            )
+        },
+        wall_time_s=reproduce_table._wall_time(finished),
+        commit=commit,
+        hardware=reproduce_table.hardware(),
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+
+
+def commit_files(paths: Sequence[Path], message: str) -> None:
+    """Commits exactly `paths` (nothing else staged goes in); retries a busy index."""
+    rel = [str(p.relative_to(REPO_ROOT)) for p in paths]
+    for attempt in range(10):
+        add = subprocess.run(["git", "add", "--", *rel], cwd=REPO_ROOT, capture_output=True)
+        done = add.returncode == 0 and (
+            subprocess.run(
+                ["git", "commit", "-q", "-m", message, "--", *rel],
+                cwd=REPO_ROOT,
+                capture_output=True,
+            ).returncode
+            == 0
+        )
+        if done:
+            return
+        time.sleep(3 + attempt)
+    tqdm.tqdm.write(f"could not commit {rel}; commit them by hand")
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def load_results() -> dict[tuple[str, str, int], dict]:
+    """(group, column, seed) -> committed run result."""
+    results = {}
+    for path in sorted(RUN_RESULTS.glob("*.json")):
+        r = json.loads(path.read_text())
+        results[(r["group"], r["column"], r["seed"])] = r
+    return results
+
+
+def _accuracy(r: dict, split: str = "val") -> float:
+    return 100.0 * r["summary"][f"final_{split}_accuracy"]
+
+
+def _stats(values: Sequence[float]) -> tuple[float | None, float | None, int]:
+    if not values:
+        return None, None, 0
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else None), int(a.size)
+
+
+def aggregate(results: dict[tuple[str, str, int], dict]) -> dict[str, Any]:
+    """Per group and column: validation accuracy, paired differences to default and to LB.
+
+    Differences are paired by seed: ``vs_default`` is the group's run minus the default
+    group's run of the same column and seed; ``vs_lb`` is the column minus the same
+    group's LB of the same seed (the quantity the paper's +LR and +GBN claims are about).
+    """
+    table: dict[str, Any] = {}
+    for group in GROUPS:
+        for column in ("sb", *COLUMNS):
+            source = "default" if (group, column) in SAME_AS_DEFAULT else group
+            runs = {s: r for (g, c, s), r in results.items() if g == source and c == column}
+            if not runs:
+                continue
+            acc = {s: _accuracy(r) for s, r in runs.items()}
+            vs_default = {
+                s: a - _accuracy(results[("default", column, s)])
+                for s, a in acc.items()
+                if ("default", column, s) in results
+            }
+            vs_lb = {
+                s: a - _accuracy(results[(source, "lb", s)])
+                for s, a in acc.items()
+                if (source, "lb", s) in results and column != "lb"
+            }
+            cell = {}
+            for key, values in (("val", acc), ("vs_default", vs_default), ("vs_lb", vs_lb)):
+                mean, std, n = _stats(list(values.values()))
+                cell[key] = dict(
+                    mean=mean, std=std, n=n, per_seed={str(k): v for k, v in values.items()}
+                )
+            cell["same_as_default"] = source != group
+            table.setdefault(group, {})[column] = cell
+    return table
+
+
+def headline(results: dict[tuple[str, str, int], dict], group: str) -> dict[str, Any]:
+    """Test accuracy of one protocol's runs: the candidate for the README's headline.
+
+    Per column (SB, LB, +LR, +GBN, +RA): the final test accuracy, its paired gap to SB
+    (same seed), the best test accuracy over epochs (the authors' ``best_prec1``,
+    selected on the test set, so optimistic) and the test accuracy at the epoch of the
+    best validation accuracy.
+    """
+    out = {}
+    for column in LABELS:
+        runs = {s: r for (g, c, s), r in results.items() if g == group and c == column}
+        if not runs:
+            continue
+        sb = {s: results.get((group, "sb", s)) for s in runs}
+        cell = {}
+        for key, values in (
+            ("test", {s: _accuracy(r, "eval") for s, r in runs.items()}),
+            (
+                "gap_to_sb",
+                {
+                    s: _accuracy(r, "eval") - _accuracy(sb[s], "eval")
+                    for s, r in runs.items()
+                    if sb[s] is not None
+                },
+            ),
+            ("best_test", {s: 100 * r["summary"]["best_eval_accuracy"] for s, r in runs.items()}),
+            (
+                "test_at_best_val",
+                {s: 100 * r["summary"]["eval_accuracy_at_best_val"] for s, r in runs.items()},
+            ),
+        ):
+            mean, std, n = _stats(list(values.values()))
+            cell[key] = dict(
+                mean=mean, std=std, n=n, per_seed={str(k): v for k, v in values.items()}
+            )
+        cell["steps"] = next(iter(runs.values()))["regime"]["total_steps"]
+        cell["batch_size"] = next(iter(runs.values()))["regime"]["batch_size"]
+        out[column] = cell
+    return out
+
+
+def _fmt(stat: dict | None, sign: bool = False) -> str:
+    if not stat or stat["mean"] is None:
+        return "-"
+    text = f"{stat['mean']:+.2f}" if sign else f"{stat['mean']:.2f}"
+    if stat["std"] is not None:
+        text += f" ± {stat['std']:.2f}"
+    return text + (f" (n={stat['n']})" if stat["n"] != 1 else "")
+
+
+def markdown(table: dict[str, Any], results: dict) -> str:
+    labels = LABELS
+    lines = [
+        "# Ablation of the authors' protocol: F1 on Fashion-MNIST, uncompressed regime",
+        "",
+        f"Final **validation** accuracy (%) on {VALIDATION_SIZE} training images held out "
+        f"(training on the other {60_000 - VALIDATION_SIZE}); mean ± std over seeds "
+        "(ddof=1), n = number of seeds (1 when not shown). |B_S| = 128; the full F1 regime "
+        "(50 epochs, drops at 10/20/30). Differences are paired by seed.",
+        "",
+        "| group | "
+        + " | ".join(labels[c] for c in ("sb", *COLUMNS))
+        + " | +LR − LB | +GBN − LB |",
+        "|---" * 7 + "|",
+    ]
+    for group, row in table.items():
+        cells = [_fmt(row.get(c, {}).get("val")) for c in ("sb", *COLUMNS)]
+        cells += [_fmt(row.get(c, {}).get("vs_lb"), sign=True) for c in ("lb_lr", "lb_lr_gbn")]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Each switch alone against today's protocol (paired differences of validation "
+        "accuracy, group minus default, same column and seed):",
+        "",
+        "| switch | LB | +LR | +GBN |",
+        "|---|---|---|---|",
+    ]
+    for group in ("authors", *SWITCHES):
+        row = table.get(group, {})
+        cells = []
+        for c in COLUMNS:
+            cell = row.get(c)
+            if cell and cell["same_as_default"]:
+                cells.append("(same run as default)")
+            else:
+                cells.append(_fmt(cell.get("vs_default") if cell else None, sign=True))
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    head = headline(results, HEADLINE_GROUP)
+    if head:
+        columns = list(head)
+        lines += [
+            "",
+            f"## Test accuracy under the headline protocol ({HEADLINE_GROUP})",
+            "",
+            "| test accuracy (%) | " + " | ".join(LABELS[c] for c in columns) + " |",
+            "|---" * (len(columns) + 1) + "|",
+        ]
+        for key, name, sign in (
+            ("test", "final", False),
+            ("gap_to_sb", "final, gap to SB (paired)", True),
+            ("best_test", "best over epochs (authors' best_prec1)", False),
+            ("test_at_best_val", "at the best validation epoch", False),
+        ):
+            cells = [_fmt(head[c][key], sign) for c in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("| batch | " + " | ".join(str(head[c]["batch_size"]) for c in columns) + " |")
+        lines.append("| steps | " + " | ".join(str(head[c]["steps"]) for c in columns) + " |")
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run | batch | steps | LR at step 0 | val | test | wall (s) | commit |",
+    ]
+    lines.append("|---" * 8 + "|")
+    for (g, c, s), r in sorted(results.items()):
+        reg = r["regime"]
+        lines.append(
+            f"| {g} {labels[c]} seed {s} | {reg['batch_size']} | {reg['total_steps']} | "
+            f"{reg['lr_boundaries'][0][1]:.4f} | {_accuracy(r):.2f} | "
+            f"{_accuracy(r, 'eval'):.2f} | {r['wall_time_s'] or 0:.0f} | "
+            f"{(r['commit'] or '')[:12]} |"
+        )
+    lines += ["", "Commands (from the repository root):", "", "```"]
+    lines += [r["command"] for _, r in sorted(results.items())]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def report() -> dict[str, Any]:
+    results = load_results()
+    table = aggregate(results)
+    out = dict(
+        validation_size=VALIDATION_SIZE,
+        groups=GROUPS,
+        table=table,
+        headline_group=HEADLINE_GROUP,
+        headline=headline(results, HEADLINE_GROUP),
+        runs={
+            r_name: r
+            for r_name, r in ((f"{g}__{c}__seed{s}", r) for (g, c, s), r in results.items())
+        },
+    )
+    (RESULTS_DIR / "ablation_f1.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS_DIR / "ablation_f1.md").write_text(markdown(table, results))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", type=int, default=1, choices=(1, 2, 3, 4))
+    parser.add_argument("--runs_dir", default=str(REPO_ROOT / "runs" / "ablation_f1"))
+    parser.add_argument("--commit", action="store_true", help="git-commit each result file")
+    parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated run names to run")
+    args = parser.parse_args(argv)
+
+    failed = 0
+    if not args.report_only:
+        from gbn_jax import regimes  # JAX is imported only when training.
+
+        todo = [r for r in plan(args.stage) if not result_path(r).exists()]
+        if args.only:
+            todo = [r for r in todo if r.name in args.only.split(",")]
+        print(f"{len(todo)} run(s) to go; results in {RUN_RESULTS}")
+        config_module = reproduce_table._load_config_module()
+        resolved = {
+            r: regimes.resolve(config_module.get_config(r.arg), 60_000 - VALIDATION_SIZE)
+            for r in todo
+        }
+        total = sum(x.total_steps * x.batch_size for x in resolved.values())
+        RUN_RESULTS.mkdir(parents=True, exist_ok=True)
+        with tqdm.tqdm(total=total, unit="img", unit_scale=True, smoothing=0.05) as bar:
+            for run in todo:
+                workdir = Path(args.runs_dir) / run.group / run.column / f"seed{run.seed}"
+                argv_run = [
+                    sys.executable,
+                    "-m",
+                    "gbn_jax.main",
+                    f"--config={CONFIG_FILE}:{run.arg}",
+                    f"--workdir={workdir}",
+                ]
+                bar.set_description(run.name)
+                commit = git_commit()
+                rc, seconds = reproduce_table.run_one(
+                    argv_run,
+                    workdir,
+                    total_steps=resolved[run].total_steps,
+                    batch_size=resolved[run].batch_size,
+                    bar=bar,
+                )
+                if rc != 0 or not plots.load_run(str(workdir)).finished:
+                    failed += 1
+                    tqdm.tqdm.write(f"FAILED (exit {rc}) {workdir}; see its train.log")
+                    continue
+                result = record(run, workdir, argv_run, commit)
+                result_path(run).write_text(json.dumps(result, indent=1) + "\n")
+                report()
+                tqdm.tqdm.write(
+                    f"{run.name}: val {_accuracy(result):.2f} test {_accuracy(result, 'eval'):.2f} "
+                    f"in {seconds:.0f} s"
+                )
+                if args.commit:
+                    commit_files(
+                        [
+                            result_path(run),
+                            RESULTS_DIR / "ablation_f1.md",
+                            RESULTS_DIR / "ablation_f1.json",
+                        ],
+                        f"ablation_f1: {run.name} (val {_accuracy(result):.2f})",
+                    )
+    report()
+    print((RESULTS_DIR / "ablation_f1.md").read_text().split("\n## Runs")[0])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

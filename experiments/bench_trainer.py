@@ -1,0 +1,492 @@
+"""Trainer throughput over the throughput of its isolated step (issue 12, item 5).
+
+For each case (a config of ``configs/`` at its default values, plus ``max_steps``):
+
+* ``step``: ``gbn_jax.steps.make_train_step`` of the case's network and optimizer (its
+  regime's, resolved as the trainer resolves it), jitted as the trainer jits it (its
+  compiler options, the state donated, ``bench_train.compile_step``) and fed one fixed
+  device batch; ``--step-seconds`` worth of steps dispatched back to back and timed to
+  the last one's completion: the speed of the arithmetic alone.
+* ``trainer``: the command line, ``python -m gbn_jax.main --config=<case>
+  --config.max_steps=<steps>``, in a subprocess, fresh workdir; its examples/s is the
+  median of its logged intervals after the first (which holds the compilation), as its
+  summary.json reports it: evaluation and checkpoint saves are left out, everything
+  else the loop does (data, dispatch, logging) is in.
+* ``baseline`` (``--baseline ROOT``): the same command run from another checkout, e.g.
+  the commit before issue 12, for a before/after in the same conditions.
+* ``loop``: the trainer's own loop program (``steps.make_train_loop`` over the case's
+  device-resident data, ``steps.compile_train_loop``), in this process, dispatched as
+  the trainer dispatches it: up to K steps a dispatch (``train.steps_per_loop``, kept to
+  ``train.LOOP_SECONDS``), each dispatch's rows from ``TrainFeed.next_chunk``, the host
+  one dispatch ahead. What it leaves out of the trainer: logs, evaluation, checkpoints.
+
+CLI rounds interleave the variants (step, trainer[, baseline], step again); a round's
+ratio is the trainer's rate over the mean of the two step rates around it. Paired rounds
+(``--paired-rounds``) alternate step and loop every few seconds, in either order; the
+machine's load, shared with other jobs, then hits both alike, where a CLI run lasts
+long enough for the load to change under it. Reported: median and range of per-round
+ratios, and the load average.
+
+Usage (CPU, the README table):
+  .venv/bin/python experiments/bench_trainer.py --rounds 3 --paired-rounds 12
+GPU (the device tool; experiments/run_gpu_trainer.sh runs it and the F1 table):
+  python experiments/bench_trainer.py --platform gpu --cases f1_b128,f1_b4096
+  python experiments/bench_trainer.py --table-walls <dir of the table's summaries>
+
+References:
+  Hoffer, Hubara & Soudry (2017), section 5 (the runs whose time this bounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+# name -> (config file:arg, trainer steps per round, extra trainer overrides).
+CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
+    "f1_b128": ("configs/fashion_mnist_f1.py:sb", 600, {}),
+    "f1_b4096": ("configs/fashion_mnist_f1.py:lb_lr_gbn_ra", 200, {}),
+    # ResNet-44 on 28x28 Fashion-MNIST (no CIFAR on this machine); a step takes seconds
+    # here, so logs every 10 steps give the median a few intervals.
+    "resnet44_b128": (
+        "configs/fashion_mnist_f1.py:sb,model=resnet_cifar",
+        40,
+        {"log_every_steps": 10},
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
+    p.add_argument("--rounds", type=int, default=3, help="CLI rounds per case (0: none)")
+    p.add_argument(
+        "--paired-rounds", type=int, default=12, help="step/loop rounds per case (0: none)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="override the trainer's steps")
+    p.add_argument("--step-seconds", type=float, default=8.0, help="isolated-step timing")
+    p.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--baseline", default=None, help="checkout whose trainer to time too")
+    p.add_argument("--data-dir", default=None, help="--config.data_dir for the trainer")
+    p.add_argument("--out", default=None, help="output stem (default results/bench_trainer)")
+    p.add_argument(
+        "--table-walls",
+        default=None,
+        metavar="DIR",
+        help="instead: the wall times of the F1 table runs in DIR (run_gpu_f1_unscaled.sh "
+        "summaries) against the committed ones",
+    )
+    return p.parse_args(argv)
+
+
+def load_config(spec: str) -> Any:
+    """The ConfigDict of ``file.py[:arg]`` (relative to the repository root)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+class IsolatedStep:
+    """The case's step alone, compiled once; ``rate(seconds)`` times it back to back."""
+
+    def __init__(self, config: Any):
+        import jax
+
+        from experiments import bench_train
+        from gbn_jax import input_pipeline, models, regimes, steps
+
+        info = input_pipeline.get_dataset_info(config.dataset, config.get("data_dir"))
+        regime = regimes.resolve(config, info.num_train)
+        model = models.get_model(
+            config.model.name,
+            num_classes=info.num_classes,
+            **{k: v for k, v in config.model.to_dict().items() if k != "name"},
+        )
+        self.batch_size = config.batch_size
+        options = steps.compiler_options(config)
+        self.compiled, self.state, self.batch, self.key, _ = bench_train.compile_step(
+            model, regime, tuple(info.image_shape), config.batch_size, options
+        )
+        self._jax = jax
+        self.per_step = self._time(2) / 2  # compile-free warm-up, sizes the timed runs
+
+    def _time(self, n: int) -> float:
+        start = time.perf_counter()
+        state = self.state
+        for _ in range(n):
+            state, _ = self.compiled(state, self.batch, self.key)
+        self._jax.block_until_ready(state)
+        self.state = state
+        return time.perf_counter() - start
+
+    def rate(self, seconds: float) -> float:
+        n = max(3, round(seconds / self.per_step))
+        elapsed = self._time(n)
+        self.per_step = elapsed / n
+        return n * self.batch_size / elapsed
+
+
+class TrainerLoop:
+    """The trainer's loop program alone; ``rate(seconds)`` dispatches it as the trainer."""
+
+    def __init__(self, config: Any):
+        import jax
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from gbn_jax import input_pipeline, models, regimes, steps, train
+        from gbn_jax.data import feed
+
+        self._jax, self._loop_seconds = jax, train.LOOP_SECONDS
+        mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+        replicated = NamedSharding(mesh, P())
+        info = input_pipeline.get_dataset_info(config.dataset, config.get("data_dir"))
+        regime = regimes.resolve(config, info.num_train)
+        model = models.get_model(
+            config.model.name,
+            num_classes=info.num_classes,
+            **{k: v for k, v in config.model.to_dict().items() if k != "name"},
+        )
+        tx = regime.optimizer()
+        iterator = input_pipeline.create_train_iterator(
+            config.dataset,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            sharding=NamedSharding(mesh, P("data")),
+            data_dir=config.get("data_dir"),
+        )
+        self.feed = feed.TrainFeed(iterator, mesh, resident=True)
+        init = jax.jit(
+            lambda rng: steps.create_train_state(rng, model, tx, tuple(info.image_shape)),
+            out_shardings=replicated,
+        )
+        self.state = init(jax.random.key(0))
+        self.acc = jax.jit(steps.zero_metrics, out_shardings=replicated)()
+        eval_every = config.eval_every_steps or max(
+            1, round(config.eval_every_epochs * regime.steps_per_epoch)
+        )
+        self.k = train.steps_per_loop(config, eval_every=eval_every, total_steps=regime.total_steps)
+        loop = steps.make_train_loop(
+            steps.make_train_step(model, tx, regime.learning_rate),
+            self.feed.batch,
+            jax.random.key(1),
+        )
+        shapes = jax.eval_shape(lambda: (self.state, self.acc))
+        shapes = jax.tree.map(
+            lambda s, a: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=a.sharding),
+            shapes,
+            (self.state, self.acc),
+        )
+        self.first, self.every = steps.compile_train_loop(
+            loop,
+            *shapes,
+            self.feed.arrays,
+            self.feed.chunk_shapes(self.k),
+            compiler_options=steps.compiler_options(config),
+            scan=jax.default_backend() != "cpu",
+        )
+        self.batch_size = config.batch_size
+        self.per_step = self._loop_seconds  # one step a dispatch until timed
+        self.per_step = self._time(2) / 2
+
+    def _time(self, num_steps: int) -> float:
+        start = time.perf_counter()
+        previous, done_steps = None, 0
+        while done_steps < num_steps:
+            # As train.py: K steps a dispatch, kept to LOOP_SECONDS; wait one behind.
+            n = max(1, int(self._loop_seconds / self.per_step))
+            n = min(self.k, num_steps - done_steps, n)
+            xs = self.feed.next_chunk(n, self.k)
+            if n == self.k and self.every is not None:
+                self.state, self.acc, done = self.every(self.state, self.acc, self.feed.arrays, xs)
+            else:
+                self.state, self.acc, done = self.first(
+                    self.state, self.acc, self.feed.arrays, xs, np.int32(n)
+                )
+            if previous is not None:
+                self._jax.block_until_ready(previous)
+            previous, done_steps = done, done_steps + n
+        self._jax.block_until_ready(previous)
+        return time.perf_counter() - start
+
+    def rate(self, seconds: float) -> float:
+        n = max(3, round(seconds / self.per_step))
+        elapsed = self._time(n)
+        self.per_step = elapsed / n
+        return n * self.batch_size / elapsed
+
+
+def run_trainer(
+    root: str, spec: str, steps: int, overrides: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """One CLI run from checkout ``root``; returns its rates and wall times."""
+    workdir = tempfile.mkdtemp(prefix="bench_trainer_")
+    command = [
+        sys.executable,
+        "-m",
+        "gbn_jax.main",
+        f"--config={os.path.join(root, spec)}",
+        f"--workdir={workdir}",
+        f"--config.max_steps={steps}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]
+    if args.data_dir:
+        command.append(f"--config.data_dir={args.data_dir}")
+    env = dict(os.environ, PYTHONPATH=root)
+    env["JAX_PLATFORMS"] = "cuda" if args.platform == "gpu" else "cpu"
+    start = time.time()
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    wall = time.time() - start
+    try:
+        if proc.returncode != 0:
+            raise RuntimeError(f"trainer failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
+        with open(os.path.join(workdir, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "examples_per_sec": summary["examples_per_sec"],
+        "interval_rates": [r["examples_per_sec"] for r in records if "examples_per_sec" in r],
+        "process_wall_s": wall,
+        "run_wall_s": summary["wall_time_sec"],
+    }
+
+
+def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    spec, steps, overrides = CASES[name]
+    steps = args.steps or steps
+    config = load_config(spec)
+    config.update_from_flattened_dict(overrides)
+    if args.data_dir:
+        config.data_dir = args.data_dir
+    step = IsolatedStep(config)
+    out = {"case": name, "config": spec, "overrides": overrides, "steps": steps}
+    out["batch_size"] = config.batch_size
+    rounds = []
+    for r in range(args.rounds):
+        row: dict[str, Any] = {"load_before": os.getloadavg()}
+        before = step.rate(args.step_seconds)
+        row["trainer"] = run_trainer(ROOT, spec, steps, overrides, args)
+        if args.baseline:
+            row["baseline"] = run_trainer(args.baseline, spec, steps, overrides, args)
+        after = step.rate(args.step_seconds)
+        row["step_examples_per_sec"] = (before + after) / 2
+        row["step_before_after"] = (before, after)
+        for variant in ("trainer", "baseline"):
+            if variant in row:
+                row[f"{variant}_ratio"] = (
+                    row[variant]["examples_per_sec"] / row["step_examples_per_sec"]
+                )
+        row["load_after"] = os.getloadavg()
+        rounds.append(row)
+        print(
+            f"{name} round {r}: step {row['step_examples_per_sec']:.0f} img/s, trainer "
+            f"{row['trainer']['examples_per_sec']:.0f} ({row['trainer_ratio']:.3f})"
+            + (
+                f", baseline {row['baseline']['examples_per_sec']:.0f} "
+                f"({row['baseline_ratio']:.3f})"
+                if args.baseline
+                else ""
+            )
+            + f"; load {row['load_after'][0]:.1f}",
+            flush=True,
+        )
+    out["rounds"] = rounds
+    for variant in ("trainer", "baseline"):
+        ratios = [r[f"{variant}_ratio"] for r in rounds if f"{variant}_ratio" in r]
+        if ratios:
+            out[f"{variant}_ratio"] = _spread(ratios)
+            out[f"{variant}_examples_per_sec"] = statistics.median(
+                r[variant]["examples_per_sec"] for r in rounds
+            )
+            out["step_examples_per_sec"] = statistics.median(
+                r["step_examples_per_sec"] for r in rounds
+            )
+    if args.paired_rounds:
+        loop = TrainerLoop(config)
+        paired = []
+        for r in range(args.paired_rounds):
+            if r % 2:
+                loop_rate, step_rate = loop.rate(args.step_seconds), step.rate(args.step_seconds)
+            else:
+                step_rate, loop_rate = step.rate(args.step_seconds), loop.rate(args.step_seconds)
+            paired.append({"step": step_rate, "loop": loop_rate, "load": os.getloadavg()})
+        print(f"{name} paired: loop/step {[round(p['loop'] / p['step'], 3) for p in paired]}")
+        out["paired"] = paired
+        out["steps_per_loop"] = loop.k
+        out["loop_ratio"] = _spread([p["loop"] / p["step"] for p in paired])
+        out["loop_examples_per_sec"] = statistics.median(p["loop"] for p in paired)
+        out["paired_step_examples_per_sec"] = statistics.median(p["step"] for p in paired)
+    return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles and range."""
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return {
+        "median": statistics.median(values),
+        "q1": quartiles[0],
+        "q3": quartiles[2],
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
+    from experiments import bench_train
+
+    rows = []
+    for rec in records:
+        label = f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)"
+        for variant, step_key in (
+            ("trainer", "step_examples_per_sec"),
+            ("baseline", "step_examples_per_sec"),
+            ("loop", "paired_step_examples_per_sec"),
+        ):
+            if f"{variant}_ratio" not in rec:
+                continue
+            ratio = rec[f"{variant}_ratio"]
+            rows.append(
+                [
+                    label,
+                    {"trainer": "trainer CLI", "baseline": "baseline CLI"}.get(
+                        variant, f"loop, K = {rec.get('steps_per_loop')}"
+                    ),
+                    ratio["n"],
+                    f"{rec[step_key]:.0f}",
+                    f"{rec[f'{variant}_examples_per_sec']:.0f}",
+                    f"**{ratio['median']:.3f}**",
+                    f"{ratio['q1']:.3f}-{ratio['q3']:.3f}",
+                    f"{ratio['min']:.3f}-{ratio['max']:.3f}",
+                ]
+            )
+    return "\n".join(
+        [
+            "# Trainer throughput over its isolated step",
+            "",
+            f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
+            f"jax {env['jax']}. Load average (1/5/15 min) at start "
+            f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
+            f"{tuple(round(x, 1) for x in env['load_average_end'])}.",
+            "",
+            f"Command: `{env['command']}`. Ratio: examples/s over the isolated step's "
+            "(`make_train_step` of the same network, optimizer and batch, one fixed device "
+            "batch). CLI rows: the trainer's examples/s (median of its logged intervals, the "
+            "first dropped; evaluation and checkpoint saves left out) over the mean of the "
+            "step's rate measured before and after the run, per round. Loop rows: the "
+            "trainer's loop program dispatched as the trainer does, alternated with the step "
+            f"every {args.step_seconds:g} s. Median, quartiles and range over rounds.",
+            "",
+            bench_train.markdown_table(
+                [
+                    "case",
+                    "variant",
+                    "rounds",
+                    "step img/s",
+                    "img/s",
+                    "ratio (median)",
+                    "quartiles",
+                    "range",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    )
+
+
+# The unscaled F1 table's committed runs (jax 0.11.2 on an H100, before issue 12).
+COMMITTED_TABLE = os.path.join(RESULTS, "f1_unscaled_gpu")
+TABLE_COLUMNS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
+
+
+def table_walls(run_dir: str, out_stem: str) -> None:
+    """Wall time per column of the unscaled F1 table: runs in ``run_dir`` against the
+    committed ones (summary.json ``wall_time_sec``: the whole run, start-up and
+    compilation included; a column that did not finish has no summary)."""
+    from experiments import bench_train
+
+    def wall(directory: str, column: str) -> float | None:
+        path = os.path.join(directory, f"{column}.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)["wall_time_sec"]
+
+    rows, record = [], {}
+    for column in TABLE_COLUMNS:
+        before, after = wall(COMMITTED_TABLE, column), wall(run_dir, column)
+        record[column] = {"committed_s": before, "now_s": after}
+        rows.append(
+            [
+                column,
+                "-" if before is None else f"{before:.0f}",
+                "-" if after is None else f"{after:.0f}",
+                "-" if None in (before, after) else f"{before / after:.2f}",
+            ]
+        )
+    done = [c for c in TABLE_COLUMNS if None not in record[c].values()]
+    total = [sum(record[c][k] for c in done) for k in ("committed_s", "now_s")]
+    rows.append(["all finished in both", f"{total[0]:.0f}", f"{total[1]:.0f}", "-"])
+    text = "\n".join(
+        [
+            "# The unscaled F1 table (seed 0): wall time per column",
+            "",
+            f"Runs in `{run_dir}` against `{os.path.relpath(COMMITTED_TABLE, ROOT)}` "
+            "(summary.json wall_time_sec, start-up and compilation included).",
+            "",
+            bench_train.markdown_table(["column", "committed (s)", "now (s)", "x faster"], rows),
+            "",
+        ]
+    )
+    bench_train.write_outputs(out_stem, {"run_dir": run_dir, "columns": record}, text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.table_walls:
+        sys.path[:0] = [HERE, ROOT]
+        stem = args.out or os.path.join(RESULTS, "f1_unscaled_walls")
+        table_walls(args.table_walls, stem)
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.platform == "gpu" else "cpu")
+    if args.platform == "gpu":
+        # The CLI shares the card with this process.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.4")
+    sys.path[:0] = [HERE, ROOT]
+    from gbn_jax import steps
+
+    if args.platform == "cpu":
+        steps.keep_host_allocations()  # as the CLI does, before the CPU client starts
+    from experiments import bench_train
+
+    env = bench_train.environment(args)
+    records = [bench_case(name, args) for name in args.cases.split(",") if name]
+    env["load_average_end"] = os.getloadavg()
+    stem = args.out or os.path.join(RESULTS, "bench_trainer")
+    bench_train.write_outputs(
+        stem, {"environment": env, "results": records}, markdown(env, records, args)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""The train state and the jitted programs the trainer dispatches: steps, loops, evaluation.
+
+Construction lives here; the loop that drives it is ``gbn_jax.train``. Every function
+returns a pure function for the caller to jit with its shardings:
+
+* `make_train_step`: one update (forward, backward, optimizer), as the paper's step.
+* `make_train_loop`: K steps in one program, each reading its batch through a feed
+  (gbn_jax/data/feed.py) and adding its metrics to an on-device accumulator, so the host
+  dispatches once per K steps and reads nothing between its log, eval and checkpoint
+  boundaries. A ``lax.scan`` over the K rows of a chunk (a static trip count: no host
+  round trip per step on a GPU), or a ``fori_loop`` over its first n rows for chunks cut
+  short at a boundary (one program for every n < K). Both run the same body, so K
+  changes nothing in the numbers: K = 1 and K > 1 agree bit for bit (tests/test_train.py).
+* `make_eval_pass`: the evaluation of a whole device-resident split in one program.
+
+References:
+  Hoffer, Hubara & Soudry (2017): section 3 (||w_t - w_0||), sections 4-5 (the step).
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from gbn_jax.models.norm import example_mask
+
+# XLA:CPU compiler options of the train step (``config.xla_cpu_fast_options``, on by
+# default; other backends ignore it), each from a profile of the step on the 2-core AMD
+# EPYC of experiments/results:
+# * YNNPACK keeps the reductions but dots and convolutions go to XLA's Eigen kernels:
+#   Eigen ran F1's 4096x512 @ 512x512 matmuls 0.87-0.90x torch's time against
+#   YNNPACK's 1.16-1.17x, and a ResNet-44 weight-gradient convolution 35 ms against
+#   286 ms (batch 256, 32x32x16).
+# * The optimization-barrier expander is off, so the barriers of
+#   ``models.base.conv_input`` survive to stop fusion from recomputing the residual
+#   stream inside every weight-gradient transpose (ResNet-44 step 4.6 s -> 2.2 s).
+# Only kernels and fusion change: results agree to float32 rounding, not bitwise.
+XLA_CPU_FAST_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+    "xla_disable_hlo_passes": "cse_barrier_expander",
+}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that evolves during training (and is checkpointed).
+
+    Attributes:
+      step: number of updates taken so far (int32 scalar).
+      params: model parameters.
+      batch_stats: running statistics of the normalization layers.
+      opt_state: optimizer state.
+      params0: the parameters at step 0, for the weight distance ||w_t - w_0||.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    params0: Any
+
+
+def create_train_state(
+    rng: jax.Array,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    image_shape: tuple[int, ...],
+) -> TrainState:
+    """Initializes the model and optimizer (pure: jit it with ``out_shardings``).
+
+    Args:
+      rng: PRNG key for parameter initialization (and init-time dropout).
+      model: a model of ``gbn_jax.models``.
+      tx: the optimizer (``ResolvedRegime.optimizer()``).
+      image_shape: shape of one example, e.g. (28, 28, 1).
+
+    Returns:
+      The step-0 TrainState.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 3 (w_0 kept for ||w_t - w_0||).
+    """
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init(
+        {"params": params_rng, "dropout": dropout_rng},
+        jnp.zeros((1, *image_shape), jnp.float32),
+        train=False,
+    )
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        params0=params,
+    )
+
+
+def keep_host_allocations() -> bool:
+    """Makes glibc malloc reuse large host buffers instead of mapping fresh pages.
+
+    XLA:CPU allocates each step's temporaries (129 MB for F1 at batch 4096) as one
+    buffer on a PjRt worker thread; glibc serves it with mmap and returns it with
+    munmap, so every step page-faults the whole buffer in again (33k faults, 60-90 ms
+    of kernel time per F1 step on 2 cores). This puts every thread on the main arena
+    and raises the mmap and trim thresholds to 1 GiB, so the buffer stays in the heap
+    and is reused. Process-wide and irreversible; call it before the first JAX
+    computation (before the CPU client starts its threads), e.g. in the CLI. A no-op
+    (returns False) where libc has no ``mallopt`` (not glibc).
+
+    Returns:
+      Whether the settings were applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    return all(
+        mallopt(option, value) == 1
+        for option, value in (
+            (m_arena_max, 1),
+            (m_mmap_threshold, 1 << 30),
+            (m_trim_threshold, 1 << 30),
+        )
+    )
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """XLA compiler options for the train step: XLA_CPU_FAST_OPTIONS on the CPU.
+
+    Args:
+      config: the experiment config; ``xla_cpu_fast_options`` (default True) set to
+        False compiles with XLA's defaults.
+
+    Returns:
+      The options for ``jax.jit(..., compiler_options=...)``; empty off the CPU or
+      when the config turns them off.
+    """
+    if config.get("xla_cpu_fast_options", True) and jax.default_backend() == "cpu":
+        return dict(XLA_CPU_FAST_OPTIONS)
+    return {}
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """Builds the pure training step; callers jit it with their shardings.
+
+    On a CPU, jit it with ``compiler_options=compiler_options(config)`` as the trainer
+    does: XLA's own options run the ResNets 2.6-3x slower (see XLA_CPU_FAST_OPTIONS).
+
+    Args:
+      model: a model of ``gbn_jax.models``.
+      tx: the optimizer; weight decay and clipping live in it, not in the loss.
+      learning_rate_fn: the schedule inside ``tx``, only to report the step's rate.
+
+    Returns:
+      ``train_step(state, batch, rng) -> (state, metrics)`` with metrics ``loss``
+      (mean cross-entropy), ``accuracy``, ``grad_norm`` (global L2 norm before
+      clipping) and ``learning_rate`` (the rate of this update), float32 scalars. A
+      batch with a ``"mask"`` (the padded partial batch of an epoch) averages the loss
+      over its real examples and leaves the padding out of every normalization
+      layer's statistics (``models.norm.example_mask``).
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 5 (SGD with momentum and clipping).
+    """
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+        mask = batch.get("mask")
+
+        def mean(values):
+            if mask is None:
+                return jnp.mean(values)
+            weights = mask.astype(jnp.float32)
+            return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+        def loss_fn(params):
+            with example_mask(mask):
+                logits, new_vars = model.apply(
+                    {"params": params, "batch_stats": state.batch_stats},
+                    batch["image"],
+                    train=True,
+                    rngs={"dropout": rng},
+                    mutable=["batch_stats"],
+                )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+            return mean(loss), (logits, new_vars)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (logits, new_vars)), grads = grad_fn(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics = {
+            "loss": loss,
+            "accuracy": mean(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=new_vars.get("batch_stats", state.batch_stats),
+            opt_state=opt_state,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[TrainState, dict], dict]:
+    """Builds the evaluation step: sums over the unmasked examples of one batch.
+
+    Args:
+      model: a model of ``gbn_jax.models``.
+
+    Returns:
+      ``eval_step(state, batch) -> {"loss": sum, "correct": sum, "count": sum}``;
+      padded examples (``batch["mask"]`` False) count for nothing.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 5 (validation accuracy).
+    """
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        logits = model.apply(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=False,
+        )
+        mask = batch["mask"].astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        return {
+            "loss": jnp.sum(loss * mask),
+            "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step
+
+
+def weight_distance(params: Any, params0: Any) -> jax.Array:
+    """||w_t - w_0||: the L2 distance of all parameters from their initial values.
+
+    Args:
+      params: current parameters.
+      params0: parameters at step 0.
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 3 ("random walk on a random potential").
+    """
+    diffs = jax.tree.map(
+        lambda p, p0: jnp.sum(jnp.square(p - p0), dtype=jnp.float32), params, params0
+    )
+    return jnp.sqrt(sum(jax.tree.leaves(diffs)))
+
+
+# ---------------------------------------------------------------------------------------
+# Several steps per dispatch.
+# ---------------------------------------------------------------------------------------
+
+
+def zero_metrics() -> dict[str, jax.Array]:
+    """The empty train-metrics accumulator (sums since the last log, on the device).
+
+    Returns:
+      {"loss", "accuracy", "grad_norm": float32 sums, "count": int32 steps,
+      "learning_rate": float32 (of the last step), "first_bad_step": int32 (-1: none)}.
+    """
+    zero = jnp.zeros((), jnp.float32)
+    return {
+        "loss": zero,
+        "accuracy": zero,
+        "grad_norm": zero,
+        "count": jnp.zeros((), jnp.int32),
+        "learning_rate": zero,
+        "first_bad_step": jnp.full((), -1, jnp.int32),
+    }
+
+
+def accumulate_metrics(acc: dict, metrics: dict, step: jax.Array) -> dict:
+    """Adds one step's metrics to the accumulator.
+
+    Args:
+      acc: from `zero_metrics` or a previous call.
+      metrics: the step's metrics (`make_train_step`).
+      step: the step count after the update, recorded as the first bad step when the
+        loss or the gradient norm is not finite.
+
+    Returns:
+      The new accumulator.
+    """
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    return {
+        "loss": acc["loss"] + metrics["loss"],
+        "accuracy": acc["accuracy"] + metrics["accuracy"],
+        "grad_norm": acc["grad_norm"] + metrics["grad_norm"],
+        "count": acc["count"] + 1,
+        "learning_rate": metrics["learning_rate"],
+        "first_bad_step": jnp.where(
+            (acc["first_bad_step"] < 0) & ~finite, step, acc["first_bad_step"]
+        ),
+    }
+
+
+def make_train_loop(
+    train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]],
+    batch_fn: Callable[[Any, Any], dict],
+    dropout_rng: jax.Array,
+) -> Callable[..., tuple[TrainState, dict, jax.Array]]:
+    """Builds the K-steps-per-dispatch program (pure: jit it with the state donated).
+
+    Args:
+      train_step: from `make_train_step`.
+      batch_fn: ``batch_fn(arrays, x) -> batch`` (``TrainFeed.batch``): one step's
+        batch from the arrays handed to every dispatch and the step's row of the chunk.
+      dropout_rng: the run's dropout key; step t uses ``fold_in(dropout_rng, t)``, so a
+        resumed run draws the same keys.
+
+    Returns:
+      ``train_loop(state, acc, arrays, xs, num_steps=None) -> (state, acc, step)``:
+      runs one step per row of ``xs`` (a pytree with a leading axis of K rows), or, with
+      an int32 ``num_steps``, the first ``num_steps`` rows only. ``step`` is the state's
+      step count once more (an output the next dispatch does not donate, for the host to
+      wait on).
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 5.
+    """
+
+    def one_step(state: TrainState, acc: dict, arrays: Any, x: Any) -> tuple[TrainState, dict]:
+        batch = batch_fn(arrays, x)
+        state, metrics = train_step(state, batch, jax.random.fold_in(dropout_rng, state.step))
+        return state, accumulate_metrics(acc, metrics, state.step)
+
+    def train_loop(state, acc, arrays, xs, num_steps=None):
+        if num_steps is None:
+
+            def body(carry, x):
+                return one_step(*carry, arrays, x), None
+
+            (state, acc), _ = jax.lax.scan(body, (state, acc), xs)
+        else:
+
+            def body(i, carry):
+                x = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), xs)
+                return one_step(*carry, arrays, x)
+
+            state, acc = jax.lax.fori_loop(0, num_steps, body, (state, acc))
+        return state, acc, state.step
+
+    return train_loop
+
+
+def compile_train_loop(
+    train_loop: Callable[..., tuple[TrainState, dict, jax.Array]],
+    state_shapes: Any,
+    acc_shapes: Any,
+    arrays: Any,
+    chunk_shapes: Any,
+    *,
+    compiler_options: dict[str, Any],
+    scan: bool,
+) -> tuple[Callable, Callable | None]:
+    """Compiles a `make_train_loop` program before its inputs exist, state donated.
+
+    Args:
+      train_loop: from `make_train_loop`.
+      state_shapes: the TrainState as ShapeDtypeStructs with shardings (kept on output).
+      acc_shapes: the accumulator likewise.
+      arrays: the arrays handed to every dispatch (``TrainFeed.arrays``).
+      chunk_shapes: ``TrainFeed.chunk_shapes(K)``.
+      compiler_options: XLA options (`compiler_options`).
+      scan: also compile the K-row scan (worth it on accelerators, see the module
+        docstring).
+
+    Returns:
+      ``(first, all)``: ``first(state, acc, arrays, xs, n)`` runs the first n rows
+      (an int32 n), ``all(state, acc, arrays, xs)`` every row (None unless ``scan``).
+    """
+    sharding = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    step_sharding = state_shapes.step.sharding
+    jit = functools.partial(
+        jax.jit,
+        out_shardings=(sharding(state_shapes), sharding(acc_shapes), step_sharding),
+        donate_argnums=(0, 1),
+        compiler_options=compiler_options or None,
+    )
+    args = (state_shapes, acc_shapes, arrays, chunk_shapes)
+    num_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding)
+    first = jit(train_loop).lower(*args, num_steps).compile()
+    every = jit(lambda *a: train_loop(*a)).lower(*args).compile() if scan else None
+    return first, every
+
+
+def make_eval_pass(
+    eval_step: Callable[[TrainState, dict], dict],
+    batch_fn: Callable[[Any, Any], dict],
+) -> Callable[[TrainState, Any, Any], dict]:
+    """Builds the evaluation of a whole device-resident split in one program.
+
+    Args:
+      eval_step: from `make_eval_step`.
+      batch_fn: ``batch_fn(arrays, x) -> batch`` (``EvalFeed.batch``).
+
+    Returns:
+      ``eval_pass(state, arrays, xs) -> {"loss", "correct", "count"}``: sums over the
+      split, batch after batch in order (the padding of the last one masked out).
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 5 (validation accuracy).
+    """
+
+    def eval_pass(state: TrainState, arrays: Any, xs: Any) -> dict:
+        def body(sums, x):
+            batch_sums = eval_step(state, batch_fn(arrays, x))
+            return jax.tree.map(jnp.add, sums, batch_sums), None
+
+        zero = jnp.zeros((), jnp.float32)
+        sums, _ = jax.lax.scan(body, {"loss": zero, "correct": zero, "count": zero}, xs)
+        return sums
+
+    return eval_pass
