@@ -73,6 +73,11 @@ SWITCHES = tuple(g for g in GROUPS if g not in ("default", "authors"))
 # The protocol of the README's headline table, chosen on validation accuracy (see
 # the ablation's markdown): its SB, LB, +LR, +GBN and +RA runs give the headline.
 HEADLINE_GROUP = "default"
+# +RA at ratio |B_L| / |B_S| = 2048 / 128 = 16 (800 epochs, 40M images, ~1 h on the
+# 2-core CPU) instead of the paper's 32 (4096: 1,600 epochs, 80M images, ~2 h): the
+# session-sized choice the reproduction issue allows, stated wherever it is reported.
+RA_BATCH = 2048
+COLUMN_OPTIONS = {"lb_lr_gbn_ra": {"batch": str(RA_BATCH)}}
 # lr_rule=authors leaves +GBN as it is (4096, LR x sqrt(4096/128) either way).
 SAME_AS_DEFAULT = {("lr_rule", "lb_lr_gbn")}
 LABELS = {"sb": "SB", "lb": "LB", "lb_lr": "+LR", "lb_lr_gbn": "+GBN", "lb_lr_gbn_ra": "+RA"}
@@ -94,30 +99,37 @@ class Planned:
 
     @property
     def arg(self) -> str:
-        options = {**GROUPS[self.group], "validation": str(VALIDATION_SIZE)}
+        options = {**GROUPS[self.group], **COLUMN_OPTIONS.get(self.column, {})}
+        options["validation"] = str(VALIDATION_SIZE)
         options["seed"] = str(self.seed)
         return ",".join([self.column, *(f"{k}={v}" for k, v in options.items())])
 
 
 def plan(stage: int) -> list[Planned]:
-    """The runs up to `stage`, most informative first.
+    """The runs up to `stage`, in the order that settles the most first.
 
-    Stage 1: seed 0 of default and authors for LB, +LR, +GBN and SB, then each switch
-    alone (LB, +LR, +GBN).
-    Stage 2: seeds 1 and 2 of default and authors (LB, +LR, +GBN, then SB).
-    Stage 3: seeds 1 and 2 of every switch alone.
-    Stage 4: +RA at the full ratio (32: 1,600 epochs, ~80M images), seed 0, under the
-    headline protocol (HEADLINE_GROUP).
+    Stage 1: seed 0 of default and authors for LB, +LR and +GBN, and default's SB.
+    Stage 2: seeds 1 and 2 of the same (the protocol is then chosen on validation:
+    HEADLINE_GROUP).
+    Stage 3: the headline protocol's SB (seeds 0-2) and +RA (seed 0, at ratio
+    RA_BATCH / 128; see RA_OPTIONS).
+    Stage 4: each switch alone on seed 0 (LB, +LR, +GBN).
+    Stage 5: the other protocol's SB; seeds 1 and 2 of every switch alone.
     """
-    runs = [Planned(g, c, 0) for g in ("default", "authors") for c in COLUMNS]
-    runs += [Planned(g, "sb", 0) for g in ("default", "authors")]
-    runs += [Planned(g, c, 0) for g in SWITCHES for c in COLUMNS if (g, c) not in SAME_AS_DEFAULT]
+    main = ("default", "authors")
+    runs = [Planned(g, c, 0) for g in main for c in COLUMNS]
+    runs.append(Planned("default", "sb", 0))
     if stage >= 2:
-        runs += [Planned(g, c, s) for s in (1, 2) for g in ("default", "authors") for c in COLUMNS]
-        runs += [Planned(g, "sb", s) for s in (1, 2) for g in ("default", "authors")]
-    if stage >= 4:
-        runs.append(Planned(HEADLINE_GROUP, "lb_lr_gbn_ra", 0))
+        runs += [Planned(g, c, s) for s in (1, 2) for g in main for c in COLUMNS]
     if stage >= 3:
+        runs += [Planned(HEADLINE_GROUP, "sb", s) for s in (0, 1, 2)]
+        runs.append(Planned(HEADLINE_GROUP, "lb_lr_gbn_ra", 0))
+    if stage >= 4:
+        runs += [
+            Planned(g, c, 0) for g in SWITCHES for c in COLUMNS if (g, c) not in SAME_AS_DEFAULT
+        ]
+    if stage >= 5:
+        runs += [Planned(g, "sb", s) for g in main if g != HEADLINE_GROUP for s in (0, 1, 2)]
         runs += [
             Planned(g, c, s)
             for s in (1, 2)
@@ -125,7 +137,8 @@ def plan(stage: int) -> list[Planned]:
             for c in COLUMNS
             if (g, c) not in SAME_AS_DEFAULT
         ]
-    return runs
+    # Unique, in first-listed order (the headline group's SB seed 0 is also stage 1's).
+    return list(dict.fromkeys(runs))
 
 
 def result_path(run: Planned) -> Path:
@@ -414,7 +427,7 @@ def report() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", type=int, default=1, choices=(1, 2, 3, 4))
+    parser.add_argument("--stage", type=int, default=1, choices=(1, 2, 3, 4, 5))
     parser.add_argument("--runs_dir", default=str(REPO_ROOT / "runs" / "ablation_f1"))
     parser.add_argument("--commit", action="store_true", help="git-commit each result file")
     parser.add_argument("--report_only", action="store_true")
