@@ -279,9 +279,9 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.max_steps = config_dict.placeholder(int)
-    # Steps per dispatch (one jitted lax.scan); unset: the shortest of the log, eval and
-    # checkpoint cadences, each dispatch kept to ~1 s of work on one process. No effect
-    # on the results, bit for bit.
+    # Steps per dispatch (one jitted lax.scan); unset: the shortest of the log, eval,
+    # checkpoint and noise-scale cadences, each dispatch kept to ~1 s of work on one
+    # process. No effect on the results, bit for bit.
     config.steps_per_loop = config_dict.placeholder(int)
     # Hold the uint8 splits on the devices (replicated) and gather batches there; unset:
     # when they are in host memory and take at most a quarter of a device's memory.

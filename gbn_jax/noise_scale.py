@@ -277,6 +277,7 @@ def sharded_value_and_grad(
     micro_batches: int = 1,
     has_aux: bool = False,
     unroll: bool | int = True,
+    vectorize: bool = False,
 ) -> Callable[..., tuple[Any, Any, NoiseScaleEstimate]]:
     """``jax.value_and_grad`` for a data-parallel step that also estimates the noise scale.
 
@@ -313,6 +314,9 @@ def sharded_value_and_grad(
       unroll: ``lax.scan``'s unroll of the micro-batch loop. True (all) is fastest in a
         train step; 1 (rolled) compiles one copy of the model, for a measurement taken
         now and then (`gbn_jax.steps.make_noise_scale_measurement`).
+      vectorize: run the micro-batches side by side under ``jax.vmap`` instead (one
+        gradient per micro-batch in memory): one pass of large kernels, where the loop
+        would launch small ones micro-batch after micro-batch (accelerators).
 
     Returns:
       ``fn(params, batch, *args, rng=None) -> (value, grads, estimate)``, to call
@@ -353,14 +357,24 @@ def sharded_value_and_grad(
         local = jax.tree.map(lambda p: lax.pcast(p, axis_name, to="varying"), params)
         split = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
 
-        def shard(carry, inputs):
-            grad_sum, sq_sum, loss_sum = carry
-            shard_batch, index = inputs
+        def shard_grad(shard_batch, index):
             kwargs = {} if rng is None else {"rng": jax.random.fold_in(rng, first_shard + index)}
             value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(
                 local, shard_batch, *args, **kwargs
             )
             loss, aux = value if has_aux else (value, None)
+            return loss, aux, grads
+
+        if vectorize:
+            loss, aux, grads = jax.vmap(shard_grad)(split, jnp.arange(micro_batches))
+            grad_sum = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+            sq_sum = jnp.sum(jax.vmap(squared_norm)(grads))
+            loss_sum = jnp.sum(loss.astype(jnp.float32))
+            return reduce(grad_sum, sq_sum, loss_sum, aux)
+
+        def shard(carry, inputs):
+            grad_sum, sq_sum, loss_sum = carry
+            loss, aux, grads = shard_grad(*inputs)
             carry = (
                 jax.tree.map(jnp.add, grad_sum, grads),
                 sq_sum + squared_norm(grads),
@@ -376,6 +390,10 @@ def sharded_value_and_grad(
         (grad_sum, sq_sum, loss_sum), aux = lax.scan(
             shard, init, (split, jnp.arange(micro_batches)), unroll=unroll
         )
+        return reduce(grad_sum, sq_sum, loss_sum, aux)
+
+    def reduce(grad_sum, sq_sum, loss_sum, aux):
+        """Sums over this device's micro-batches -> means over all shards."""
         sq_small = lax.psum(sq_sum, axis_name) / shards
         mean_grads = jax.tree.map(lambda g: lax.psum(g, axis_name) / shards, grad_sum)
         mean_loss = lax.psum(loss_sum, axis_name) / shards

@@ -478,6 +478,7 @@ def make_noise_scale_measurement(
     mesh: jax.sharding.Mesh,
     *,
     small_batch_size: int,
+    vectorize: bool = False,
 ) -> Callable[[TrainState, Any, Any], dict[str, jax.Array]]:
     """Builds the B_simple measurement of the trainer (pure: jit it, nothing donated).
 
@@ -491,8 +492,10 @@ def make_noise_scale_measurement(
     dropout key is the step's own, ``fold_in(dropout_rng, t)``, folded with the shard
     index: read, not drawn, so the training's keys are untouched. The gradients come
     from `noise_scale.sharded_value_and_grad` (each device its B / devices examples as
-    micro-batches of b, one after another in a rolled loop: one copy of the model to
-    compile), the estimates from `noise_scale.estimate_from_norms`.
+    micro-batches of b: side by side under vmap with ``vectorize``, for accelerators,
+    where b-sized kernels one after another would leave them idle; else one after
+    another in a rolled loop), the estimates from `noise_scale.estimate_from_norms`.
+    Either way one copy of the model is compiled.
 
     Nothing it computes flows back into the training: the trainer dispatches it as a
     separate program before the step's own and logs what it returns, so parameters,
@@ -508,6 +511,7 @@ def make_noise_scale_measurement(
       mesh: the trainer's mesh; the batch is sharded over its "data" axis.
       small_batch_size: b; it must divide the per-device batch, and ghost batches must
         divide it (``train.validate_config`` checks both).
+      vectorize: micro-batches under vmap (memory: one gradient per micro-batch).
 
     Returns:
       ``measure(state, arrays, xs) -> metrics``: float32 scalars ``noise_sq_norm_small``
@@ -530,7 +534,7 @@ def make_noise_scale_measurement(
         batch_size = batch["label"].shape[0]
         micro_batches = batch_size // mesh.shape["data"] // small_batch_size
         grad_fn = noise_scale.sharded_value_and_grad(
-            loss_fn, mesh, micro_batches=micro_batches, unroll=1
+            loss_fn, mesh, micro_batches=micro_batches, unroll=1, vectorize=vectorize
         )
         rng = jax.random.fold_in(dropout_rng, state.step)
         _, _, est = grad_fn(state.params, batch, state.batch_stats, rng=rng)

@@ -518,6 +518,8 @@ def _train_and_evaluate(
             dropout_rng,
             mesh,
             small_batch_size=noise_scale_small_batch(config, device_count=jax.device_count()),
+            # Micro-batches side by side on accelerators, one after another on the CPU.
+            vectorize=jax.default_backend() != "cpu",
         )
         p_noise_scale = (
             jax.jit(measure, out_shardings=replicated, compiler_options=compiler_options(config))

@@ -499,6 +499,31 @@ def test_noise_scale_logging_changes_no_training_result(reference, noise_scale_r
         assert r["noise_b_simple"] == pytest.approx(r["noise_trace_sigma"] / r["noise_grad_sq"])
 
 
+def test_noise_scale_after_resume_is_measured_once(noise_scale_run, tmp_path):
+    """A run stopped at step 12 (its checkpoint) and resumed: step 12's measurement,
+    taken after that checkpoint, is taken again, not duplicated, and every B_simple
+    record equals the uninterrupted run's."""
+    workdir = str(tmp_path)
+    overrides = {**F1_OVERRIDES, **NOISE_OVERRIDES}
+    train.train_and_evaluate(
+        load_config(F1_CONFIG, F1_ARG, {**overrides, "max_steps": 12}), workdir
+    )
+    # As if killed after step 12's measurement was written: the resume drops and redoes it.
+    assert read_metrics(workdir)[-1]["step"] == 12
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 12, "epoch": 0.05, train.NOISE_SCALE_FIELD: -1.0}) + "\n")
+    train.train_and_evaluate(load_config(F1_CONFIG, F1_ARG, overrides), workdir)
+
+    def measured(records):
+        return [
+            {k: v for k, v in r.items() if k.startswith("noise_") or k == "step"}
+            for r in records
+            if train.NOISE_SCALE_FIELD in r
+        ]
+
+    assert measured(read_metrics(workdir)) == measured(read_metrics(noise_scale_run[0]))
+
+
 def test_noise_scale_matches_per_shard_gradients_in_numpy(noise_scale_run):
     """The values logged at step 12 from the checkpointed state, recomputed with
     jax.grad shard by shard on the batch that update 13 trains on."""
