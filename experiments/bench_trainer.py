@@ -18,7 +18,9 @@ For each case (a config of ``configs/`` at its default values, plus ``max_steps`
   device-resident data, ``steps.compile_train_loop``), in this process, dispatched as
   the trainer dispatches it: up to K steps a dispatch (``train.steps_per_loop``, kept to
   ``train.LOOP_SECONDS``), each dispatch's rows from ``TrainFeed.next_chunk``, the host
-  one dispatch ahead. What it leaves out of the trainer: logs, evaluation, checkpoints.
+  one dispatch ahead; on the CPU one program per step unless ``--device-loop true``
+  (``steps.device_loop``). What it leaves out of the trainer: logs, evaluation,
+  checkpoints.
 
 CLI rounds interleave the variants (step, trainer[, baseline], step again); a round's
 ratio is the trainer's rate over the mean of the two step rates around it. Paired rounds
@@ -27,8 +29,10 @@ machine's load, shared with other jobs, then hits both alike, where a CLI run la
 long enough for the load to change under it. Reported: median and range of per-round
 ratios, and the load average.
 
-Usage (CPU, the README table):
+Usage (CPU: f1_b128, f1_b4096 and resnet44_b128, side by side; results/bench_trainer.*):
   .venv/bin/python experiments/bench_trainer.py --rounds 3 --paired-rounds 12
+Smoke (a minute of work): --cases f1_b128 --rounds 1 --paired-rounds 2 --steps 20
+  --step-seconds 1 --out /tmp/bench_trainer_smoke
 GPU (the device tool; experiments/run_gpu_trainer.sh runs it and the F1 table):
   python experiments/bench_trainer.py --platform gpu --cases f1_b128,f1_b4096
   python experiments/bench_trainer.py --table-walls <dir of the table's summaries>
