@@ -9,6 +9,9 @@ Variants: sb, lb, lb_lr, lb_lr_gbn, lb_lr_gbn_ra (cumulative, as the paper's col
 goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
+``noise_scale_every=N`` logs the gradient noise scale B_simple every N steps (off by
+default; the training is unchanged bit for bit, the run ~1/N slower), e.g.
+``:lb_lr_gbn,noise_scale_every=25`` or ``:sb,noise_scale_every=100``.
 
 The authors' protocol (eladhoffer/bigBatch, see gbn_jax/config_lib.py):
 ``:lb_lr_gbn,protocol=authors`` turns on momentum reset every epoch, gamma ~ U[0, 1),

@@ -70,9 +70,13 @@ GROUPS: dict[str, dict[str, str]] = {
     "lr_rule": {"lr_rule": "authors"},
 }
 SWITCHES = tuple(g for g in GROUPS if g not in ("default", "authors"))
-# The protocol of the README's headline table, chosen on validation accuracy (see
-# the ablation's markdown): its SB, LB, +LR, +GBN and +RA runs give the headline.
-HEADLINE_GROUP = "default"
+# The protocol of the README's headline table is chosen on validation accuracy, by a
+# rule fixed before seeds 1 and 2 were run: the protocol under which the paper's own
+# methods, +LR and +GBN, reach the higher mean final validation accuracy over seeds 0-2
+# (the methods' best case, chosen without the test split). See `headline_group`.
+PROTOCOLS = ("default", "authors")
+SELECTION_SEEDS = (0, 1, 2)
+SELECTION_COLUMNS = ("lb_lr", "lb_lr_gbn")
 # +RA at ratio |B_L| / |B_S| = 2048 / 128 = 16 (800 epochs, 40M images, ~1 h on the
 # 2-core CPU) instead of the paper's 32 (4096: 1,600 epochs, 80M images, ~2 h): the
 # session-sized choice the reproduction issue allows, stated wherever it is reported.
@@ -105,31 +109,48 @@ class Planned:
         return ",".join([self.column, *(f"{k}={v}" for k, v in options.items())])
 
 
+def headline_group(results: dict[tuple[str, str, int], dict] | None = None) -> str | None:
+    """The headline protocol, once every selection run is committed (else None).
+
+    The protocol of PROTOCOLS whose +LR and +GBN runs of SELECTION_SEEDS have the higher
+    mean final validation accuracy; the test split plays no part.
+    """
+    results = load_results() if results is None else results
+    means = {}
+    for group in PROTOCOLS:
+        keys = [(group, c, s) for c in SELECTION_COLUMNS for s in SELECTION_SEEDS]
+        if not all(k in results for k in keys):
+            return None
+        means[group] = float(np.mean([_accuracy(results[k]) for k in keys]))
+    return max(means, key=means.get)
+
+
 def plan(stage: int) -> list[Planned]:
     """The runs up to `stage`, in the order that settles the most first.
 
     Stage 1: seed 0 of default and authors for LB, +LR and +GBN, and default's SB.
     Stage 2: seeds 1 and 2 of the same (the protocol is then chosen on validation:
-    HEADLINE_GROUP).
+    `headline_group`).
     Stage 3: the headline protocol's SB (seeds 0-2) and +RA (seed 0, at ratio
-    RA_BATCH / 128; see RA_OPTIONS).
+    RA_BATCH / 128); left out until stage 2's runs are committed.
     Stage 4: each switch alone on seed 0 (LB, +LR, +GBN).
     Stage 5: the other protocol's SB; seeds 1 and 2 of every switch alone.
     """
-    main = ("default", "authors")
+    main = PROTOCOLS
+    chosen = headline_group() if stage >= 3 else None
     runs = [Planned(g, c, 0) for g in main for c in COLUMNS]
     runs.append(Planned("default", "sb", 0))
     if stage >= 2:
         runs += [Planned(g, c, s) for s in (1, 2) for g in main for c in COLUMNS]
-    if stage >= 3:
-        runs += [Planned(HEADLINE_GROUP, "sb", s) for s in (0, 1, 2)]
-        runs.append(Planned(HEADLINE_GROUP, "lb_lr_gbn_ra", 0))
+    if stage >= 3 and chosen:
+        runs += [Planned(chosen, "sb", s) for s in (0, 1, 2)]
+        runs.append(Planned(chosen, "lb_lr_gbn_ra", 0))
     if stage >= 4:
         runs += [
             Planned(g, c, 0) for g in SWITCHES for c in COLUMNS if (g, c) not in SAME_AS_DEFAULT
         ]
     if stage >= 5:
-        runs += [Planned(g, "sb", s) for g in main if g != HEADLINE_GROUP for s in (0, 1, 2)]
+        runs += [Planned(g, "sb", s) for g in main if chosen and g != chosen for s in (0, 1, 2)]
         runs += [
             Planned(g, c, s)
             for s in (1, 2)
@@ -365,12 +386,23 @@ def markdown(table: dict[str, Any], results: dict) -> str:
             else:
                 cells.append(_fmt(cell.get("vs_default") if cell else None, sign=True))
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
-    head = headline(results, HEADLINE_GROUP)
-    if head:
-        columns = list(head)
+    chosen = headline_group(results)
+    if not chosen:
         lines += [
             "",
-            f"## Test accuracy under the headline protocol ({HEADLINE_GROUP})",
+            "The headline protocol is not chosen yet: it needs seeds "
+            f"{', '.join(map(str, SELECTION_SEEDS))} of +LR and +GBN under "
+            f"{' and '.join(PROTOCOLS)}. Test accuracy of each candidate, for the record:",
+        ]
+    for group in [chosen] if chosen else PROTOCOLS:
+        head = headline(results, group)
+        if not head:
+            continue
+        columns = list(head)
+        title = "the headline protocol" if chosen else "candidate protocol"
+        lines += [
+            "",
+            f"## Test accuracy under {title} `{group}`",
             "",
             "| test accuracy (%) | " + " | ".join(LABELS[c] for c in columns) + " |",
             "|---" * (len(columns) + 1) + "|",
@@ -413,8 +445,8 @@ def report() -> dict[str, Any]:
         validation_size=VALIDATION_SIZE,
         groups=GROUPS,
         table=table,
-        headline_group=HEADLINE_GROUP,
-        headline=headline(results, HEADLINE_GROUP),
+        headline_group=headline_group(results),
+        headline={g: headline(results, g) for g in PROTOCOLS},
         runs={
             r_name: r
             for r_name, r in ((f"{g}__{c}__seed{s}", r) for (g, c, s), r in results.items())
@@ -438,19 +470,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         from gbn_jax import regimes  # JAX is imported only when training.
 
-        todo = [r for r in plan(args.stage) if not result_path(r).exists()]
-        if args.only:
-            todo = [r for r in todo if r.name in args.only.split(",")]
-        print(f"{len(todo)} run(s) to go; results in {RUN_RESULTS}")
         config_module = reproduce_table._load_config_module()
-        resolved = {
-            r: regimes.resolve(config_module.get_config(r.arg), 60_000 - VALIDATION_SIZE)
-            for r in todo
-        }
-        total = sum(x.total_steps * x.batch_size for x in resolved.values())
+        resolved: dict[Planned, Any] = {}
+        failed_runs: set[Planned] = set()
+
+        def pending() -> list[Planned]:
+            # Re-planned after every run: stage 3 joins once the protocol is chosen.
+            todo = [r for r in plan(args.stage) if not result_path(r).exists()]
+            if args.only:
+                todo = [r for r in todo if r.name in args.only.split(",")]
+            todo = [r for r in todo if r not in failed_runs]
+            for r in todo:
+                if r not in resolved:
+                    config = config_module.get_config(r.arg)
+                    resolved[r] = regimes.resolve(config, 60_000 - VALIDATION_SIZE)
+            return todo
+
+        def images(todo: Sequence[Planned]) -> int:
+            return sum(resolved[r].total_steps * resolved[r].batch_size for r in todo)
+
+        todo = pending()
+        print(f"{len(todo)} run(s) to go; results in {RUN_RESULTS}")
         RUN_RESULTS.mkdir(parents=True, exist_ok=True)
-        with tqdm.tqdm(total=total, unit="img", unit_scale=True, smoothing=0.05) as bar:
-            for run in todo:
+        with tqdm.tqdm(total=images(todo), unit="img", unit_scale=True, smoothing=0.05) as bar:
+            while todo:
+                run = todo[0]
                 workdir = Path(args.runs_dir) / run.group / run.column / f"seed{run.seed}"
                 argv_run = [
                     sys.executable,
@@ -470,7 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 if rc != 0 or not plots.load_run(str(workdir)).finished:
                     failed += 1
+                    failed_runs.add(run)
                     tqdm.tqdm.write(f"FAILED (exit {rc}) {workdir}; see its train.log")
+                    todo = pending()
                     continue
                 result = record(run, workdir, argv_run, commit)
                 result_path(run).write_text(json.dumps(result, indent=1) + "\n")
@@ -488,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ],
                         f"ablation_f1: {run.name} (val {_accuracy(result):.2f})",
                     )
+                todo = pending()
+                bar.total = bar.n + images(todo)
     report()
     print((RESULTS_DIR / "ablation_f1.md").read_text().split("\n## Runs")[0])
     return 1 if failed else 0

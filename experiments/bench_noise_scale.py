@@ -10,8 +10,11 @@ the squared norms of each device's gradient next to the all-reduced one. This ti
   ``gbn_jax.noise_scale.sharded_value_and_grad`` (``micro_batches=k`` shards per
   device, so B_small = B / (devices x k)), the shards' running statistics merged by
   ``noise_scale.combine_running_stats``, and the two estimates (|G|^2 and tr(Sigma))
-  added to the step's metrics: what the trainer runs with the flag on
-  (``make_noise_scale_train_step`` below is the wiring).
+  added to the step's metrics (``make_noise_scale_train_step`` below is the wiring):
+  an estimate at every step, inside it. The trainer does not do this: its
+  ``config.noise_scale`` measures every N steps in a program of its own so that the
+  training stays bit-identical (``gbn_jax.steps.make_noise_scale_measurement``); its
+  cost is timed by ``experiments/bench_trainer.py --noise-scale-rounds``.
 
 Before timing, one step of each variant from the same state and batch is compared: the
 parameters and running statistics must agree to float32 rounding (recorded).

@@ -22,6 +22,14 @@ For each case (a config of ``configs/`` at its default values, plus ``max_steps`
   (``steps.device_loop``). What it leaves out of the trainer: logs, evaluation,
   checkpoints.
 
+* ``noise scale`` (``--noise-scale-rounds R``, instead of the above): the command line
+  with B_simple logged (``--config.noise_scale.every_steps=N``, N from
+  ``NOISE_SCALE_EVERY``: the cadence the experiments use) against without, alternating
+  which runs first round by round; a run's rate is the harmonic mean of its logged
+  intervals after the first (total examples over total time: every interval counts,
+  with a measurement in it or not; evaluation and checkpoints left out). Reported: the
+  median and range of the per-round ratio on/off; the overhead is one minus it.
+
 CLI rounds interleave the variants (step, trainer[, baseline], step again); a round's
 ratio is the trainer's rate over the mean of the two step rates around it. Paired rounds
 (``--paired-rounds``) alternate step and loop every few seconds, in either order; the
@@ -33,6 +41,9 @@ Usage (CPU: f1_b128, f1_b4096 and resnet44_b128, side by side; results/bench_tra
   .venv/bin/python experiments/bench_trainer.py --rounds 3 --paired-rounds 12
 Smoke (a minute of work): --cases f1_b128 --rounds 1 --paired-rounds 2 --steps 20
   --step-seconds 1 --out /tmp/bench_trainer_smoke
+The cost of logging B_simple (writes results/bench_trainer_noise_scale.{json,md}):
+  .venv/bin/python experiments/bench_trainer.py --cases f1_b128,f1_b4096 \
+      --noise-scale-rounds 6
 GPU (the device tool; experiments/run_gpu_trainer.sh runs it and the F1 table):
   python experiments/bench_trainer.py --platform gpu --cases f1_b128,f1_b4096
   python experiments/bench_trainer.py --table-walls <dir of the table's summaries>
@@ -72,6 +83,10 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
 }
 
 
+# name -> N, the B_simple cadence the experiments use (--noise-scale-rounds).
+NOISE_SCALE_EVERY = {"f1_b128": 100, "f1_b4096": 25, "resnet44_b128": 10}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
@@ -92,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "platform's default: off on the CPU)",
     )
     p.add_argument("--out", default=None, help="output stem (default results/bench_trainer)")
+    p.add_argument(
+        "--noise-scale-rounds",
+        type=int,
+        default=0,
+        help="instead: CLI rounds with B_simple logged against without (0: none)",
+    )
     p.add_argument(
         "--table-walls",
         default=None,
@@ -349,6 +370,87 @@ def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def bench_noise_scale_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer with B_simple logged every N steps against without, per round."""
+    spec, steps, overrides = CASES[name]
+    steps = args.steps or steps
+    every = NOISE_SCALE_EVERY[name]
+    with_noise = {**overrides, "noise_scale.every_steps": every}
+    out = {"case": name, "config": spec, "overrides": overrides, "steps": steps}
+    out["noise_scale_every"] = every
+    rounds = []
+    for r in range(args.noise_scale_rounds):
+        row: dict[str, Any] = {"load_before": os.getloadavg(), "noise_first": bool(r % 2)}
+        order = (("on", with_noise), ("off", overrides))
+        for variant, variant_overrides in order if r % 2 else order[::-1]:
+            run = run_trainer(ROOT, spec, steps, variant_overrides, args)
+            # Total examples over total time of the intervals after the first.
+            run["rate"] = statistics.harmonic_mean(run["interval_rates"][1:] or [0.0])
+            row[variant] = run
+        row["ratio"] = row["on"]["rate"] / row["off"]["rate"]
+        row["load_after"] = os.getloadavg()
+        rounds.append(row)
+        print(
+            f"{name} round {r}: off {row['off']['rate']:.0f} img/s, on (N={every}) "
+            f"{row['on']['rate']:.0f} ({row['ratio']:.3f}); load {row['load_after'][0]:.1f}",
+            flush=True,
+        )
+    out["rounds"] = rounds
+    out["ratio"] = _spread([r["ratio"] for r in rounds])
+    for variant in ("off", "on"):
+        out[f"{variant}_examples_per_sec"] = statistics.median(r[variant]["rate"] for r in rounds)
+    return out
+
+
+def noise_scale_markdown(env: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    from experiments import bench_train
+
+    rows = [
+        [
+            f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)",
+            rec["noise_scale_every"],
+            rec["ratio"]["n"],
+            f"{rec['off_examples_per_sec']:.0f}",
+            f"{rec['on_examples_per_sec']:.0f}",
+            f"**{rec['ratio']['median']:.3f}**",
+            f"{rec['ratio']['q1']:.3f}-{rec['ratio']['q3']:.3f}",
+            f"{rec['ratio']['min']:.3f}-{rec['ratio']['max']:.3f}",
+        ]
+        for rec in records
+    ]
+    return "\n".join(
+        [
+            "# Trainer throughput with B_simple logged, over without",
+            "",
+            f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
+            f"jax {env['jax']}. Load average (1/5/15 min) at start "
+            f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
+            f"{tuple(round(x, 1) for x in env['load_average_end'])}.",
+            "",
+            f"Command: `{env['command']}`. Per round, the trainer CLI with "
+            "`--config.noise_scale.every_steps=N` and without, in alternating order; a "
+            "run's rate is total examples over total time of its logged intervals after "
+            "the first (evaluation and checkpoints left out). Ratio: on over off; the "
+            "overhead is 1 - ratio. Median, quartiles and range over rounds.",
+            "",
+            bench_train.markdown_table(
+                [
+                    "case",
+                    "N",
+                    "rounds",
+                    "off img/s",
+                    "on img/s",
+                    "ratio (median)",
+                    "quartiles",
+                    "range",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    )
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     """Median, quartiles and range."""
     quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
@@ -493,7 +595,16 @@ def main(argv: list[str] | None = None) -> None:
     from experiments import bench_train
 
     env = bench_train.environment(args)
-    records = [bench_case(name, args) for name in args.cases.split(",") if name]
+    cases = [name for name in args.cases.split(",") if name]
+    if args.noise_scale_rounds:
+        records = [bench_noise_scale_case(name, args) for name in cases]
+        env["load_average_end"] = os.getloadavg()
+        stem = args.out or os.path.join(RESULTS, "bench_trainer_noise_scale")
+        bench_train.write_outputs(
+            stem, {"environment": env, "results": records}, noise_scale_markdown(env, records)
+        )
+        return
+    records = [bench_case(name, args) for name in cases]
     env["load_average_end"] = os.getloadavg()
     stem = args.out or os.path.join(RESULTS, "bench_trainer")
     bench_train.write_outputs(

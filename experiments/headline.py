@@ -53,6 +53,11 @@ def committed_headline() -> tuple[str, dict]:
     if not path.exists():
         raise SystemExit(f"{path} is missing: the headline runs are not committed yet.")
     result = json.loads(path.read_text())
+    if not result.get("headline_group"):
+        raise SystemExit(
+            f"{path} has no headline protocol yet: experiments/ablation.py chooses it once "
+            "seeds 0-2 of +LR and +GBN are committed under both protocols."
+        )
     return result["headline_group"], result
 
 
@@ -90,7 +95,7 @@ def rerun(record: dict, runs_dir: Path, bar: tqdm.tqdm) -> dict:
 
 
 def table(group: str, result: dict, reruns: Sequence[dict]) -> str:
-    head = result["headline"]
+    head = result["headline"][group]
     columns = [c for c in ablation.LABELS if c in head]
     lines = [
         f"Committed headline (experiments/results/ablation_f1.md, protocol '{group}'): F1 on "

@@ -42,6 +42,8 @@ against the ghost size with them (``main_gbn.py``). ``validation=N`` holds N tra
 examples out as a validation split (metrics ``val_*``), on which protocols are chosen;
 the test split stays the reported one. Best and final accuracies are both in every
 run's summary.json (the authors report the best test accuracy over epochs).
+``noise_scale_every=N`` logs the gradient noise scale B_simple every N steps
+(``config.noise_scale``, off by default; training unchanged bit for bit).
 
 References:
   Hoffer, Hubara & Soudry (2017), sections 3-5 and table 1; Goyal et al. (2017) for
@@ -121,6 +123,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "keep_last_batch": _flag,
     "lr_rule": str,
     "validation": int,
+    "noise_scale_every": int,
 }
 
 DTYPES = ("float32", "bfloat16")
@@ -207,6 +210,12 @@ def parse_arg(arg: str | None, default_variant: str = "lb_lr_gbn_ra") -> tuple[s
     for key in ("batch", "ghost", "eval_every"):
         if key in options and options[key] <= 0:
             raise ConfigArgError(f"config option {key}={options[key]} must be positive.")
+    if "noise_scale_every" in options and options["noise_scale_every"] <= 0:
+        raise ConfigArgError(
+            f"config option noise_scale_every={options['noise_scale_every']} must be a "
+            "positive number of steps between B_simple measurements (e.g. 25); leave it "
+            "out to measure nothing."
+        )
     if "epochs_scale" in options and not options["epochs_scale"] > 0:
         raise ConfigArgError(
             f"config option epochs_scale={options['epochs_scale']} must be positive."
@@ -270,8 +279,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.max_steps = config_dict.placeholder(int)
-    # Steps per dispatch; unset: the shortest of the log, eval and
-    # checkpoint cadences, each dispatch kept to ~1 s of work on one process. No effect
+    # Steps per dispatch; unset: the shortest of the log, eval, checkpoint and
+    # noise-scale cadences, each dispatch kept to ~1 s of work on one process. No effect
     # on the results, bit for bit.
     config.steps_per_loop = config_dict.placeholder(int)
     # The K steps of a dispatch as one loop program on the device (True) or one program
@@ -290,6 +299,17 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.augment = "default"
     config.validation_size = 0
     config.keep_last_batch = False
+    # The gradient noise scale B_simple (gbn_jax/noise_scale.py), measured every
+    # every_steps steps on the batch of the next step, in shards of small_batch_size
+    # (unset: the regime's |B_S| = regime.reference_batch_size, or B / 4 when the batch
+    # is |B_S| itself). Off (unset) by default; on, it costs one more forward and
+    # backward pass per measurement and changes no training result, bit for bit.
+    config.noise_scale = ml_collections.ConfigDict(
+        {
+            "every_steps": config_dict.placeholder(int),
+            "small_batch_size": config_dict.placeholder(int),
+        }
+    )
     return config
 
 
@@ -368,6 +388,8 @@ def apply_variant(
     config.augment = switch("augment", "default")
     config.keep_last_batch = switch("keep_last_batch", False)
     config.validation_size = options.get("validation", 0)
+    if "noise_scale_every" in options:
+        config.noise_scale.every_steps = options["noise_scale_every"]
     config.protocol = protocol
     config.lr_rule = lr_rule
     config.variant = variant

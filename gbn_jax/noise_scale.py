@@ -74,10 +74,14 @@ class NoiseScaleEstimate(NamedTuple):
       grad_sq: estimate of |G|^2, the squared norm of the true gradient. Can come out
         negative when the noise dominates; average over steps before dividing.
       trace_sigma: estimate of tr(Sigma), the summed variance of per-example gradients.
+      sq_norm_small: the measured |G_small|^2 the estimates come from (None if not given).
+      sq_norm_big: the measured |G_big|^2 (None if not given).
     """
 
     grad_sq: Any
     trace_sigma: Any
+    sq_norm_small: Any = None
+    sq_norm_big: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +134,8 @@ def estimate_from_norms(
       batch_big: B_big > B_small.
 
     Returns:
-      A `NoiseScaleEstimate` of the same array type as the norms.
+      A `NoiseScaleEstimate` of the same array type as the norms, the two norms kept
+      in it.
 
     Raises:
       ValueError: unless 0 < batch_small < batch_big.
@@ -153,7 +158,7 @@ def estimate_from_norms(
     b_small, b_big = float(batch_small), float(batch_big)
     grad_sq = (b_big * sq_norm_big - b_small * sq_norm_small) / (b_big - b_small)
     trace_sigma = (sq_norm_small - sq_norm_big) / (1.0 / b_small - 1.0 / b_big)
-    return NoiseScaleEstimate(grad_sq=grad_sq, trace_sigma=trace_sigma)
+    return NoiseScaleEstimate(grad_sq, trace_sigma, sq_norm_small, sq_norm_big)
 
 
 def simple_noise_scale(trace_sigma: Any, grad_sq: Any) -> float:
@@ -271,6 +276,8 @@ def sharded_value_and_grad(
     axis_name: str = "data",
     micro_batches: int = 1,
     has_aux: bool = False,
+    unroll: bool | int = True,
+    vectorize: bool = False,
 ) -> Callable[..., tuple[Any, Any, NoiseScaleEstimate]]:
     """``jax.value_and_grad`` for a data-parallel step that also estimates the noise scale.
 
@@ -304,6 +311,12 @@ def sharded_value_and_grad(
       axis_name: the mesh axis of the batch ("data" in the trainer).
       micro_batches: shards per device, >= 1; S = devices x micro_batches >= 2.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      unroll: ``lax.scan``'s unroll of the micro-batch loop. True (all) is fastest in a
+        train step; 1 (rolled) compiles one copy of the model, for a measurement taken
+        now and then (`gbn_jax.steps.make_noise_scale_measurement`).
+      vectorize: run the micro-batches side by side under ``jax.vmap`` instead (one
+        gradient per micro-batch in memory): one pass of large kernels, where the loop
+        would launch small ones micro-batch after micro-batch (accelerators).
 
     Returns:
       ``fn(params, batch, *args, rng=None) -> (value, grads, estimate)``, to call
@@ -344,14 +357,24 @@ def sharded_value_and_grad(
         local = jax.tree.map(lambda p: lax.pcast(p, axis_name, to="varying"), params)
         split = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
 
-        def shard(carry, inputs):
-            grad_sum, sq_sum, loss_sum = carry
-            shard_batch, index = inputs
+        def shard_grad(shard_batch, index):
             kwargs = {} if rng is None else {"rng": jax.random.fold_in(rng, first_shard + index)}
             value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(
                 local, shard_batch, *args, **kwargs
             )
             loss, aux = value if has_aux else (value, None)
+            return loss, aux, grads
+
+        if vectorize:
+            loss, aux, grads = jax.vmap(shard_grad)(split, jnp.arange(micro_batches))
+            grad_sum = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+            sq_sum = jnp.sum(jax.vmap(squared_norm)(grads))
+            loss_sum = jnp.sum(loss.astype(jnp.float32))
+            return reduce(grad_sum, sq_sum, loss_sum, aux)
+
+        def shard(carry, inputs):
+            grad_sum, sq_sum, loss_sum = carry
+            loss, aux, grads = shard_grad(*inputs)
             carry = (
                 jax.tree.map(jnp.add, grad_sum, grads),
                 sq_sum + squared_norm(grads),
@@ -361,12 +384,16 @@ def sharded_value_and_grad(
 
         # The micro-batches one after another, not side by side under vmap (whose
         # batched matrix products cost the F1 step 3.5% more CPU time), and unrolled
-        # (the rolled loop cost 2%: XLA cannot overlap the two halves' work).
+        # (the rolled loop cost 2%: XLA cannot overlap the two halves' work). Unless told.
         zero = lax.pcast(jnp.zeros((), jnp.float32), axis_name, to="varying")
         init = (jax.tree.map(jnp.zeros_like, local), zero, zero)
         (grad_sum, sq_sum, loss_sum), aux = lax.scan(
-            shard, init, (split, jnp.arange(micro_batches)), unroll=True
+            shard, init, (split, jnp.arange(micro_batches)), unroll=unroll
         )
+        return reduce(grad_sum, sq_sum, loss_sum, aux)
+
+    def reduce(grad_sum, sq_sum, loss_sum, aux):
+        """Sums over this device's micro-batches -> means over all shards."""
         sq_small = lax.psum(sq_sum, axis_name) / shards
         mean_grads = jax.tree.map(lambda g: lax.psum(g, axis_name) / shards, grad_sum)
         mean_loss = lax.psum(loss_sum, axis_name) / shards

@@ -14,6 +14,8 @@ returns a pure function for the caller to jit with its shardings:
   out for its fast kernels only outside loop bodies. All run the same step, so K and
   the mode change nothing in the numbers: they agree bit for bit (tests/test_train.py).
 * `make_eval_pass`: the evaluation of a whole device-resident split in one program.
+* `make_noise_scale_measurement`: B_simple from one batch, a program of its own that
+  reads the state and changes nothing (``config.noise_scale``).
 
 References:
   Hoffer, Hubara & Soudry (2017): section 3 (||w_t - w_0||), sections 4-5 (the step).
@@ -31,6 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from gbn_jax import noise_scale
 from gbn_jax.models.norm import example_mask
 
 # XLA:CPU compiler options of the train step (``config.xla_cpu_fast_options``, on by
@@ -155,6 +158,46 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {}
 
 
+def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The mean over the real examples (``mask`` True), or over all without a mask."""
+    if mask is None:
+        return jnp.mean(values)
+    weights = mask.astype(jnp.float32)
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def train_loss(
+    model: nn.Module, params: Any, batch_stats: Any, batch: dict, rng: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    """The training loss of one batch, normalization layers in train mode.
+
+    Args:
+      model: a model of ``gbn_jax.models``.
+      params: the parameters to differentiate.
+      batch_stats: the running statistics before the step.
+      batch: {"image", "label"[, "mask"]}; masked-out examples count for nothing.
+      rng: the dropout key.
+
+    Returns:
+      ``(loss, (logits, new_vars))``: the mean cross-entropy over the real examples,
+      the logits, and the updated ``batch_stats`` collection.
+
+    References:
+      Hoffer, Hubara & Soudry (2017), section 4 (statistics of each ghost batch).
+    """
+    mask = batch.get("mask")
+    with example_mask(mask):
+        logits, new_vars = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            batch["image"],
+            train=True,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
+        )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return _masked_mean(loss, mask), (logits, new_vars)
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -183,32 +226,16 @@ def make_train_step(
     """
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
-        mask = batch.get("mask")
-
-        def mean(values):
-            if mask is None:
-                return jnp.mean(values)
-            weights = mask.astype(jnp.float32)
-            return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
         def loss_fn(params):
-            with example_mask(mask):
-                logits, new_vars = model.apply(
-                    {"params": params, "batch_stats": state.batch_stats},
-                    batch["image"],
-                    train=True,
-                    rngs={"dropout": rng},
-                    mutable=["batch_stats"],
-                )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-            return mean(loss), (logits, new_vars)
+            return train_loss(model, params, state.batch_stats, batch, rng)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (logits, new_vars)), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        correct = jnp.argmax(logits, -1) == batch["label"]
         metrics = {
             "loss": loss,
-            "accuracy": mean(jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
+            "accuracy": _masked_mean(correct, batch.get("mask")).astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
         }
@@ -483,3 +510,86 @@ def make_eval_pass(
         return sums
 
     return eval_pass
+
+
+# ---------------------------------------------------------------------------------------
+# The gradient noise scale, measured beside the training.
+# ---------------------------------------------------------------------------------------
+
+
+def make_noise_scale_measurement(
+    model: nn.Module,
+    batch_fn: Callable[[Any, Any], dict],
+    dropout_rng: jax.Array,
+    mesh: jax.sharding.Mesh,
+    *,
+    small_batch_size: int,
+    vectorize: bool = False,
+) -> Callable[[TrainState, Any, Any], dict[str, jax.Array]]:
+    """Builds the B_simple measurement of the trainer (pure: jit it, nothing donated).
+
+    At a measured step t (the state after t updates) it takes the batch that update
+    t + 1 trains on: row 0 of the next dispatch's chunk, built by ``batch_fn`` exactly
+    as the loop builds it (same examples, same augmentation). It cuts that batch of B
+    examples into B / b shards of b = ``small_batch_size`` in batch order and takes each
+    shard's gradient of the training loss (`train_loss`: normalization in train mode as
+    the step sees it, so each ghost batch normalizes over its own examples; plain batch
+    norm normalizes over the shard; the running-statistics updates are discarded). The
+    dropout key is the step's own, ``fold_in(dropout_rng, t)``, folded with the shard
+    index: read, not drawn, so the training's keys are untouched. The gradients come
+    from `noise_scale.sharded_value_and_grad` (each device its B / devices examples as
+    micro-batches of b: side by side under vmap with ``vectorize``, for accelerators,
+    where b-sized kernels one after another would leave them idle; else one after
+    another in a rolled loop), the estimates from `noise_scale.estimate_from_norms`.
+    Either way one copy of the model is compiled.
+
+    Nothing it computes flows back into the training: the trainer dispatches it as a
+    separate program before the step's own and logs what it returns, so parameters,
+    statistics, optimizer state and the train metrics are the same bit for bit with it
+    or without. Its cost is one more forward and backward pass of one batch (in
+    smaller pieces) per measurement, about 1 / N of the step time at one measurement
+    every N steps.
+
+    Args:
+      model: a model of ``gbn_jax.models``.
+      batch_fn: ``batch_fn(arrays, x) -> batch`` (``TrainFeed.batch``).
+      dropout_rng: the run's dropout key (`make_train_loop`'s).
+      mesh: the trainer's mesh; the batch is sharded over its "data" axis.
+      small_batch_size: b; it must divide the per-device batch, and ghost batches must
+        divide it (``train.validate_config`` checks both).
+      vectorize: micro-batches under vmap (memory: one gradient per micro-batch).
+
+    Returns:
+      ``measure(state, arrays, xs) -> metrics``: float32 scalars ``noise_sq_norm_small``
+      (|G_small|^2, the mean over shards of |g_s|^2), ``noise_sq_norm_big`` (|G_big|^2
+      of the whole batch's gradient), ``noise_grad_sq`` (the unbiased |G|^2),
+      ``noise_trace_sigma`` (tr(Sigma)) and ``noise_b_simple`` (their ratio at this
+      step; over an interval, sum ``noise_trace_sigma`` and ``noise_grad_sq`` first and
+      divide the sums: `noise_scale.simple_noise_scale`).
+
+    References:
+      McCandlish et al. (2018), section 2.2 and appendix A.1.
+    """
+
+    def loss_fn(params, batch, batch_stats, *, rng):
+        loss, _ = train_loss(model, params, batch_stats, batch, rng)
+        return loss
+
+    def measure(state: TrainState, arrays: Any, xs: Any) -> dict[str, jax.Array]:
+        batch = batch_fn(arrays, jax.tree.map(lambda a: a[0], xs))
+        batch_size = batch["label"].shape[0]
+        micro_batches = batch_size // mesh.shape["data"] // small_batch_size
+        grad_fn = noise_scale.sharded_value_and_grad(
+            loss_fn, mesh, micro_batches=micro_batches, unroll=1, vectorize=vectorize
+        )
+        rng = jax.random.fold_in(dropout_rng, state.step)
+        _, _, est = grad_fn(state.params, batch, state.batch_stats, rng=rng)
+        return {
+            "noise_sq_norm_small": est.sq_norm_small,
+            "noise_sq_norm_big": est.sq_norm_big,
+            "noise_grad_sq": est.grad_sq,
+            "noise_trace_sigma": est.trace_sigma,
+            "noise_b_simple": est.trace_sigma / est.grad_sq,
+        }
+
+    return measure

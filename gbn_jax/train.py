@@ -30,6 +30,13 @@ jitted programs are built in ``gbn_jax.steps``, the device-side data in
 * Preemption: on SIGTERM the run saves a checkpoint at the step it has reached (every
   process at the same step) and returns; rerunning the command continues from there
   and ends exactly as an uninterrupted run.
+* Gradient noise scale (``config.noise_scale.every_steps = N``, off by default): at
+  every N-th step (a cadence the dispatches are cut at, like logs) a separate program,
+  `steps.make_noise_scale_measurement`, takes the gradient of the next step's batch in
+  shards of b examples and logs |G_small|^2, |G_big|^2, |G|^2, tr(Sigma) and B_simple
+  (``noise_*`` fields, a record of their own unless the step logs anyway). It reads the
+  state and writes nothing back: the training is the same bit for bit with it or without.
+  Cost: one more forward and backward pass of one batch per N steps, ~1/N of the time.
 * Outputs in ``workdir``: config.json, regime.json, metrics.jsonl (one JSON object per
   logged step, process 0), tb/ (TensorBoard), checkpoints/ (orbax), summary.json.
 
@@ -71,6 +78,7 @@ from gbn_jax.steps import (
 __all__ = [
     "LOG_SCHEDULES",
     "LOOP_SECONDS",
+    "NOISE_SCALE_FIELD",
     "WALL_CLOCK_FIELDS",
     "XLA_CPU_FAST_OPTIONS",
     "NonFiniteLossError",
@@ -81,6 +89,7 @@ __all__ = [
     "log_spaced_steps",
     "make_eval_step",
     "make_train_step",
+    "noise_scale_small_batch",
     "steps_per_loop",
     "train_and_evaluate",
     "validate_config",
@@ -90,6 +99,8 @@ __all__ = [
 LOG_SCHEDULES = ("linear", "log")
 # Fields of a metrics.jsonl record that measure the machine, not the training.
 WALL_CLOCK_FIELDS = ("examples_per_sec",)
+# A record holds a B_simple measurement when it has this field (config.noise_scale).
+NOISE_SCALE_FIELD = "noise_b_simple"
 # With steps_per_loop unset, one process keeps a dispatch to about this much work: the
 # host then answers a SIGTERM within ~2 LOOP_SECONDS plus a save, even where a step
 # takes seconds (ResNets on a CPU), and dispatch costs stay far below 1%.
@@ -195,14 +206,82 @@ def validate_config(
     for name in ("eval_every_steps", "max_steps", "steps_per_loop"):
         if config.get(name) is not None and config[name] <= 0:
             raise ValueError(f"{name}={config[name]} must be positive (or unset).")
+    noise_scale_small_batch(config, device_count=device_count)
+
+
+def noise_scale_small_batch(config: ml_collections.ConfigDict, *, device_count: int) -> int | None:
+    """b, the small batch of the B_simple measurement, or None when it is off.
+
+    ``config.noise_scale.small_batch_size``, or unset: the regime's |B_S|
+    (``regime.reference_batch_size``), or B / 4 when the batch is |B_S| or smaller
+    (the small-batch column has no smaller regime batch to shard into).
+
+    Args:
+      config: the experiment config; ``noise_scale.every_steps`` unset turns it off.
+      device_count: devices of all processes.
+
+    Returns:
+      b, or None.
+
+    Raises:
+      ValueError: a cadence that is not positive, or a b that does not give at least
+        two whole shards per batch on every device, or that ghost batches do not divide.
+
+    References:
+      McCandlish et al. (2018), appendix A.1 (two batch sizes, b < B).
+    """
+    settings = config.get("noise_scale") or {}
+    every = settings.get("every_steps")
+    if every is None:
+        return None
+    if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+        raise ValueError(
+            f"noise_scale.every_steps={every!r} must be a positive number of steps between "
+            "B_simple measurements (e.g. noise_scale_every=25 in the config argument); "
+            "unset it to measure nothing."
+        )
+    batch = config.batch_size
+    small = settings.get("small_batch_size")
+    if small is None:
+        reference = config.regime.get("reference_batch_size") or batch
+        small = reference if reference < batch else batch // 4
+    per_device = batch // device_count
+    fix = "set --config.noise_scale.small_batch_size to a divisor of"
+    if isinstance(small, bool) or not isinstance(small, int) or small <= 0:
+        raise ValueError(f"noise_scale.small_batch_size={small!r} must be a positive integer.")
+    if small >= batch or batch % small:
+        raise ValueError(
+            f"noise_scale.small_batch_size={small} must divide batch_size={batch} at least "
+            f"twice: B_simple needs two batch sizes b < B. {fix} {batch} below it "
+            f"(e.g. {batch // 4 or 1})."
+        )
+    if per_device % small:
+        raise ValueError(
+            f"noise_scale.small_batch_size={small} does not divide the per-device batch "
+            f"{per_device} (batch_size={batch} over {device_count} devices): each shard of b "
+            f"examples must lie on one device. {fix} {per_device}."
+        )
+    ghost = config.model.ghost_batch_size if config.model.norm == "ghost" else None
+    if ghost and small % ghost:
+        raise ValueError(
+            f"noise_scale.small_batch_size={small} is not a multiple of the ghost batch size "
+            f"{ghost}: a shard of b examples must hold whole ghost batches, as the step "
+            f"normalizes them. {fix.replace('a divisor of', 'a multiple of')} {ghost}."
+        )
+    return small
 
 
 def steps_per_loop(config: ml_collections.ConfigDict, *, eval_every: int, total_steps: int) -> int:
     """K, the most steps one dispatch runs: ``config.steps_per_loop``, or (unset) the
-    shortest of the log, eval and checkpoint cadences, so that most dispatches run all
-    K steps (the loop cuts a dispatch at each of those steps)."""
+    shortest of the log, eval, checkpoint and noise-scale cadences, so that most
+    dispatches run all K steps (the loop cuts a dispatch at each of those steps)."""
+    noise_every = (config.get("noise_scale") or {}).get("every_steps")
     return config.get("steps_per_loop") or min(
-        config.log_every_steps, eval_every, config.checkpoint_every_steps, total_steps
+        config.log_every_steps,
+        eval_every,
+        config.checkpoint_every_steps,
+        noise_every or total_steps,
+        total_steps,
     )
 
 
@@ -224,8 +303,16 @@ def _read_metrics(path: str) -> list[dict]:
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-    """Keeps the records up to ``last_step``, so a resumed run appends where it left."""
-    records = [r for r in _read_metrics(path) if r["step"] <= last_step]
+    """Keeps the records up to ``last_step``, so a resumed run appends where it left.
+
+    A noise-scale record of ``last_step`` itself goes too: it was measured after the
+    checkpoint, on the next step's batch, and the resumed run measures it again.
+    """
+    records = [
+        r
+        for r in _read_metrics(path)
+        if r["step"] < last_step or (r["step"] == last_step and NOISE_SCALE_FIELD not in r)
+    ]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -426,6 +513,25 @@ def _train_and_evaluate(
         lambda state, sums, batch: jax.tree.map(jnp.add, sums, eval_step(state, batch)),
         donate_argnums=(1,),
     )
+    # B_simple every noise_every steps (config.noise_scale; off: None): its own program,
+    # reading the state and the next dispatch's chunk, so the training is unchanged.
+    noise_every = (config.get("noise_scale") or {}).get("every_steps")
+    p_noise_scale = None
+    if noise_every:
+        measure = steps.make_noise_scale_measurement(
+            model,
+            train_feed.batch,
+            dropout_rng,
+            mesh,
+            small_batch_size=noise_scale_small_batch(config, device_count=jax.device_count()),
+            # Micro-batches side by side on accelerators, one after another on the CPU.
+            vectorize=jax.default_backend() != "cpu",
+        )
+        p_noise_scale = (
+            jax.jit(measure, out_shardings=replicated, compiler_options=compiler_options(config))
+            .lower(state_shapes, train_feed.arrays, train_feed.chunk_shapes(loop_steps))
+            .compile()
+        )
 
     def start_evaluation(state) -> dict:
         """Dispatches every split's evaluation; returns the device-side sums."""
@@ -483,13 +589,17 @@ def _train_and_evaluate(
     def is_checkpoint_step(step):
         return step % config.checkpoint_every_steps == 0 or step == total_steps
 
+    def is_noise_step(step):
+        return p_noise_scale is not None and step % noise_every == 0
+
     def chunk_length(step, seconds_per_step):
         """Steps of the next dispatch: at most K, and none past the next boundary."""
         limit = min(loop_steps, total_steps - step)
         if timed_loops:  # One step until a dispatch has been timed.
             limit = min(limit, max(1, int(LOOP_SECONDS / (seconds_per_step or LOOP_SECONDS))))
         for n in range(1, limit):
-            if is_log_step(step + n) or is_eval_step(step + n) or is_checkpoint_step(step + n):
+            s = step + n
+            if is_log_step(s) or is_eval_step(s) or is_checkpoint_step(s) or is_noise_step(s):
                 return n
         return limit
 
@@ -551,6 +661,9 @@ def _train_and_evaluate(
         if "eval" in pending:
             record = {"step": step, "epoch": step / steps_per_epoch, **record}
             record.update(finish_evaluation(pending["eval"]))
+        if "noise" in pending:
+            record = {"step": step, "epoch": step / steps_per_epoch, **record}
+            record.update({k: float(v) for k, v in jax.device_get(pending["noise"]).items()})
         # The devices moved on to the next dispatch when this record's work was done.
         if "train" in pending:
             rate.restart(time.time() if "eval" in pending else done_at)
@@ -580,13 +693,15 @@ def _train_and_evaluate(
         return time.time()
 
     step, preempted = start_step, False
-    pending = None  # a boundary's record, started on the devices, written one dispatch later
+    # Records started on the devices (a boundary's log and evaluation, a B_simple
+    # measurement), read and written one dispatch later.
+    started: list[dict] = []
     previous = None  # (step marker, steps, dispatch time) of the dispatch before
     seconds_per_step, last_done_at = None, time.time()
     try:
         while step < total_steps:
-            # -- Dispatch n steps: up to K, none past the next log, eval or checkpoint,
-            # nor past the step a preemption notice (SIGTERM) stops at.
+            # -- Dispatch n steps: up to K, none past the next log, eval, checkpoint or
+            # noise-scale step, nor past the step a preemption notice (SIGTERM) stops at.
             n = chunk_length(step, seconds_per_step)
             stop = preemption.stop_step(step, n)
             if stop == step:
@@ -595,6 +710,12 @@ def _train_and_evaluate(
             if stop is not None:
                 n, preempted = stop - step, True
             xs = train_feed.next_chunk(n, loop_steps)
+            # -- B_simple at a noise step: the state as it is, on the batch of its next
+            # update (row 0 of xs); read with the step's record, after this dispatch.
+            if is_noise_step(step):
+                if not (started and started[-1]["step"] == step):
+                    started.append({"step": step})
+                started[-1]["noise"] = p_noise_scale(state, train_feed.arrays, xs)
             state, acc, done = run_chunk(state, acc, train_feed.arrays, xs, n)
             dispatched_at = time.time()
             step += n
@@ -607,24 +728,24 @@ def _train_and_evaluate(
                 done_at = wait(previous[0])
                 seconds_per_step = (done_at - max(previous[2], last_done_at)) / previous[1]
                 last_done_at = done_at
-                if pending is not None:
+                for pending in started:
                     write_record(pending, done_at)
-                    pending = None
+                started = []
             previous = (done, n, dispatched_at)
 
             # -- A boundary: start its log and evaluation on the devices.
             if is_log_step(step) or is_eval_step(step):
-                pending = start_record(step, state, acc)
-                if "train" in pending:
+                started.append(start_record(step, state, acc))
+                if "train" in started[-1]:
                     acc = p_zero_accumulator()
 
             # -- A checkpoint: written in the background once copied off the devices.
             if is_checkpoint_step(step):
                 done_at = last_done_at = wait(done)
                 previous = None
-                if pending is not None:
+                for pending in started:
                     write_record(pending, done_at)
-                    pending = None
+                started = []
                 paused_at = time.time()
                 save_checkpoint(step, state, acc)
                 saved_step = step
@@ -634,7 +755,7 @@ def _train_and_evaluate(
 
         # -- After the loop: the last record, and the checkpoint of a preemption.
         done_at = wait(state.step)
-        if pending is not None:
+        for pending in started:
             write_record(pending, done_at)
         if preempted and saved_step != step:
             save_checkpoint(step, state, acc)

@@ -103,8 +103,10 @@ def test_subset_noise_scale_matches_numpy():
     assert got.wall_time_sec > 0
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_sharded_value_and_grad_matches_numpy_on_8_devices(devices, micro_batches):
+@pytest.mark.parametrize(
+    "micro_batches, vectorize", [(1, False), (2, False), (2, True)], ids=["m1", "m2", "m2_vmap"]
+)
+def test_sharded_value_and_grad_matches_numpy_on_8_devices(devices, micro_batches, vectorize):
     rng = np.random.default_rng(4)
     n, d = 64, 5
     x, y, w = _regression(rng, n, d)
@@ -119,7 +121,7 @@ def test_sharded_value_and_grad_matches_numpy_on_8_devices(devices, micro_batche
         return _regression_loss(params, batch), {"first_y": batch["y"][0]}
 
     fn = noise_scale.sharded_value_and_grad(
-        loss_with_aux, mesh, micro_batches=micro_batches, has_aux=True
+        loss_with_aux, mesh, micro_batches=micro_batches, has_aux=True, vectorize=vectorize
     )
     (loss, aux), grads, est = jax.jit(fn)(params, batch)
 
@@ -157,8 +159,12 @@ def test_sharded_value_and_grad_folds_the_shard_into_the_rng(devices):
     assert len({tuple(np.asarray(row)) for row in noise}) == 8  # one draw per shard
 
 
-@pytest.mark.parametrize("running_update", ["sequential", "mean"])
-def test_sharded_step_of_a_ghost_bn_model_equals_the_global_step(devices, running_update):
+@pytest.mark.parametrize(
+    "running_update, vectorize", [("sequential", False), ("mean", False), ("sequential", True)]
+)
+def test_sharded_step_of_a_ghost_bn_model_equals_the_global_step(
+    devices, running_update, vectorize
+):
     """What the trainer gets with the flag on: the same loss, gradients and statistics."""
     ghost, batch_size, micro_batches = 4, 64, 2
     model = models.get_model(
@@ -197,7 +203,7 @@ def test_sharded_step_of_a_ghost_bn_model_equals_the_global_step(devices, runnin
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     batch = jax.device_put({"image": images, "label": labels}, NamedSharding(mesh, P("data")))
     fn = noise_scale.sharded_value_and_grad(
-        loss_fn, mesh, micro_batches=micro_batches, has_aux=True
+        loss_fn, mesh, micro_batches=micro_batches, has_aux=True, vectorize=vectorize
     )
     (loss, (logits, shard_stats)), grads, est = jax.jit(fn)(params, batch, old_stats)
     shards = 8 * micro_batches
@@ -215,6 +221,7 @@ def test_sharded_step_of_a_ghost_bn_model_equals_the_global_step(devices, runnin
     for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert np.isfinite(est.grad_sq) and np.isfinite(est.trace_sigma)
+    assert est.sq_norm_small > est.sq_norm_big > 0
 
 
 def test_combine_running_stats_sequential_against_a_loop():

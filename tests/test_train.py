@@ -82,10 +82,11 @@ def read_metrics(workdir, drop=train.WALL_CLOCK_FIELDS):
     return [{k: v for k, v in r.items() if k not in drop} for r in records]
 
 
-def final_state(workdir):
-    """The last checkpoint's train state as numpy arrays, read with orbax directly."""
+def checkpoint_state(workdir, step=None):
+    """A checkpoint's train state (the last one by default) as a tree, read with orbax."""
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    path = os.path.join(workdir, "checkpoints", str(steps[-1]), "state")
+    step = steps[-1] if step is None else step
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         # An explicit target: the checkpoint may come from another device topology.
@@ -93,9 +94,14 @@ def final_state(workdir):
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
         )
-        state = checkpointer.restore(path, target)
+        return step, checkpointer.restore(path, target)
+
+
+def final_state(workdir):
+    """The last checkpoint's train state as numpy arrays keyed by path."""
+    step, state = checkpoint_state(workdir)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return steps[-1], {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
 
 @pytest.fixture(scope="module")
@@ -225,9 +231,15 @@ def test_resume_after_sigkill_is_bit_exact(reference, tmp_path):
     assert_same_run(workdir, ref_dir)
 
 
+def without_noise_scale(records):
+    """The records with their B_simple fields left out, and records of nothing else."""
+    records = [{k: v for k, v in r.items() if not k.startswith("noise_")} for r in records]
+    return [r for r in records if r.keys() - {"step", "epoch"}]
+
+
 def assert_same_run(workdir, ref_dir):
     """Same metrics (wall-clock fields aside) and bit-identical final parameters."""
-    assert read_metrics(workdir) == read_metrics(ref_dir)
+    assert without_noise_scale(read_metrics(workdir)) == read_metrics(ref_dir)
     (step, state), (ref_step, ref_state) = final_state(workdir), final_state(ref_dir)
     assert step == ref_step == 24 and state.keys() == ref_state.keys()
     for key in ref_state:
@@ -465,6 +477,119 @@ def test_sigterm_to_one_of_two_processes(two_process_runs, tmp_path):
         np.testing.assert_array_equal(state[key], ref_state[key], err_msg=key)
 
 
+# ------------------------------------------------------------------ noise scale
+
+# B_simple every 3 steps in shards of b = 32 (one per device, ghost 32): merged into the
+# log records of steps 3 and 9, records of their own at 0, 15, 21 and at the checkpoints
+# 6, 12, 18 (whose log records are written before the checkpoint). K becomes 3.
+NOISE_OVERRIDES = {"noise_scale.every_steps": 3, "noise_scale.small_batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def noise_scale_run(tmp_path_factory, devices):
+    """The reference run with B_simple logged: (workdir, config)."""
+    workdir = str(tmp_path_factory.mktemp("noise_scale"))
+    config = load_config(F1_CONFIG, F1_ARG, {**F1_OVERRIDES, **NOISE_OVERRIDES})
+    train.train_and_evaluate(config, workdir)
+    return workdir, config
+
+
+def test_noise_scale_logging_changes_no_training_result(reference, noise_scale_run):
+    """Flag on against off: the same metrics and final state, bit for bit."""
+    workdir, _ = noise_scale_run
+    assert_same_run(workdir, reference[0])
+    measured = [r for r in read_metrics(workdir) if train.NOISE_SCALE_FIELD in r]
+    assert [r["step"] for r in measured] == list(range(0, 24, 3))
+    for r in measured:
+        assert r["noise_sq_norm_small"] > r["noise_sq_norm_big"] > 0
+        assert r["noise_b_simple"] == pytest.approx(r["noise_trace_sigma"] / r["noise_grad_sq"])
+
+
+def test_noise_scale_after_resume_is_measured_once(noise_scale_run, tmp_path):
+    """A run stopped at step 12 (its checkpoint) and resumed: step 12's measurement,
+    taken after that checkpoint, is taken again, not duplicated, and every B_simple
+    record equals the uninterrupted run's."""
+    workdir = str(tmp_path)
+    overrides = {**F1_OVERRIDES, **NOISE_OVERRIDES}
+    train.train_and_evaluate(
+        load_config(F1_CONFIG, F1_ARG, {**overrides, "max_steps": 12}), workdir
+    )
+    # As if killed after step 12's measurement was written: the resume drops and redoes it.
+    assert read_metrics(workdir)[-1]["step"] == 12
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 12, "epoch": 0.05, train.NOISE_SCALE_FIELD: -1.0}) + "\n")
+    train.train_and_evaluate(load_config(F1_CONFIG, F1_ARG, overrides), workdir)
+
+    def measured(records):
+        return [
+            {k: v for k, v in r.items() if k.startswith("noise_") or k == "step"}
+            for r in records
+            if train.NOISE_SCALE_FIELD in r
+        ]
+
+    assert measured(read_metrics(workdir)) == measured(read_metrics(noise_scale_run[0]))
+
+
+def test_noise_scale_matches_per_shard_gradients_in_numpy(noise_scale_run):
+    """The values logged at step 12 from the checkpointed state, recomputed with
+    jax.grad shard by shard on the batch that update 13 trains on."""
+    from gbn_jax import input_pipeline, models
+
+    workdir, config = noise_scale_run
+    step, state = checkpoint_state(workdir, 12)
+    logged = next(r for r in read_metrics(workdir) if r["step"] == 12 and "noise_b_simple" in r)
+    it = input_pipeline.create_train_iterator(
+        config.dataset,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+        batch_groups=config.batch_size // config.model.ghost_batch_size,
+    )
+    for _ in range(step):
+        next(it)
+    batch = jax.device_get(next(it))
+    model = models.get_model(
+        "f1", num_classes=10, **{k: v for k, v in config.model.to_dict().items() if k != "name"}
+    )
+
+    def loss(params, image, label):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": state["batch_stats"]},
+            image,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
+
+    b, big = config.noise_scale.small_batch_size, config.batch_size
+    grads = np.stack(
+        [
+            np.concatenate(
+                [
+                    np.ravel(g)
+                    for g in jax.tree.leaves(
+                        jax.grad(loss)(
+                            state["params"],
+                            batch["image"][s : s + b],
+                            batch["label"][s : s + b],
+                        )
+                    )
+                ]
+            ).astype(np.float64)
+            for s in range(0, big, b)
+        ]
+    )
+    sq_small = np.mean(np.sum(grads**2, axis=1))
+    sq_big = np.sum(grads.mean(axis=0) ** 2)
+    grad_sq = (big * sq_big - b * sq_small) / (big - b)
+    trace_sigma = (sq_small - sq_big) / (1 / b - 1 / big)
+    np.testing.assert_allclose(logged["noise_sq_norm_small"], sq_small, rtol=1e-4)
+    np.testing.assert_allclose(logged["noise_sq_norm_big"], sq_big, rtol=1e-4)
+    np.testing.assert_allclose(logged["noise_grad_sq"], grad_sq, rtol=1e-3)
+    np.testing.assert_allclose(logged["noise_trace_sigma"], trace_sigma, rtol=1e-3)
+    np.testing.assert_allclose(logged["noise_b_simple"], trace_sigma / grad_sq, rtol=2e-3)
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -476,8 +601,40 @@ def test_sigterm_to_one_of_two_processes(two_process_runs, tmp_path):
         ("lb,model=resnet7", {}, "unknown model 'resnet7'"),
         ("lb,dataset=no_such_dataset", {}, "no_such_dataset"),
         ("lb,dataset=mnist", {"data_dir": "EMPTY"}, "tfds build mnist"),
+        ("lb", {"noise_scale.every_steps": 0}, r"noise_scale.every_steps=0 must be a positive"),
+        (
+            "lb_lr_gbn,batch=256,ghost=32,noise_scale_every=5",
+            {"noise_scale.small_batch_size": 256},
+            "small_batch_size=256 must divide batch_size=256 at least twice",
+        ),
+        (
+            "lb_lr_gbn,batch=256,ghost=32,noise_scale_every=5",
+            {"noise_scale.small_batch_size": 24},
+            "small_batch_size=24 must divide batch_size=256",
+        ),
+        (
+            "lb_lr_gbn,batch=256,ghost=32,noise_scale_every=5",
+            {"noise_scale.small_batch_size": 64},
+            "small_batch_size=64 does not divide the per-device batch 32",
+        ),
+        (
+            "lb_lr_gbn,batch=256,ghost=32,noise_scale_every=5",
+            {"noise_scale.small_batch_size": 16},
+            "small_batch_size=16 is not a multiple of the ghost batch size 32",
+        ),
     ],
-    ids=["batch_vs_devices", "ghost_vs_per_device", "model", "dataset", "missing_dataset"],
+    ids=[
+        "batch_vs_devices",
+        "ghost_vs_per_device",
+        "model",
+        "dataset",
+        "missing_dataset",
+        "noise_every",
+        "noise_small_is_batch",
+        "noise_small_vs_batch",
+        "noise_small_vs_per_device",
+        "noise_ghost_vs_small",
+    ],
 )
 def test_bad_config_fails_before_compute(arg, overrides, message, tmp_path, devices):
     overrides = {k: str(tmp_path / "empty") if v == "EMPTY" else v for k, v in overrides.items()}
@@ -489,7 +646,12 @@ def test_bad_config_fails_before_compute(arg, overrides, message, tmp_path, devi
 
 @pytest.mark.parametrize(
     "arg, message",
-    [("lb_huge", "unknown config variant 'lb_huge'"), ("lb,bacth=64", "unknown config option")],
+    [
+        ("lb_huge", "unknown config variant 'lb_huge'"),
+        ("lb,bacth=64", "unknown config option"),
+        ("lb,noise_scale_every=0", "noise_scale_every=0 must be a positive number of steps"),
+        ("lb,noise_scale_every=often", "noise_scale_every='often' is not a valid int"),
+    ],
 )
 def test_bad_config_argument(arg, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,305 @@
+"""Two explanations of the gap, measured on the headline runs: sharp minima or too few updates.
+
+Keskar et al. (2017) explain the generalization gap by large batches converging to sharp
+minima; Hoffer et al. (2017) by the large batch's fewer updates, which regime adaptation
+(+RA) restores. McCandlish et al. (2018) put the critical batch size, past which a larger
+batch stops saving steps, at the gradient noise scale B_simple = tr(Sigma) / |G|^2.
+
+For every run of the README's headline table (``experiments/ablation.py``: the F1 regime
+on Fashion-MNIST, uncompressed, the protocol ``ablation.headline_group()``) whose trainer
+workdir is on this machine, this measures the final weights with
+``experiments/sharpness.py`` (one subprocess per run, its command recorded so that each
+measurement re-runs on its own): the top Hessian eigenvalue of the training loss and
+Keskar's epsilon-sharpness at epsilon 1e-3 and 5e-4, on a fixed subset of 1,024 training
+images, batch norm in eval mode; and B_simple at the end of training on 8,192 images.
+Each result is committed to ``experiments/results/gap_explanations/<run>.json`` as it
+lands; finished measurements are skipped. B_simple through training comes from the runs
+that logged it (``noise_scale_every=``, ``gbn_jax/noise_scale.py``), as committed by the
+ablation driver.
+
+The report (``experiments/results/gap_explanations.{md,json}`` and
+``gap_explanations.png``) puts, per column, the test accuracy and its paired gap to SB
+beside the sharpness, the weight distance and B_simple, with the rank correlation of
+sharpness and test accuracy over runs.
+
+Usage (from the repository root, after the headline runs):
+
+  .venv/bin/python -m experiments.gap_explanations --commit
+  .venv/bin/python -m experiments.gap_explanations --report_only
+
+References:
+  Keskar, Mudigere, Nocedal, Smelyanskiy & Tang, ICLR 2017, section 2.2.2;
+  McCandlish, Kaplan, Amodei et al., arXiv:1812.06162 (2018), section 2.2, appendix A;
+  Hoffer, Hubara & Soudry (2017), sections 1, 3 and 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO_ROOT))
+
+from experiments import ablation, plots  # noqa: E402
+
+OUT = "gap_explanations"
+MEASURED = ablation.RESULTS_DIR / OUT
+EPSILONS = ("1e-3", "5e-4")
+# The critical batch sizes the paper's F1 row spans: |B_S| and |B_L|.
+PAPER_BATCHES = (128, 4096)
+
+
+def workdir(run: ablation.Planned, runs_dir: Path) -> Path:
+    return runs_dir / run.group / run.column / f"seed{run.seed}"
+
+
+def measure_command(run: ablation.Planned, runs_dir: Path) -> list[str]:
+    """The sharpness measurement of one run's final weights, as a command line."""
+    path = workdir(run, runs_dir)
+    if path.is_absolute() and path.is_relative_to(REPO_ROOT):
+        path = path.relative_to(REPO_ROOT)
+    return [
+        sys.executable,
+        "-m",
+        "experiments.sharpness",
+        str(path),
+        "--epsilon",
+        *EPSILONS,
+        "--out",
+        f"{OUT}/{run.name}",
+    ]
+
+
+def measure(group: str, runs_dir: Path, commit: bool) -> int:
+    """Measures every run of `group` that has a workdir and no committed measurement."""
+    results = ablation.load_results()
+    todo = []
+    for key in sorted(results):
+        run = ablation.Planned(*key)
+        if run.group != group or (MEASURED / f"{run.name}.json").exists():
+            continue
+        if not (workdir(run, runs_dir) / "checkpoints").exists():
+            tqdm.tqdm.write(f"{run.name}: no workdir under {runs_dir}; re-run its training first")
+            continue
+        todo.append(run)
+    failed = 0
+    MEASURED.mkdir(parents=True, exist_ok=True)
+    for run in tqdm.tqdm(todo, desc="sharpness", unit="run"):
+        argv = measure_command(run, runs_dir)
+        rc = subprocess.run(argv, cwd=REPO_ROOT).returncode
+        if rc:
+            failed += 1
+            tqdm.tqdm.write(f"{run.name}: measurement failed (exit {rc})")
+            continue
+        if commit:
+            paths = [MEASURED / f"{run.name}.{ext}" for ext in ("json", "md")]
+            ablation.commit_files(paths, f"gap_explanations: {run.name}")
+    return failed
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    mean, std, n = ablation._stats(list(values))
+    return dict(mean=mean, std=std, n=n)
+
+
+def noise_curve(result: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(epochs, B_simple) logged through training, or None if the run did not log it."""
+    curve = result.get("noise_curve")
+    if not curve or not curve.get("epoch"):
+        return None
+    return np.asarray(curve["epoch"]), np.asarray(curve["noise_scale_simple"])
+
+
+def collect(group: str) -> dict[str, Any]:
+    """Per column of `group`: accuracy, gap, sharpness, distance, noise scale."""
+    results = {k: v for k, v in ablation.load_results().items() if k[0] == group}
+    per_run, columns = [], {}
+    for (_, column, seed), result in sorted(results.items()):
+        run = ablation.Planned(group, column, seed)
+        path = MEASURED / f"{run.name}.json"
+        if not path.exists():
+            continue
+        measured = json.loads(path.read_text())["runs"][0]
+        sb = results.get((group, "sb", seed))
+        test = 100 * result["summary"]["final_eval_accuracy"]
+        row = dict(
+            run=run.name,
+            column=column,
+            seed=seed,
+            test=test,
+            gap_to_sb=None if sb is None else test - 100 * sb["summary"]["final_eval_accuracy"],
+            train_loss=result["summary"].get("final_train_loss"),
+            weight_distance=result["summary"].get("final_weight_distance"),
+            lambda_max=measured["hessian"]["eigenvalues"][0],
+            phi={str(b["epsilon"]): b["sharpness"] for b in measured["epsilon_sharpness"]},
+            b_simple_end=measured["noise_scale"]["b_simple"],
+            seconds=measured["wall_time_sec"],
+            command=" ".join(["python", *measure_command(run, Path("runs/ablation_f1"))[1:]]),
+        )
+        per_run.append(row)
+        columns.setdefault(column, []).append(row)
+    table = {}
+    for column in plots.COLUMN_LABELS:
+        rows = columns.get(column)
+        if not rows:
+            continue
+        cell = {
+            key: _stats([r[key] for r in rows if r[key] is not None])
+            for key in ("test", "gap_to_sb", "lambda_max", "weight_distance", "b_simple_end")
+        }
+        for eps in rows[0]["phi"]:
+            cell[f"phi_{eps}"] = _stats([r["phi"][eps] for r in rows])
+        table[column] = cell
+    correlation = None
+    if len(per_run) >= 3:
+        from scipy import stats
+
+        rho, p = stats.spearmanr([r["lambda_max"] for r in per_run], [r["test"] for r in per_run])
+        correlation = dict(spearman_rho=float(rho), p_value=float(p), n=len(per_run))
+    return dict(group=group, runs=per_run, table=table, correlation=correlation)
+
+
+def _fmt(stat: dict, digits: int = 2, sign: bool = False) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = f"{stat['mean']:+.{digits}f}" if sign else f"{stat['mean']:.{digits}f}"
+    return text + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    table = report["table"]
+    columns = list(table)
+    eps_keys = [k for k in (table[columns[0]] if columns else {}) if k.startswith("phi_")]
+    lines = [
+        "# Sharp minima or too few updates: the headline runs measured",
+        "",
+        f"F1 on Fashion-MNIST, uncompressed regime, protocol `{report['group']}`; final "
+        "weights; mean ± std over seeds (n in the run list). lambda_max: top Hessian "
+        "eigenvalue of the training loss (Lanczos, 1,024 training images, batch norm in "
+        "eval mode). phi: Keskar's epsilon-sharpness (%, projected ascent, a lower "
+        "bound). B_simple at the end: tr(Sigma)/|G|^2 from B_small = 128 and B_big = "
+        "8,192 (one subset; noisy where |G|^2 is small).",
+        "",
+        "| | " + " | ".join(plots.COLUMN_LABELS[c] for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    rows = [
+        ("test accuracy (%)", "test", 2, False),
+        ("gap to SB (paired, points)", "gap_to_sb", 2, True),
+        ("lambda_max", "lambda_max", 1, False),
+        *((f"phi, eps = {k[4:]} (%)", k, 2, False) for k in eps_keys),
+        ("weight distance ||w - w0||", "weight_distance", 1, False),
+        ("B_simple at the end", "b_simple_end", 0, False),
+    ]
+    for name, key, digits, sign in rows:
+        cells = [_fmt(table[c][key], digits, sign) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    corr = report["correlation"]
+    if corr:
+        lines += [
+            "",
+            f"Spearman rank correlation of lambda_max and test accuracy over the {corr['n']} "
+            f"runs: rho = {corr['spearman_rho']:+.2f} (p = {corr['p_value']:.2g}).",
+        ]
+    lines += [
+        "",
+        "| run | test (%) | lambda_max | "
+        + " | ".join(f"phi {e}" for e in EPSILONS)
+        + " | B_simple end | seconds |",
+        "|---" * (5 + len(EPSILONS)) + "|",
+    ]
+    for r in report["runs"]:
+        phis = " | ".join(f"{v:.2f}" for v in r["phi"].values())
+        lines.append(
+            f"| {r['run']} | {r['test']:.2f} | {r['lambda_max']:.2f} | {phis} | "
+            f"{r['b_simple_end']:.0f} | {r['seconds']:.0f} |"
+        )
+    lines += ["", "Commands (from the repository root, each re-runs one row):", "", "```"]
+    lines += [r["command"] for r in report["runs"]]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def figure(report: dict[str, Any], path: Path) -> None:
+    """Left: lambda_max against test accuracy per run. Right: B_simple through training."""
+    plt = plots.plt
+    fig, (ax_sharp, ax_noise) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for column, label in plots.COLUMN_LABELS.items():
+        rows = [r for r in report["runs"] if r["column"] == column]
+        style = plots._COLUMN_STYLE.get(column, {})
+        if rows:
+            ax_sharp.scatter(
+                [r["lambda_max"] for r in rows],
+                [r["test"] for r in rows],
+                label=label,
+                color=style.get("color"),
+            )
+    ax_sharp.set_xscale("log")
+    ax_sharp.set_xlabel("top Hessian eigenvalue of the training loss (final weights)")
+    ax_sharp.set_ylabel("test accuracy (%)")
+    ax_sharp.grid(alpha=0.3)
+    ax_sharp.legend()
+    results = ablation.load_results()
+    drawn = set()
+    for (group, column, _), result in sorted(results.items()):
+        curve = noise_curve(result) if group == report["group"] else None
+        if curve is None:
+            continue
+        style = plots._COLUMN_STYLE.get(column, {})
+        label = None if column in drawn else plots.COLUMN_LABELS.get(column, column)
+        drawn.add(column)
+        ax_noise.plot(*curve, label=label, color=style.get("color"), lw=1.0, alpha=0.8)
+    for batch in PAPER_BATCHES:
+        ax_noise.axhline(batch, color="gray", ls="--", lw=0.8)
+        ax_noise.annotate(f"B = {batch}", (0, batch), color="gray", va="bottom", fontsize=8)
+    ax_noise.set_yscale("log")
+    ax_noise.set_xlabel("epochs")
+    ax_noise.set_ylabel("B_simple = tr(Sigma) / |G|^2")
+    ax_noise.grid(alpha=0.3)
+    if drawn:
+        ax_noise.legend()
+    fig.suptitle("F1 on Fashion-MNIST: sharpness of the final weights and the noise scale")
+    fig.tight_layout()
+    plots._save(fig, str(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs_dir", default=str(REPO_ROOT / "runs" / "ablation_f1"))
+    parser.add_argument("--commit", action="store_true", help="git-commit each measurement")
+    parser.add_argument("--report_only", action="store_true")
+    parser.add_argument(
+        "--group", default=None, help="protocol (default: the headline's, once chosen)"
+    )
+    args = parser.parse_args(argv)
+    group = args.group or ablation.headline_group()
+    if group not in ablation.PROTOCOLS:
+        raise SystemExit(
+            f"--group={group} : pass one of {ablation.PROTOCOLS}; by default the headline "
+            "protocol, which experiments/ablation.py chooses once its seeds are committed."
+        )
+    failed = 0 if args.report_only else measure(group, Path(args.runs_dir).resolve(), args.commit)
+    report = collect(group)
+    (ablation.RESULTS_DIR / f"{OUT}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (ablation.RESULTS_DIR / f"{OUT}.md").write_text(markdown(report))
+    if report["runs"]:
+        figure(report, ablation.RESULTS_DIR / f"{OUT}.png")
+    print(markdown(report))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
