@@ -18,7 +18,9 @@ For each case (a config of ``configs/`` at its default values, plus ``max_steps`
   device-resident data, ``steps.compile_train_loop``), in this process, dispatched as
   the trainer dispatches it: up to K steps a dispatch (``train.steps_per_loop``, kept to
   ``train.LOOP_SECONDS``), each dispatch's rows from ``TrainFeed.next_chunk``, the host
-  one dispatch ahead. What it leaves out of the trainer: logs, evaluation, checkpoints.
+  one dispatch ahead; on the CPU one program per step unless ``--device-loop true``
+  (``steps.device_loop``). What it leaves out of the trainer: logs, evaluation,
+  checkpoints.
 
 * ``noise scale`` (``--noise-scale-rounds R``, instead of the above): the command line
   with B_simple logged (``--config.noise_scale.every_steps=N``, N from
@@ -35,8 +37,10 @@ machine's load, shared with other jobs, then hits both alike, where a CLI run la
 long enough for the load to change under it. Reported: median and range of per-round
 ratios, and the load average.
 
-Usage (CPU, the README table):
+Usage (CPU: f1_b128, f1_b4096 and resnet44_b128, side by side; results/bench_trainer.*):
   .venv/bin/python experiments/bench_trainer.py --rounds 3 --paired-rounds 12
+Smoke (a minute of work): --cases f1_b128 --rounds 1 --paired-rounds 2 --steps 20
+  --step-seconds 1 --out /tmp/bench_trainer_smoke
 The cost of logging B_simple (writes results/bench_trainer_noise_scale.{json,md}):
   .venv/bin/python experiments/bench_trainer.py --cases f1_b128,f1_b4096 \
       --noise-scale-rounds 6
@@ -61,8 +65,6 @@ import sys
 import tempfile
 import time
 from typing import Any
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -97,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--baseline", default=None, help="checkout whose trainer to time too")
     p.add_argument("--data-dir", default=None, help="--config.data_dir for the trainer")
+    p.add_argument(
+        "--device-loop",
+        default=None,
+        choices=("true", "false"),
+        help="--config.device_loop for the trainer and the loop (default: unset, the "
+        "platform's default: off on the CPU)",
+    )
     p.add_argument("--out", default=None, help="output stem (default results/bench_trainer)")
     p.add_argument(
         "--noise-scale-rounds",
@@ -214,12 +223,14 @@ class TrainerLoop:
             shapes,
             (self.state, self.acc),
         )
-        self.first, self.every = steps.compile_train_loop(
+        self.device_loop = steps.device_loop(config)
+        self.run = steps.compile_train_loop(
             loop,
             *shapes,
             self.feed.arrays,
             self.feed.chunk_shapes(self.k),
             compiler_options=steps.compiler_options(config),
+            device_loop=self.device_loop,
             scan=jax.default_backend() != "cpu",
         )
         self.batch_size = config.batch_size
@@ -234,12 +245,7 @@ class TrainerLoop:
             n = max(1, int(self._loop_seconds / self.per_step))
             n = min(self.k, num_steps - done_steps, n)
             xs = self.feed.next_chunk(n, self.k)
-            if n == self.k and self.every is not None:
-                self.state, self.acc, done = self.every(self.state, self.acc, self.feed.arrays, xs)
-            else:
-                self.state, self.acc, done = self.first(
-                    self.state, self.acc, self.feed.arrays, xs, np.int32(n)
-                )
+            self.state, self.acc, done = self.run(self.state, self.acc, self.feed.arrays, xs, n)
             if previous is not None:
                 self._jax.block_until_ready(previous)
             previous, done_steps = done, done_steps + n
@@ -269,6 +275,8 @@ def run_trainer(
     ]
     if args.data_dir:
         command.append(f"--config.data_dir={args.data_dir}")
+    if args.device_loop:
+        command.append(f"--config.device_loop={args.device_loop.capitalize()}")
     env = dict(os.environ, PYTHONPATH=root)
     env["JAX_PLATFORMS"] = "cuda" if args.platform == "gpu" else "cpu"
     start = time.time()
@@ -298,6 +306,8 @@ def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     config.update_from_flattened_dict(overrides)
     if args.data_dir:
         config.data_dir = args.data_dir
+    if args.device_loop:
+        config.device_loop = args.device_loop == "true"
     step = IsolatedStep(config)
     out = {"case": name, "config": spec, "overrides": overrides, "steps": steps}
     out["batch_size"] = config.batch_size
@@ -353,6 +363,7 @@ def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"{name} paired: loop/step {[round(p['loop'] / p['step'], 3) for p in paired]}")
         out["paired"] = paired
         out["steps_per_loop"] = loop.k
+        out["device_loop"] = loop.device_loop
         out["loop_ratio"] = _spread([p["loop"] / p["step"] for p in paired])
         out["loop_examples_per_sec"] = statistics.median(p["loop"] for p in paired)
         out["paired_step_examples_per_sec"] = statistics.median(p["step"] for p in paired)
@@ -471,7 +482,9 @@ def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
                 [
                     label,
                     {"trainer": "trainer CLI", "baseline": "baseline CLI"}.get(
-                        variant, f"loop, K = {rec.get('steps_per_loop')}"
+                        variant,
+                        f"loop, K = {rec.get('steps_per_loop')}"
+                        + ("" if rec.get("device_loop") else ", a program per step"),
                     ),
                     ratio["n"],
                     f"{rec[step_key]:.0f}",

@@ -279,10 +279,14 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.max_steps = config_dict.placeholder(int)
-    # Steps per dispatch (one jitted lax.scan); unset: the shortest of the log, eval,
-    # checkpoint and noise-scale cadences, each dispatch kept to ~1 s of work on one
-    # process. No effect on the results, bit for bit.
+    # Steps per dispatch; unset: the shortest of the log, eval, checkpoint and
+    # noise-scale cadences, each dispatch kept to ~1 s of work on one process. No effect
+    # on the results, bit for bit.
     config.steps_per_loop = config_dict.placeholder(int)
+    # The K steps of a dispatch as one loop program on the device (True) or one program
+    # per step, dispatched back to back (False); unset: True on accelerators, False on
+    # the CPU, whose convolutions run slowly in a loop body. No effect on the results.
+    config.device_loop = config_dict.placeholder(bool)
     # Hold the uint8 splits on the devices (replicated) and gather batches there; unset:
     # when they are in host memory and take at most a quarter of a device's memory.
     config.device_resident_data = config_dict.placeholder(bool)

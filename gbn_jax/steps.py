@@ -9,8 +9,10 @@ returns a pure function for the caller to jit with its shardings:
   dispatches once per K steps and reads nothing between its log, eval and checkpoint
   boundaries. A ``lax.scan`` over the K rows of a chunk (a static trip count: no host
   round trip per step on a GPU), or a ``fori_loop`` over its first n rows for chunks cut
-  short at a boundary (one program for every n < K). Both run the same body, so K
-  changes nothing in the numbers: K = 1 and K > 1 agree bit for bit (tests/test_train.py).
+  short at a boundary (one program for every n < K), or, on the CPU (`device_loop`
+  off), one row per program with no loop, dispatched n times: XLA:CPU lays convolutions
+  out for its fast kernels only outside loop bodies. All run the same step, so K and
+  the mode change nothing in the numbers: they agree bit for bit (tests/test_train.py).
 * `make_eval_pass`: the evaluation of a whole device-resident split in one program.
 * `make_noise_scale_measurement`: B_simple from one batch, a program of its own that
   reads the state and changes nothing (``config.noise_scale``).
@@ -28,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from gbn_jax import noise_scale
@@ -361,11 +364,12 @@ def make_train_loop(
         resumed run draws the same keys.
 
     Returns:
-      ``train_loop(state, acc, arrays, xs, num_steps=None) -> (state, acc, step)``:
-      runs one step per row of ``xs`` (a pytree with a leading axis of K rows), or, with
-      an int32 ``num_steps``, the first ``num_steps`` rows only. ``step`` is the state's
-      step count once more (an output the next dispatch does not donate, for the host to
-      wait on).
+      ``train_loop(state, acc, arrays, xs, num_steps=None, *, row=None) -> (state, acc,
+      step)``: runs one step per row of ``xs`` (a pytree with a leading axis of K rows);
+      with an int32 ``num_steps``, the first ``num_steps`` rows only; with an int32
+      ``row``, that row only, with no loop around the step (``device_loop`` off, see
+      `compile_train_loop`). ``step`` is the state's step count once more (an output
+      the next dispatch does not donate, for the host to wait on).
 
     References:
       Hoffer, Hubara & Soudry (2017), section 5.
@@ -376,8 +380,13 @@ def make_train_loop(
         state, metrics = train_step(state, batch, jax.random.fold_in(dropout_rng, state.step))
         return state, accumulate_metrics(acc, metrics, state.step)
 
-    def train_loop(state, acc, arrays, xs, num_steps=None):
-        if num_steps is None:
+    def row_of(xs, i):
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), xs)
+
+    def train_loop(state, acc, arrays, xs, num_steps=None, *, row=None):
+        if row is not None:
+            state, acc = one_step(state, acc, arrays, row_of(xs, row))
+        elif num_steps is None:
 
             def body(carry, x):
                 return one_step(*carry, arrays, x), None
@@ -386,13 +395,26 @@ def make_train_loop(
         else:
 
             def body(i, carry):
-                x = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), xs)
-                return one_step(*carry, arrays, x)
+                return one_step(*carry, arrays, row_of(xs, i))
 
             state, acc = jax.lax.fori_loop(0, num_steps, body, (state, acc))
         return state, acc, state.step
 
     return train_loop
+
+
+def device_loop(config: ml_collections.ConfigDict) -> bool:
+    """``config.device_loop``, or (unset) whether the backend is an accelerator.
+
+    Off, each step of a dispatch is its own program: XLA:CPU gives a convolution the
+    layout its Eigen kernel needs only in a program's entry computation, not inside a
+    loop body, so on the CPU a ResNet step in a ``fori_loop`` runs many times slower
+    than alone (README, the trainer's loop).
+    """
+    setting = config.get("device_loop")
+    if setting is not None:
+        return bool(setting)
+    return jax.default_backend() != "cpu"
 
 
 def compile_train_loop(
@@ -403,8 +425,9 @@ def compile_train_loop(
     chunk_shapes: Any,
     *,
     compiler_options: dict[str, Any],
+    device_loop: bool,
     scan: bool,
-) -> tuple[Callable, Callable | None]:
+) -> Callable[..., tuple[TrainState, dict, jax.Array]]:
     """Compiles a `make_train_loop` program before its inputs exist, state donated.
 
     Args:
@@ -414,12 +437,16 @@ def compile_train_loop(
       arrays: the arrays handed to every dispatch (``TrainFeed.arrays``).
       chunk_shapes: ``TrainFeed.chunk_shapes(K)``.
       compiler_options: XLA options (`compiler_options`).
-      scan: also compile the K-row scan (worth it on accelerators, see the module
-        docstring).
+      device_loop: run a chunk's steps in one program (a loop on the device); False:
+        one program per step, dispatched back to back (`device_loop`).
+      scan: with ``device_loop``, also compile the K-row scan (worth it on
+        accelerators, see the module docstring).
 
     Returns:
-      ``(first, all)``: ``first(state, acc, arrays, xs, n)`` runs the first n rows
-      (an int32 n), ``all(state, acc, arrays, xs)`` every row (None unless ``scan``).
+      ``run(state, acc, arrays, xs, n) -> (state, acc, step)``: the first n rows of the
+      chunk ``xs``, as one dispatch (the K-row scan when n = K and ``scan``, else the
+      ``fori_loop``) or, without ``device_loop``, as n dispatches of one step each. The
+      numbers are the same either way, bit for bit (tests/test_steps.py).
     """
     sharding = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     step_sharding = state_shapes.step.sharding
@@ -430,10 +457,29 @@ def compile_train_loop(
         compiler_options=compiler_options or None,
     )
     args = (state_shapes, acc_shapes, arrays, chunk_shapes)
-    num_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding)
-    first = jit(train_loop).lower(*args, num_steps).compile()
+    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding)
+    length = jax.tree.leaves(chunk_shapes)[0].shape[0]  # K
+    if not device_loop:
+        one = jit(lambda *a: train_loop(*a[:4], row=a[4])).lower(*args, index).compile()
+        # The row numbers live on the device, so a dispatch moves no host scalar.
+        rows = [jax.device_put(np.int32(i), step_sharding) for i in range(length)]
+
+        def run(state, acc, arrays, xs, n):
+            for i in range(n):
+                state, acc, step = one(state, acc, arrays, xs, rows[i])
+            return state, acc, step
+
+        return run
+
+    first = jit(train_loop).lower(*args, index).compile()
     every = jit(lambda *a: train_loop(*a)).lower(*args).compile() if scan else None
-    return first, every
+
+    def run(state, acc, arrays, xs, n):
+        if n == length and every is not None:
+            return every(state, acc, arrays, xs)
+        return first(state, acc, arrays, xs, np.int32(n))
+
+    return run
 
 
 def make_eval_pass(

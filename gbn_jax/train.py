@@ -12,9 +12,12 @@ jitted programs are built in ``gbn_jax.steps``, the device-side data in
 * Datasets that fit (the MNIST family, CIFAR) live on the devices as uint8, replicated;
   each step gathers its batch there from the epoch's permutation and augments it there.
   Streamed datasets (ImageNet) are read on the host one dispatch ahead of the devices.
-* One dispatch runs up to K = ``config.steps_per_loop`` steps in one program, cut short
-  at the steps where the host must look: logs, evaluations, checkpoints. Unset, K is the
-  shortest of those cadences, and on one process a dispatch is also kept to about
+* One dispatch runs up to K = ``config.steps_per_loop`` steps, cut short at the steps
+  where the host must look: logs, evaluations, checkpoints. On accelerators the K steps
+  are one program (a loop on the device); on the CPU (``config.device_loop``, unset: off
+  there only) each step is its own program, dispatched back to back over the same
+  device-resident data, since XLA:CPU runs convolutions slowly in a loop body. Unset, K
+  is the shortest of those cadences, and on one process a dispatch is also kept to about
   ``LOOP_SECONDS`` of work, so that a preemption notice is answered within seconds.
   Train metrics are summed on the device. A log or an evaluation is started on the
   device at its step and read one dispatch later, while the next one runs, so between
@@ -458,7 +461,8 @@ def _train_and_evaluate(
     timed_loops = config.get("steps_per_loop") is None and jax.process_count() == 1
     if is_main:
         where = "on the devices (replicated)" if resident else "streamed from the host"
-        print(f"data {where}; up to {loop_steps} steps per dispatch", flush=True)
+        how = "one loop program" if steps.device_loop(config) else "one program per step"
+        print(f"data {where}; up to {loop_steps} steps per dispatch ({how})", flush=True)
 
     # ---- Model and optimizer: state created on device, replicated. --------------------
     tx = regime.optimizer()
@@ -480,16 +484,18 @@ def _train_and_evaluate(
     )
     state_shapes = _with_shardings(abstract_state, state_sharding)
     acc_shapes = _with_shardings(abstract_acc, acc_sharding)
-    # The first n rows of a chunk (a fori_loop: one program for every n <= K), and all
-    # K rows (a scan, whose static trip count spares an accelerator a host round trip
-    # per step; the CPU has none to spare, so it runs every dispatch in the first).
-    p_train_first, p_train_all = steps.compile_train_loop(
+    # A chunk's first n rows: on accelerators one program (a fori_loop for any n <= K,
+    # or all K rows in a scan, whose static trip count spares a host round trip per
+    # step); on the CPU (device_loop off) n programs of one step, since XLA:CPU runs
+    # convolutions in a loop body in a slow layout (steps.device_loop).
+    run_chunk = steps.compile_train_loop(
         train_loop,
         state_shapes,
         acc_shapes,
         train_feed.arrays,
         train_feed.chunk_shapes(loop_steps),
         compiler_options=compiler_options(config),
+        device_loop=steps.device_loop(config),
         scan=jax.default_backend() != "cpu",
     )
     p_zero_accumulator = jax.jit(steps.zero_metrics, out_shardings=acc_sharding)
@@ -710,10 +716,7 @@ def _train_and_evaluate(
                 if not (started and started[-1]["step"] == step):
                     started.append({"step": step})
                 started[-1]["noise"] = p_noise_scale(state, train_feed.arrays, xs)
-            if n == loop_steps and p_train_all is not None:
-                state, acc, done = p_train_all(state, acc, train_feed.arrays, xs)
-            else:
-                state, acc, done = p_train_first(state, acc, train_feed.arrays, xs, np.int32(n))
+            state, acc, done = run_chunk(state, acc, train_feed.arrays, xs, n)
             dispatched_at = time.time()
             step += n
             rate.steps += n

@@ -90,6 +90,37 @@ def test_steps_per_dispatch_change_nothing(problem):
         assert acc["learning_rate"] == pytest.approx(0.3 * 0.1)  # the last step's rate
 
 
+@pytest.mark.parametrize("device_loop", [False, True], ids=["program_per_step", "device_loop"])
+def test_compiled_loop_matches_with_and_without_a_device_loop(problem, device_loop):
+    """`compile_train_loop` as the trainer runs it: one program per step (the CPU's
+    default) and the device loop (fori_loop, and the scan for a full chunk) compute
+    what `make_train_loop` jitted directly does, bit for bit."""
+    arrays, state, train_step, batch_fn, index = problem
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    loop = steps.make_train_loop(train_step, batch_fn, jax.random.key(2))
+    state = jax.device_put(jax.tree.map(jnp.copy, state), device)
+    acc = jax.jit(steps.zero_metrics, out_shardings=device)()  # distinct buffers
+    arrays = jax.device_put(arrays, device)
+    shapes = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree
+    )
+    chunk = {"index": jax.ShapeDtypeStruct((4, 8), jnp.int32, sharding=device)}
+    run = steps.compile_train_loop(
+        loop, shapes(state), shapes(acc), arrays, chunk,
+        compiler_options={}, device_loop=device_loop, scan=True,
+    )  # fmt: skip
+    start = 0
+    for n in (4, 3):  # a full chunk (the scan), then a cut one (the fori_loop)
+        rows = np.zeros((4, 8), np.int32)
+        rows[:n] = index[start : start + n]
+        state, acc, step = run(state, acc, arrays, {"index": jax.device_put(rows, device)}, n)
+        start += n
+        assert int(step) == start
+    expected = run_chunks(problem, (4, 3), 4)
+    for a, b in zip(jax.tree.leaves((state, acc)), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_accumulator_records_the_first_bad_step():
     acc = steps.zero_metrics()
     good = {"loss": 1.5, "accuracy": 0.5, "grad_norm": 2.0, "learning_rate": 0.1}

@@ -2,9 +2,9 @@
 
 One short reference run of F1 on the real Fashion-MNIST files (8 fake CPU devices,
 in this process) is the yardstick: a run killed with SIGKILL and restarted, one stopped
-by SIGTERM and restarted, and runs with other numbers of steps per dispatch or with
-host-fed batches must end with the same metrics and parameters, bit for bit; a run split
-over two processes with the same metrics to float rounding.
+by SIGTERM and restarted, and runs with other numbers of steps per dispatch, with
+host-fed batches or with the device loop must end with the same metrics and parameters,
+bit for bit; a run split over two processes with the same metrics to float rounding.
 """
 
 import importlib.util
@@ -248,14 +248,20 @@ def assert_same_run(workdir, ref_dir):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"steps_per_loop": 1}, {"steps_per_loop": 3}, {"device_resident_data": False}],
-    ids=["one_step_per_dispatch", "three_steps_per_dispatch", "streamed_from_host"],
+    [
+        {"steps_per_loop": 1},
+        {"steps_per_loop": 3},
+        {"device_resident_data": False},
+        {"device_loop": True},
+    ],
+    ids=["one_step_per_dispatch", "three_steps_per_dispatch", "streamed_from_host", "device_loop"],
 )
 def test_steps_per_loop_and_data_path_change_nothing(reference, tmp_path, overrides):
-    """K = 1, K = 3 and host-fed batches against the reference (K unset: up to 4 steps
-    per dispatch, each dispatch cut at the logs of steps 1-13, 14, 16, 18, 20, the evals
-    and the checkpoints), bit for bit. K = 3 mixes full dispatches (steps 21-23) with
-    cut ones (14-16, ...)."""
+    """K = 1, K = 3, host-fed batches and the device loop against the reference (K
+    unset: up to 4 steps per dispatch, each dispatch cut at the logs of steps 1-13, 14,
+    16, 18, 20, the evals and the checkpoints; on the CPU one program per step), bit for
+    bit. K = 3 mixes full dispatches (steps 21-23) with cut ones (14-16, ...); the
+    device loop runs each dispatch's steps in one fori_loop program."""
     ref_dir = reference[0]
     config = load_config(F1_CONFIG, F1_ARG, {**F1_OVERRIDES, **overrides})
     train.train_and_evaluate(config, str(tmp_path))
