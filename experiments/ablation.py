@@ -82,6 +82,18 @@ SELECTION_COLUMNS = ("lb_lr", "lb_lr_gbn")
 # session-sized choice the reproduction issue allows, stated wherever it is reported.
 RA_BATCH = 2048
 COLUMN_OPTIONS = {"lb_lr_gbn_ra": {"batch": str(RA_BATCH)}}
+# The gradient noise scale B_simple logged through training (gbn_jax/noise_scale.py):
+# every 25 steps where a run has 600-1,250 (LB, +LR, +GBN), every ~100 where it has
+# ~19,500 (SB, +RA). A measurement is one extra forward and backward pass of a batch
+# and changes nothing else: the runs without it (the first seeds) train identically.
+# Under the authors' protocol every N is a multiple of the steps per epoch (391 at 128,
+# 25 at 2048, 13 at 4096), so that no measurement falls on an epoch's padded last batch.
+NOISE_SCALE_EVERY = {
+    "default": {"sb": 100, "lb_lr_gbn_ra": 100},
+    "authors": {"sb": 391, "lb_lr_gbn": 26, "lb_lr_gbn_ra": 100},
+}
+NOISE_SCALE_EVERY_DEFAULT = 25
+NOISE_KEYS = ("noise_grad_sq", "noise_trace_sigma", "noise_b_simple")
 # lr_rule=authors leaves +GBN as it is (4096, LR x sqrt(4096/128) either way).
 SAME_AS_DEFAULT = {("lr_rule", "lb_lr_gbn")}
 LABELS = {"sb": "SB", "lb": "LB", "lb_lr": "+LR", "lb_lr_gbn": "+GBN", "lb_lr_gbn_ra": "+RA"}
@@ -105,6 +117,9 @@ class Planned:
     def arg(self) -> str:
         options = {**GROUPS[self.group], **COLUMN_OPTIONS.get(self.column, {})}
         options["validation"] = str(VALIDATION_SIZE)
+        if self.group in PROTOCOLS:
+            every = NOISE_SCALE_EVERY[self.group].get(self.column, NOISE_SCALE_EVERY_DEFAULT)
+            options["noise_scale_every"] = str(every)
         options["seed"] = str(self.seed)
         return ",".join([self.column, *(f"{k}={v}" for k, v in options.items())])
 
@@ -193,6 +208,11 @@ def record(run: Planned, workdir: Path, argv: Sequence[str], commit: str | None)
         steps, epochs, values = finished.series(key)
         curve["step"], curve["epoch"] = steps.tolist(), [round(e, 3) for e in epochs.tolist()]
         curve[key] = [round(v, 5) for v in values.tolist()]
+    noise = {}
+    for key in NOISE_KEYS:
+        steps, epochs, values = finished.series(key)
+        noise["step"], noise["epoch"] = steps.tolist(), [round(e, 3) for e in epochs.tolist()]
+        noise[key] = [float(f"{v:.6g}") for v in values.tolist()]
     regime = finished.regime or {}
     return dict(
         group=run.group,
@@ -202,6 +222,7 @@ def record(run: Planned, workdir: Path, argv: Sequence[str], commit: str | None)
         command=reproduce_table.printable_command(argv),
         summary=summary,
         curve=curve,
+        noise_curve=noise if noise.get("step") else None,
         regime={
             k: regime.get(k)
             for k in (
