@@ -146,8 +146,8 @@ def plan(stage: int) -> list[Planned]:
     Stage 1: seed 0 of default and authors for LB, +LR and +GBN, and default's SB.
     Stage 2: seeds 1 and 2 of the same (the protocol is then chosen on validation:
     `headline_group`).
-    Stage 3: the headline protocol's SB seed 0, +RA (seed 0, at ratio RA_BATCH / 128),
-    then SB seeds 1 and 2; left out until stage 2's runs are committed.
+    Stage 3: the headline protocol's SB (seeds 0-2), then +RA (seed 0, at ratio
+    RA_BATCH / 128); left out until stage 2's runs are committed.
     Stage 4: each switch alone on seed 0 (LB, +LR, +GBN).
     Stage 5: the other protocol's SB; seeds 1 and 2 of every switch alone.
     """
@@ -158,11 +158,10 @@ def plan(stage: int) -> list[Planned]:
     if stage >= 2:
         runs += [Planned(g, c, s) for s in (1, 2) for g in main for c in COLUMNS]
     if stage >= 3 and chosen:
-        # SB seed 0 first (every gap needs it), then the long +RA run (~1 h here: it
-        # must not be left to a later session, whose machine may lack its checkpoints).
-        runs.append(Planned(chosen, "sb", 0))
+        # SB's three seeds (~6 min each here; every gap needs them), then the long +RA
+        # run (~1 h; it resumes from its checkpoints if interrupted).
+        runs += [Planned(chosen, "sb", s) for s in (0, 1, 2)]
         runs.append(Planned(chosen, "lb_lr_gbn_ra", 0))
-        runs += [Planned(chosen, "sb", s) for s in (1, 2)]
     if stage >= 4:
         runs += [
             Planned(g, c, 0) for g in SWITCHES for c in COLUMNS if (g, c) not in SAME_AS_DEFAULT
