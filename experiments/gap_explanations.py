@@ -15,7 +15,10 @@ images, batch norm in eval mode; and B_simple at the end of training on 8,192 im
 Each result is committed to ``experiments/results/gap_explanations/<run>.json`` as it
 lands; finished measurements are skipped. B_simple through training comes from the runs
 that logged it (``noise_scale_every=``, ``gbn_jax/noise_scale.py``), as committed by the
-ablation driver.
+ablation driver; seed 0 of a column that ran without it is trained again with it
+(``--noise_reruns``: the recorded command plus ``noise_scale_every``, which changes
+nothing else, so the re-run must end with the committed run's numbers to the last digit,
+and the report says whether it did).
 
 The report (``experiments/results/gap_explanations.{md,json}`` and
 ``gap_explanations.png``) puts, per column, the test accuracy and its paired gap to SB
@@ -57,6 +60,9 @@ MEASURED = ablation.RESULTS_DIR / OUT
 EPSILONS = ("1e-3", "5e-4")
 # The critical batch sizes the paper's F1 row spans: |B_S| and |B_L|.
 PAPER_BATCHES = (128, 4096)
+# B_simple pooled over the F1 regime's LR phases (epochs; x16 for +RA at ratio 16).
+NOISE_PHASES = {"epochs 0-10": (0, 10), "epochs 10-30": (10, 30), "epochs 30-50": (30, 50)}
+EPOCHS_SCALE = {"lb_lr_gbn_ra": ablation.RA_BATCH // 128}
 
 
 def workdir(run: ablation.Planned, runs_dir: Path) -> Path:
@@ -78,6 +84,62 @@ def measure_command(run: ablation.Planned, runs_dir: Path) -> list[str]:
         "--out",
         f"{OUT}/{run.name}",
     ]
+
+
+def noise_rerun(run: ablation.Planned, rerun_dir: Path, commit: bool) -> bool:
+    """Trains seed 0 of a column again with B_simple logged; records the curve."""
+    from gbn_jax import regimes
+
+    record = ablation.load_results()[(run.group, run.column, run.seed)]
+    every = ablation.NOISE_SCALE_EVERY[run.group].get(
+        run.column, ablation.NOISE_SCALE_EVERY_DEFAULT
+    )
+    arg = f"{record['config_arg']},noise_scale_every={every}"
+    workdir = rerun_dir / run.name
+    argv = [
+        sys.executable,
+        "-m",
+        "gbn_jax.main",
+        f"--config={ablation.CONFIG_FILE}:{arg}",
+        f"--workdir={workdir}",
+    ]
+    config = ablation.reproduce_table._load_config_module().get_config(arg)
+    resolved = regimes.resolve(config, 60_000 - ablation.VALIDATION_SIZE)
+    with tqdm.tqdm(
+        total=resolved.total_steps * resolved.batch_size, unit="img", unit_scale=True
+    ) as bar:
+        bar.set_description(f"{run.name} + B_simple")
+        rc, _ = ablation.reproduce_table.run_one(
+            argv,
+            workdir,
+            total_steps=resolved.total_steps,
+            batch_size=resolved.batch_size,
+            bar=bar,
+        )
+    finished = plots.load_run(str(workdir))
+    if rc != 0 or not finished.finished:
+        tqdm.tqdm.write(f"{run.name}: the re-run failed (exit {rc}); see {workdir}/train.log")
+        return False
+    out = ablation.record(run, workdir, argv, ablation.git_commit())
+    keys = ("final_val_accuracy", "final_eval_accuracy", "final_train_loss")
+    out["same_as_committed"] = {k: out["summary"][k] == record["summary"][k] for k in keys}
+    path = MEASURED / f"{run.name}__noise.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    if commit:
+        ablation.commit_files([path], f"gap_explanations: {run.name} re-run with B_simple")
+    return True
+
+
+def noise_results(group: str) -> dict[tuple[str, int], dict]:
+    """(column, seed) -> a result with a noise curve: the ablation's, else a re-run's."""
+    out = {}
+    for (g, column, seed), result in ablation.load_results().items():
+        if g == group and result.get("noise_curve"):
+            out[(column, seed)] = result
+    for path in sorted(MEASURED.glob(f"{group}__*__noise.json")):
+        result = json.loads(path.read_text())
+        out.setdefault((result["column"], result["seed"]), result)
+    return out
 
 
 def measure(group: str, runs_dir: Path, commit: bool) -> int:
@@ -115,12 +177,37 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
     return dict(mean=mean, std=std, n=n)
 
 
-def noise_curve(result: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """(epochs, B_simple) logged through training, or None if the run did not log it."""
+def noise_curve(result: dict, points: int = 25) -> tuple[np.ndarray, np.ndarray] | None:
+    """(epochs, B_simple) through training, or None if the run did not log it.
+
+    One measurement's ratio tr(Sigma) / |G|^2 is noisy (|G|^2 can even come out
+    negative), so consecutive measurements are pooled into about `points` windows and
+    each window's B_simple is the ratio of its sums (McCandlish et al., appendix A).
+    """
     curve = result.get("noise_curve")
     if not curve or not curve.get("epoch"):
         return None
-    return np.asarray(curve["epoch"]), np.asarray(curve["noise_scale_simple"])
+    epochs = np.asarray(curve["epoch"], np.float64)
+    trace = np.asarray(curve["noise_trace_sigma"], np.float64)
+    grad = np.asarray(curve["noise_grad_sq"], np.float64)
+    windows = np.array_split(np.arange(epochs.size), min(points, epochs.size))
+    return (
+        np.array([epochs[w].mean() for w in windows]),
+        np.array([trace[w].sum() / grad[w].sum() for w in windows]),
+    )
+
+
+def pooled_noise_scale(result: dict, first: float, last: float) -> float | None:
+    """B_simple pooled (ratio of sums) over the measurements of epochs [first, last)."""
+    curve = result.get("noise_curve")
+    if not curve or not curve.get("epoch"):
+        return None
+    epochs = np.asarray(curve["epoch"], np.float64)
+    keep = (epochs >= first) & (epochs < last)
+    if not keep.any():
+        return None
+    trace = np.asarray(curve["noise_trace_sigma"], np.float64)[keep].sum()
+    return float(trace / np.asarray(curve["noise_grad_sq"], np.float64)[keep].sum())
 
 
 def collect(group: str) -> dict[str, Any]:
@@ -151,10 +238,23 @@ def collect(group: str) -> dict[str, Any]:
         )
         per_run.append(row)
         columns.setdefault(column, []).append(row)
+    noisy = noise_results(group)
     table = {}
     for column in plots.COLUMN_LABELS:
+        phases = {}
+        for name, (first, last) in NOISE_PHASES.items():
+            values = [
+                pooled_noise_scale(
+                    r, first * EPOCHS_SCALE.get(column, 1), last * EPOCHS_SCALE.get(column, 1)
+                )
+                for (c, _), r in noisy.items()
+                if c == column
+            ]
+            phases[name] = _stats([v for v in values if v is not None])
         rows = columns.get(column)
         if not rows:
+            if any(v["n"] for v in phases.values()):
+                table[column] = {"noise": phases}
             continue
         cell = {
             key: _stats([r[key] for r in rows if r[key] is not None])
@@ -162,6 +262,7 @@ def collect(group: str) -> dict[str, Any]:
         }
         for eps in rows[0]["phi"]:
             cell[f"phi_{eps}"] = _stats([r["phi"][eps] for r in rows])
+        cell["noise"] = phases
         table[column] = cell
     correlation = None
     if len(per_run) >= 3:
@@ -169,7 +270,15 @@ def collect(group: str) -> dict[str, Any]:
 
         rho, p = stats.spearmanr([r["lambda_max"] for r in per_run], [r["test"] for r in per_run])
         correlation = dict(spearman_rho=float(rho), p_value=float(p), n=len(per_run))
-    return dict(group=group, runs=per_run, table=table, correlation=correlation)
+    reruns = []
+    for path in sorted(MEASURED.glob(f"{group}__*__noise.json")):
+        result = json.loads(path.read_text())
+        name = path.name[: -len("__noise.json")]
+        reruns.append(dict(name=name, command=result["command"], same=result["same_as_committed"]))
+        reruns[-1]["same_as_committed"] = reruns[-1].pop("same")
+    return dict(
+        group=group, noise_reruns=reruns, runs=per_run, table=table, correlation=correlation
+    )
 
 
 def _fmt(stat: dict, digits: int = 2, sign: bool = False) -> str:
@@ -182,7 +291,7 @@ def _fmt(stat: dict, digits: int = 2, sign: bool = False) -> str:
 def markdown(report: dict[str, Any]) -> str:
     table = report["table"]
     columns = list(table)
-    eps_keys = [k for k in (table[columns[0]] if columns else {}) if k.startswith("phi_")]
+    eps_keys = sorted({k for c in columns for k in table[c] if k.startswith("phi_")}, reverse=True)
     lines = [
         "# Sharp minima or too few updates: the headline runs measured",
         "",
@@ -204,9 +313,37 @@ def markdown(report: dict[str, Any]) -> str:
         ("weight distance ||w - w0||", "weight_distance", 1, False),
         ("B_simple at the end", "b_simple_end", 0, False),
     ]
+    empty = dict(mean=None, std=None, n=0)
     for name, key, digits, sign in rows:
-        cells = [_fmt(table[c][key], digits, sign) for c in columns]
+        cells = [_fmt(table[c].get(key, empty), digits, sign) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for phase in NOISE_PHASES:
+        cells = []
+        for c in columns:
+            stat = table[c].get("noise", {}).get(phase, empty)
+            cells.append(_fmt(stat, 0) + (f" (n={stat['n']})" if stat["n"] else ""))
+        lines.append(f"| B_simple through training, {phase} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "B_simple through training: the measurements of each run pooled over the F1 "
+        "regime's LR phases (ratio of summed tr(Sigma) to summed |G|^2; +RA's epochs "
+        f"scaled by {EPOCHS_SCALE['lb_lr_gbn_ra']}), from runs that logged it every N "
+        "steps (B_small = 128, or 32 for SB whose batch is 128).",
+    ]
+    reruns = report.get("noise_reruns", [])
+    if reruns:
+        lines += ["", "Seed-0 runs trained again to log B_simple (nothing else changes):", ""]
+        for r in reruns:
+            same = all(r["same_as_committed"].values())
+            lines.append(
+                f"- {r['name']}: `{r['command']}`; final validation, test accuracy and "
+                "training loss "
+                + (
+                    "identical to the committed run."
+                    if same
+                    else f"differ: {r['same_as_committed']}"
+                )
+            )
     corr = report["correlation"]
     if corr:
         lines += [
@@ -252,10 +389,9 @@ def figure(report: dict[str, Any], path: Path) -> None:
     ax_sharp.set_ylabel("test accuracy (%)")
     ax_sharp.grid(alpha=0.3)
     ax_sharp.legend()
-    results = ablation.load_results()
     drawn = set()
-    for (group, column, _), result in sorted(results.items()):
-        curve = noise_curve(result) if group == report["group"] else None
+    for (column, _), result in sorted(noise_results(report["group"]).items()):
+        curve = noise_curve(result)
         if curve is None:
             continue
         style = plots._COLUMN_STYLE.get(column, {})
@@ -284,6 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--group", default=None, help="protocol (default: the headline's, once chosen)"
     )
+    parser.add_argument(
+        "--noise_reruns",
+        action="store_true",
+        help="train seed 0 of the columns that did not log B_simple again, logging it",
+    )
+    parser.add_argument("--rerun_dir", default=str(REPO_ROOT / "runs" / "gap_noise"))
     args = parser.parse_args(argv)
     group = args.group or ablation.headline_group()
     if group not in ablation.PROTOCOLS:
@@ -291,7 +433,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--group={group} : pass one of {ablation.PROTOCOLS}; by default the headline "
             "protocol, which experiments/ablation.py chooses once its seeds are committed."
         )
-    failed = 0 if args.report_only else measure(group, Path(args.runs_dir).resolve(), args.commit)
+    failed = 0
+    if args.noise_reruns and not args.report_only:
+        have = noise_results(group)
+        for column in ("lb", "lb_lr", "lb_lr_gbn"):
+            if (column, 0) not in have:
+                run = ablation.Planned(group, column, 0)
+                failed += not noise_rerun(run, Path(args.rerun_dir), args.commit)
+    if not args.report_only:
+        failed += measure(group, Path(args.runs_dir).resolve(), args.commit)
     report = collect(group)
     (ablation.RESULTS_DIR / f"{OUT}.json").write_text(json.dumps(report, indent=1) + "\n")
     (ablation.RESULTS_DIR / f"{OUT}.md").write_text(markdown(report))
