@@ -177,7 +177,7 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
     return dict(mean=mean, std=std, n=n)
 
 
-def noise_curve(result: dict, points: int = 25) -> tuple[np.ndarray, np.ndarray] | None:
+def noise_curve(result: dict, points: int = 12) -> tuple[np.ndarray, np.ndarray] | None:
     """(epochs, B_simple) through training, or None if the run did not log it.
 
     One measurement's ratio tr(Sigma) / |G|^2 is noisy (|G|^2 can even come out
@@ -191,10 +191,12 @@ def noise_curve(result: dict, points: int = 25) -> tuple[np.ndarray, np.ndarray]
     trace = np.asarray(curve["noise_trace_sigma"], np.float64)
     grad = np.asarray(curve["noise_grad_sq"], np.float64)
     windows = np.array_split(np.arange(epochs.size), min(points, epochs.size))
-    return (
-        np.array([epochs[w].mean() for w in windows]),
-        np.array([trace[w].sum() / grad[w].sum() for w in windows]),
-    )
+    sums = np.array([(trace[w].sum(), grad[w].sum()) for w in windows])
+    # A window whose summed |G|^2 estimate is not positive has no finite B_simple (the
+    # gradient is within its noise of zero): left as a gap in the curve.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1], np.nan)
+    return np.array([epochs[w].mean() for w in windows]), value
 
 
 def pooled_noise_scale(result: dict, first: float, last: float) -> float | None:
