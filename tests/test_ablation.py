@@ -1,0 +1,132 @@
+"""The ablation driver's choices (experiments/ablation.py, experiments/gap_explanations.py).
+
+No training: results are made up with known numbers, and the rules are checked against
+numpy and against the regimes the trainer resolves.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from experiments import ablation, gap_explanations, reproduce_table
+from gbn_jax import regimes
+
+
+def _result(group, column, seed, val, test):
+    return {
+        "group": group,
+        "column": column,
+        "seed": seed,
+        "summary": {"final_val_accuracy": val / 100, "final_eval_accuracy": test / 100},
+    }
+
+
+def _results(rng, val_bias, test_bias):
+    """Both protocols, seeds 0-2, LB/+LR/+GBN; each protocol shifted by its bias."""
+    out = {}
+    for group in ablation.PROTOCOLS:
+        for column in ablation.COLUMNS:
+            for seed in ablation.SELECTION_SEEDS:
+                val = 88 + val_bias[group] + rng.normal(0, 0.1)
+                test = 88 + test_bias[group] + rng.normal(0, 0.1)
+                out[(group, column, seed)] = _result(group, column, seed, val, test)
+    return out
+
+
+def test_headline_group_is_chosen_on_validation_only():
+    rng = np.random.default_rng(0)
+    # Validation favours "authors", the test split favours "default": validation wins.
+    results = _results(rng, {"default": 0.0, "authors": 1.0}, {"default": 2.0, "authors": 0.0})
+    assert ablation.headline_group(results) == "authors"
+    results = _results(rng, {"default": 1.0, "authors": 0.0}, {"default": 0.0, "authors": 2.0})
+    assert ablation.headline_group(results) == "default"
+    # The rule is the mean over +LR and +GBN only: a better LB does not count.
+    for seed in ablation.SELECTION_SEEDS:
+        results[("authors", "lb", seed)]["summary"]["final_val_accuracy"] = 0.99
+    assert ablation.headline_group(results) == "default"
+    # Mean by hand.
+    means = {
+        g: np.mean(
+            [
+                100 * results[(g, c, s)]["summary"]["final_val_accuracy"]
+                for c in ablation.SELECTION_COLUMNS
+                for s in ablation.SELECTION_SEEDS
+            ]
+        )
+        for g in ablation.PROTOCOLS
+    }
+    assert ablation.headline_group(results) == max(means, key=means.get)
+
+
+def test_headline_group_waits_for_every_selection_run():
+    rng = np.random.default_rng(1)
+    results = _results(rng, {"default": 0.0, "authors": 1.0}, {"default": 0.0, "authors": 0.0})
+    del results[("default", "lb_lr_gbn", 2)]
+    assert ablation.headline_group(results) is None
+
+
+def test_plan_adds_the_headline_runs_once_chosen(monkeypatch):
+    rng = np.random.default_rng(2)
+    results = _results(rng, {"default": 0.0, "authors": 1.0}, {"default": 0.0, "authors": 0.0})
+    monkeypatch.setattr(ablation, "load_results", lambda: {})
+    assert not [r for r in ablation.plan(3) if r.column in ("sb", "lb_lr_gbn_ra") and r.seed]
+    monkeypatch.setattr(ablation, "load_results", lambda: results)
+    runs = ablation.plan(3)
+    tail = [r.name for r in runs[-4:]]
+    assert tail == [
+        "authors__sb__seed0",
+        "authors__sb__seed1",
+        "authors__sb__seed2",
+        "authors__lb_lr_gbn_ra__seed0",
+    ]
+    assert len(set(runs)) == len(runs)
+    # Stage 5 adds the other protocol's SB, never the chosen one's twice.
+    five = ablation.plan(5)
+    assert ablation.Planned("default", "sb", 1) in five
+    assert len(set(five)) == len(five)
+
+
+@pytest.mark.parametrize("group", ablation.PROTOCOLS)
+@pytest.mark.parametrize("column", ["sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra"])
+def test_noise_scale_cadence_never_measures_a_padded_batch(group, column):
+    run = ablation.Planned(group, column, 1)
+    config = reproduce_table._load_config_module().get_config(run.arg)
+    every = config.noise_scale.every_steps
+    resolved = regimes.resolve(config, 60_000 - ablation.VALIDATION_SIZE)
+    # A measurement at step t uses the batch of update t + 1, i.e. 0-based step t.
+    # With the partial batch kept, that batch is padded at t = k * steps_per_epoch - 1.
+    if config.keep_last_batch:
+        measured = np.arange(0, resolved.total_steps, every)
+        assert not np.any(measured % resolved.steps_per_epoch == resolved.steps_per_epoch - 1)
+    assert 0 < every <= resolved.total_steps // 10
+
+
+def test_noise_curve_pools_a_ratio_of_sums():
+    rng = np.random.default_rng(3)
+    n = 40
+    epochs = np.linspace(0, 50, n)
+    trace = rng.uniform(100, 1000, n)
+    grad = rng.uniform(0.01, 1, n)
+    grad[5] = -3.0  # One window's |G|^2 estimate sums below zero: no B_simple there.
+    result = {
+        "noise_curve": {
+            "epoch": epochs.tolist(),
+            "noise_trace_sigma": trace.tolist(),
+            "noise_grad_sq": grad.tolist(),
+        }
+    }
+    x, y = gap_explanations.noise_curve(result, points=8)
+    windows = np.array_split(np.arange(n), 8)
+    for i, w in enumerate(windows):
+        assert x[i] == pytest.approx(epochs[w].mean())
+        expected = trace[w].sum() / grad[w].sum() if grad[w].sum() > 0 else math.nan
+        if math.isnan(expected):
+            assert math.isnan(y[i])
+        else:
+            assert y[i] == pytest.approx(expected)
+    keep = (epochs >= 10) & (epochs < 30)
+    pooled = gap_explanations.pooled_noise_scale(result, 10, 30)
+    assert pooled == pytest.approx(trace[keep].sum() / grad[keep].sum())
+    assert gap_explanations.pooled_noise_scale(result, 60, 70) is None
+    assert gap_explanations.noise_curve({"noise_curve": None}) is None
