@@ -112,16 +112,12 @@ def make_noise_scale_train_step(
 
     shards = mesh.shape["data"] * micro_batches
 
+    from gbn_jax import steps
+
     def loss_fn(params, batch, batch_stats, *, rng):
-        logits, new_vars = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            batch["image"],
-            train=True,
-            rngs={"dropout": rng},
-            mutable=["batch_stats"],
-        )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return loss.mean(), (logits, new_vars["batch_stats"])
+        # The trainer's own loss (steps.train_loss), with the statistics as aux.
+        loss, (logits, new_vars) = steps.train_loss(model, params, batch_stats, batch, rng)
+        return loss, (logits, new_vars["batch_stats"])
 
     grad_fn = noise_scale.sharded_value_and_grad(
         loss_fn, mesh, micro_batches=micro_batches, has_aux=True

@@ -87,6 +87,16 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
 NOISE_SCALE_EVERY = {"f1_b128": 100, "f1_b4096": 25, "resnet44_b128": 10}
 
 
+def _hardware_line(env: dict[str, Any]) -> str:
+    """The machine and its load at the start and end, for a results file."""
+    start = tuple(round(x, 1) for x in env["load_average_start"])
+    end = tuple(round(x, 1) for x in env["load_average_end"])
+    return (
+        f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
+        f"jax {env['jax']}. Load average (1/5/15 min) at start {start}, at end {end}."
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
@@ -422,10 +432,7 @@ def noise_scale_markdown(env: dict[str, Any], records: list[dict[str, Any]]) -> 
         [
             "# Trainer throughput with B_simple logged, over without",
             "",
-            f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
-            f"jax {env['jax']}. Load average (1/5/15 min) at start "
-            f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
-            f"{tuple(round(x, 1) for x in env['load_average_end'])}.",
+            _hardware_line(env),
             "",
             f"Command: `{env['command']}`. Per round, the trainer CLI with "
             "`--config.noise_scale.every_steps=N` and without, in alternating order; a "
@@ -498,10 +505,7 @@ def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
         [
             "# Trainer throughput over its isolated step",
             "",
-            f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
-            f"jax {env['jax']}. Load average (1/5/15 min) at start "
-            f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
-            f"{tuple(round(x, 1) for x in env['load_average_end'])}.",
+            _hardware_line(env),
             "",
             f"Command: `{env['command']}`. Ratio: examples/s over the isolated step's "
             "(`make_train_step` of the same network, optimizer and batch, one fixed device "
