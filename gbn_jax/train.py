@@ -36,7 +36,8 @@ jitted programs are built in ``gbn_jax.steps``, the device-side data in
   shards of b examples and logs |G_small|^2, |G_big|^2, |G|^2, tr(Sigma) and B_simple
   (``noise_*`` fields, a record of their own unless the step logs anyway). It reads the
   state and writes nothing back: the training is the same bit for bit with it or without.
-  Cost: one more forward and backward pass of one batch per N steps, ~1/N of the time.
+  A measurement whose batch would be an epoch's padded last batch (keep_last_batch) is
+  skipped. Cost: one more forward and backward pass of one batch per N steps, ~1/N of the time.
 * Outputs in ``workdir``: config.json, regime.json, metrics.jsonl (one JSON object per
   logged step, process 0), tb/ (TensorBoard), checkpoints/ (orbax), summary.json.
 
@@ -400,7 +401,8 @@ def _train_and_evaluate(
     augment = config.get("augment", "default")
     validation_size = config.get("validation_size", 0) or 0
     keep_last_batch = bool(config.get("keep_last_batch", False))
-    regime = regimes.resolve(config, info.num_train - validation_size)
+    regime_examples = info.num_train - validation_size
+    regime = regimes.resolve(config, regime_examples)
     total_steps = regime.total_steps
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -589,8 +591,15 @@ def _train_and_evaluate(
     def is_checkpoint_step(step):
         return step % config.checkpoint_every_steps == 0 or step == total_steps
 
+    # With the partial batch kept, update k * steps_per_epoch trains on a padded batch
+    # of fewer than B examples: a B_simple there would mix two batch sizes, so the
+    # measurement due at the step before it is skipped.
+    padded_last_batch = keep_last_batch and regime_examples % config.batch_size != 0
+
     def is_noise_step(step):
-        return p_noise_scale is not None and step % noise_every == 0
+        if p_noise_scale is None or step % noise_every:
+            return False
+        return not (padded_last_batch and step % steps_per_epoch == steps_per_epoch - 1)
 
     def chunk_length(step, seconds_per_step):
         """Steps of the next dispatch: at most K, and none past the next boundary."""

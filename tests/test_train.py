@@ -734,12 +734,14 @@ def test_padded_partial_batch_steps_like_the_compact_batch(norm):
 
 def test_authors_protocol_end_to_end_with_validation_split(tmp_path, devices):
     """protocol=authors through the trainer: 1,000 training images at batch 512 give
-    2 steps per epoch, the second a partial batch of 488 (8 ghost chunks of 61)."""
+    2 steps per epoch, the second a partial batch of 488 (8 ghost chunks of 61); B_simple
+    asked for at every step skips the steps before the partial batches."""
     workdir = str(tmp_path / "authors")
     config = load_config(
         F1_CONFIG,
-        "lb_lr_gbn,protocol=authors,batch=512,ghost=64,validation=59000,epochs_scale=0.06",
-        {"eval_batch_size": 2000},
+        "lb_lr_gbn,protocol=authors,batch=512,ghost=64,validation=59000,epochs_scale=0.06"
+        ",noise_scale_every=1",
+        {"eval_batch_size": 2000, "noise_scale.small_batch_size": 64},
     )
     summary = train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "regime.json")) as f:
@@ -757,6 +759,8 @@ def test_authors_protocol_end_to_end_with_validation_split(tmp_path, devices):
     assert summary["eval_accuracy_at_best_val"] == best_val["eval_accuracy"]
     assert summary["best_eval_accuracy"] == max(r["eval_accuracy"] for r in evals)
     assert summary["final_eval_accuracy"] == evals[-1]["eval_accuracy"]
+    # B_simple at every step but those whose next batch (update t + 1) is the padded one.
+    assert [r["step"] for r in records if "noise_b_simple" in r] == [0, 2, 4]
     _, state = final_state(workdir)
     scales = [v for k, v in state.items() if "scale" in k and "params0" in k]
     # gamma ~ U[0, 1) at step 0 (the checkpoint keeps the step-0 parameters).
