@@ -3,11 +3,12 @@
 Each model is built twice, identical except for its normalization layer (nn.BatchNorm,
 or GhostBatchNorm). One jitted train step (forward, backward, SGD with momentum,
 buffers donated) is timed per variant, under XLA's default compiler options and under
-the trainer's CPU options (``gbn_jax.train.XLA_CPU_FAST_OPTIONS``, with
-``train.keep_host_allocations()`` called first, as the CLI does). The two variants of
-a (model, options) pair are interleaved in a fresh random order every repeat, so that
-load from other jobs hits both alike; the table reports the median step times, the
-ratio of medians, and the median and quartiles of the per-repeat GBN/BN ratios.
+the trainer's CPU options (``gbn_jax.train.XLA_CPU_FAST_OPTIONS``; run as a script,
+the process first restarts with huge pages for malloc, as the CLI does:
+``gbn_jax.host_memory``). The two variants of a (model, options) pair are interleaved
+in a fresh random order every repeat, so that load from other jobs hits both alike;
+the table reports the median step times, the ratio of medians, and the median and
+quartiles of the per-repeat GBN/BN ratios.
 
 Models:
   f1:       MNIST-sized MLP, 784 -> 5 x [Dense 512, BN, ReLU] -> Dense 10, batch 4096,
@@ -271,9 +272,6 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     random.seed(0)
-    from gbn_jax import train
-
-    host_allocations_kept = train.keep_host_allocations()  # the CLI does this too
     sets = options_sets()
     rows = [
         bench(name, opt, sets[opt], args.repeats, args.warmup)
@@ -301,7 +299,7 @@ def main() -> None:
         return
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "keep_host_allocations": host_allocations_kept,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "hardware": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -339,4 +337,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from gbn_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()  # As the CLI does: huge pages for XLA's buffers.
     main()

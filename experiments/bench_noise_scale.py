@@ -273,9 +273,6 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.get("XLA_FLAGS", "")
             + f" --xla_force_host_platform_device_count={args.devices}"
         ).strip()
-    from gbn_jax import train
-
-    train.keep_host_allocations()  # As the CLI does, before the first JAX computation.
     import jax
 
     env = bench_train.environment(args)
@@ -403,4 +400,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from gbn_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()  # As the CLI does: huge pages for XLA's buffers.
     main()

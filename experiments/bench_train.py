@@ -22,8 +22,9 @@ jobs on the machine hits every variant alike. Both frameworks use the same threa
 count (``torch.set_num_threads``; XLA:CPU uses every core, ``os.cpu_count()``).
 
 The JAX variants compile with the trainer's CPU default, ``train.XLA_CPU_FAST_OPTIONS``
-(``--xla-preset none``: XLA's own defaults), and the process first calls
-``train.keep_host_allocations()`` as the CLI does (``--no-keep-host-allocations``).
+(``--xla-preset none``: XLA's own defaults); run as a script, the process restarts with
+huge pages for malloc first, as the CLI does (``gbn_jax.host_memory``; process-wide, so
+the torch variants get them too; ``GBN_JAX_HUGE_PAGES=0`` turns them off).
 
 Also reported: model FLOPs utilization (MFU), the analytic model FLOPs of a step (3x the
 forward pass's convolution and dense FLOPs, counted from the jaxpr) per second over a
@@ -168,14 +169,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="XLA:CPU options of the JAX variants: fast (the trainer's default), none "
         "(XLA's defaults), eigen, ynn_reduce_only",
     )
-    p.add_argument(
-        "--keep-host-allocations",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="gbn_jax.train.keep_host_allocations() first, as the CLI does (glibc malloc "
-        "keeps XLA's per-step temporary buffer instead of page-faulting it in every "
-        "step; process-wide, so the torch variants run under it too)",
-    )
     p.add_argument("--xla-sweep", action="store_true", help="time XLA:CPU options instead")
     p.add_argument(
         "--sweep-options",
@@ -218,6 +211,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "optax": optax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        # glibc.malloc.hugetlb=1 when the process runs with huge pages (gbn_jax.host_memory).
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
         "load_average_start": os.getloadavg(),
         "args": vars(args),
@@ -905,10 +900,6 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_platforms", "cuda" if args.platform == "gpu" else "cpu")
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:0] = [here, os.path.dirname(here)]  # torch_reference and gbn_jax
-    from gbn_jax import train
-
-    if args.keep_host_allocations and args.platform == "cpu":
-        print("keep_host_allocations:", train.keep_host_allocations())
     if not args.no_torch:
         import torch
 
@@ -920,4 +911,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from gbn_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()  # As the CLI does: huge pages for XLA's buffers.
     main()

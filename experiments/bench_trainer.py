@@ -30,6 +30,14 @@ For each case (a config of ``configs/`` at its default values, plus ``max_steps`
   with a measurement in it or not; evaluation and checkpoints left out). Reported: the
   median and range of the per-round ratio on/off; the overhead is one minus it.
 
+* ``allocator`` (``--allocator-rounds R``, instead of the above): the isolated step and
+  the command line, each in fresh subprocesses under glibc's default malloc
+  (``GBN_JAX_HUGE_PAGES=0``) and with huge pages (``gbn_jax.host_memory``, what the CLI
+  and this script do by default), in an order reversed every other round. Reported per
+  case: huge pages over default for the step and for the trainer, the trainer over the
+  step under the same malloc, and the trainer as it runs over a step under the default
+  malloc (a step timed by a script outside this repository).
+
 CLI rounds interleave the variants (step, trainer[, baseline], step again); a round's
 ratio is the trainer's rate over the mean of the two step rates around it. Paired rounds
 (``--paired-rounds``) alternate step and loop every few seconds, in either order; the
@@ -39,6 +47,8 @@ ratios, and the load average.
 
 Usage (CPU: f1_b128, f1_b4096 and resnet44_b128, side by side; results/bench_trainer.*):
   .venv/bin/python experiments/bench_trainer.py --rounds 3 --paired-rounds 12
+Huge pages against glibc's default malloc (writes results/bench_trainer_allocator.*):
+  .venv/bin/python experiments/bench_trainer.py --allocator-rounds 3
 Smoke (a minute of work): --cases f1_b128 --rounds 1 --paired-rounds 2 --steps 20
   --step-seconds 1 --out /tmp/bench_trainer_smoke
 The cost of logging B_simple (writes results/bench_trainer_noise_scale.{json,md}):
@@ -123,6 +133,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="instead: CLI rounds with B_simple logged against without (0: none)",
     )
+    p.add_argument(
+        "--allocator-rounds",
+        type=int,
+        default=0,
+        help="instead: the isolated step and the trainer CLI, each under glibc's default "
+        "malloc and with huge pages (gbn_jax.host_memory), as subprocesses (0: none)",
+    )
+    # Internal (--allocator-rounds): print the isolated step's rate of one case, in this
+    # process as the environment sets it up, and exit.
+    p.add_argument("--isolated-step", default=None, metavar="CASE", help=argparse.SUPPRESS)
     p.add_argument(
         "--table-walls",
         default=None,
@@ -270,7 +290,12 @@ class TrainerLoop:
 
 
 def run_trainer(
-    root: str, spec: str, steps: int, overrides: dict[str, Any], args: argparse.Namespace
+    root: str,
+    spec: str,
+    steps: int,
+    overrides: dict[str, Any],
+    args: argparse.Namespace,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One CLI run from checkout ``root``; returns its rates and wall times."""
     workdir = tempfile.mkdtemp(prefix="bench_trainer_")
@@ -287,7 +312,7 @@ def run_trainer(
         command.append(f"--config.data_dir={args.data_dir}")
     if args.device_loop:
         command.append(f"--config.device_loop={args.device_loop.capitalize()}")
-    env = dict(os.environ, PYTHONPATH=root)
+    env = dict(os.environ, PYTHONPATH=root, **(extra_env or {}))
     env["JAX_PLATFORMS"] = "cuda" if args.platform == "gpu" else "cpu"
     start = time.time()
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
@@ -312,10 +337,7 @@ def run_trainer(
 def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     spec, steps, overrides = CASES[name]
     steps = args.steps or steps
-    config = load_config(spec)
-    config.update_from_flattened_dict(overrides)
-    if args.data_dir:
-        config.data_dir = args.data_dir
+    config = case_config(name, args)
     if args.device_loop:
         config.device_loop = args.device_loop == "true"
     step = IsolatedStep(config)
@@ -410,6 +432,130 @@ def bench_noise_scale_case(name: str, args: argparse.Namespace) -> dict[str, Any
     for variant in ("off", "on"):
         out[f"{variant}_examples_per_sec"] = statistics.median(r[variant]["rate"] for r in rounds)
     return out
+
+
+def case_config(name: str, args: argparse.Namespace) -> Any:
+    """The case's config with its overrides and the command line's data dir."""
+    spec, _, overrides = CASES[name]
+    config = load_config(spec)
+    config.update_from_flattened_dict(overrides)
+    if args.data_dir:
+        config.data_dir = args.data_dir
+    return config
+
+
+# Malloc setups of --allocator-rounds: the environment a subprocess starts with. Both
+# start from this process's environment less any GLIBC_TUNABLES of its own restart.
+ALLOCATORS = {"default": {"GBN_JAX_HUGE_PAGES": "0"}, "huge pages": {}}
+
+
+def _allocator_env(name: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    return {**env, **ALLOCATORS[name]}
+
+
+def run_isolated_step(name: str, allocator: str, args: argparse.Namespace) -> float:
+    """The isolated step's examples/s in a fresh subprocess under ``allocator``."""
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--isolated-step={name}",
+        f"--step-seconds={args.step_seconds}",
+        f"--platform={args.platform}",
+    ]
+    if args.data_dir:
+        command.append(f"--data-dir={args.data_dir}")
+    env = _allocator_env(allocator)
+    env["JAX_PLATFORMS"] = "cuda" if args.platform == "gpu" else "cpu"
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"isolated step failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["examples_per_sec"]
+
+
+def bench_allocator_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Per round, in subprocesses: the step and the CLI, each under glibc's default
+    malloc and with huge pages, in an order reversed every other round."""
+    spec, steps, overrides = CASES[name]
+    steps = args.steps or steps
+    out = {"case": name, "config": spec, "overrides": overrides, "steps": steps}
+    out["batch_size"] = case_config(name, args).batch_size
+    order = [(kind, alloc) for kind in ("step", "trainer") for alloc in ALLOCATORS]
+    rounds = []
+    for r in range(args.allocator_rounds):
+        row: dict[str, Any] = {"load_before": os.getloadavg()}
+        for kind, alloc in order[::-1] if r % 2 else order:
+            if kind == "step":
+                row[f"step {alloc}"] = run_isolated_step(name, alloc, args)
+            else:
+                run = run_trainer(ROOT, spec, steps, overrides, args, _allocator_env(alloc))
+                row[f"trainer {alloc}"] = run["examples_per_sec"]
+        row["load_after"] = os.getloadavg()
+        rounds.append(row)
+        print(
+            f"{name} round {r}: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in row.items() if not k.startswith("load")),
+            flush=True,
+        )
+    out["rounds"] = rounds
+    ratios = {
+        "step: huge pages / default": ("step huge pages", "step default"),
+        "trainer: huge pages / default": ("trainer huge pages", "trainer default"),
+        "trainer (huge pages) / step (huge pages)": ("trainer huge pages", "step huge pages"),
+        "trainer (huge pages) / step (default)": ("trainer huge pages", "step default"),
+    }
+    out["ratios"] = {
+        label: _spread([row[a] / row[b] for row in rounds]) for label, (a, b) in ratios.items()
+    }
+    out["examples_per_sec"] = {
+        key: statistics.median(row[key] for row in rounds)
+        for key in rounds[0]
+        if not key.startswith("load")
+    }
+    return out
+
+
+def allocator_markdown(env: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    from experiments import bench_train
+
+    rows = []
+    for rec in records:
+        label = f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)"
+        for ratio_label, ratio in rec["ratios"].items():
+            rows.append(
+                [
+                    label,
+                    ratio_label,
+                    ratio["n"],
+                    f"**{ratio['median']:.3f}**",
+                    f"{ratio['q1']:.3f}-{ratio['q3']:.3f}",
+                    f"{ratio['min']:.3f}-{ratio['max']:.3f}",
+                ]
+            )
+        rates = ", ".join(f"{k} {v:.0f}" for k, v in rec["examples_per_sec"].items())
+        rows.append([label, f"img/s (medians): {rates}", "", "", "", ""])
+    return "\n".join(
+        [
+            "# Huge pages for malloc: the isolated step and the trainer CLI",
+            "",
+            _hardware_line(env),
+            "",
+            f"Command: `{env['command']}`. Per round, four fresh subprocesses: the isolated "
+            "step (`make_train_step` of the case, one fixed device batch, "
+            f"{env['args']['step_seconds']:g} s after a warm-up) and the trainer CLI (its "
+            "logged intervals after the first), each under glibc's default malloc "
+            "(`GBN_JAX_HUGE_PAGES=0`) and with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` "
+            "(`gbn_jax.host_memory`, the CLI's default), in an order reversed every other "
+            "round. The last ratio is the trainer as it runs against a step written "
+            "outside this repository, under the default malloc. Median, quartiles and "
+            "range over rounds.",
+            "",
+            bench_train.markdown_table(
+                ["case", "ratio", "rounds", "median", "quartiles", "range"], rows
+            ),
+            "",
+        ]
+    )
 
 
 def noise_scale_markdown(env: dict[str, Any], records: list[dict[str, Any]]) -> str:
@@ -592,14 +738,27 @@ def main(argv: list[str] | None = None) -> None:
         # The CLI shares the card with this process.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.4")
     sys.path[:0] = [HERE, ROOT]
-    from gbn_jax import steps
-
-    if args.platform == "cpu":
-        steps.keep_host_allocations()  # as the CLI does, before the CPU client starts
     from experiments import bench_train
 
+    if args.isolated_step:
+        step = IsolatedStep(case_config(args.isolated_step, args))
+        rate = step.rate(args.step_seconds)
+        print(
+            json.dumps(
+                {"examples_per_sec": rate, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            )
+        )
+        return
     env = bench_train.environment(args)
     cases = [name for name in args.cases.split(",") if name]
+    if args.allocator_rounds:
+        records = [bench_allocator_case(name, args) for name in cases]
+        env["load_average_end"] = os.getloadavg()
+        stem = args.out or os.path.join(RESULTS, "bench_trainer_allocator")
+        bench_train.write_outputs(
+            stem, {"environment": env, "results": records}, allocator_markdown(env, records)
+        )
+        return
     if args.noise_scale_rounds:
         records = [bench_noise_scale_case(name, args) for name in cases]
         env["load_average_end"] = os.getloadavg()
@@ -617,4 +776,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from gbn_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()  # As the CLI does: huge pages for XLA's buffers.
     main()

@@ -395,9 +395,6 @@ def _load(values: Sequence[float]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     validate_args(args)
-    from gbn_jax import train
-
-    train.keep_host_allocations()  # Before the first JAX computation, as the CLI does.
     env = bench_train.environment(args)
     env["command"] = " ".join(["python -m experiments.sharpness", *(argv or sys.argv[1:])])
     size = max(args.examples, args.noise_examples)
@@ -463,6 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from gbn_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()  # As the CLI does: huge pages for XLA's buffers.
     try:
         sys.exit(main())
     except ValueError as error:

@@ -292,8 +292,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.device_resident_data = config_dict.placeholder(bool)
     # CPU speed-ups, on by default (same training to float32 rounding; False gives
     # XLA's defaults): Eigen dots and convolutions and kept optimization barriers
-    # (train.XLA_CPU_FAST_OPTIONS) and, in the CLI, glibc malloc keeping the step's
-    # temporary buffer (train.keep_host_allocations). Ignored off the CPU.
+    # (train.XLA_CPU_FAST_OPTIONS). Ignored off the CPU. (The CLI's huge pages for
+    # host memory are a process setting: gbn_jax.host_memory, GBN_JAX_HUGE_PAGES=0.)
     config.xla_cpu_fast_options = True
     # Protocol switches (apply_variant sets them from the config argument).
     config.augment = "default"

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gbn_jax import train
+from gbn_jax import host_memory, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output and checkpoint directory.")
@@ -48,9 +48,6 @@ def main(argv: list[str]) -> int:
         int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # multi-host TPU slice
     )
-    if _CONFIG.value.get("xla_cpu_fast_options", True):
-        # Before anything starts the XLA CPU client and its threads.
-        train.keep_host_allocations()
     if _COORDINATOR.value or _DISTRIBUTED.value or auto_cluster:
         # CPU-only clusters need a collectives backend; GPUs and TPUs ignore this flag.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -78,5 +75,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # Huge pages for XLA's per-step host buffers (a restart of this command, first).
+    host_memory.reexec_with_huge_pages()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

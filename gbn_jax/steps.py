@@ -108,40 +108,6 @@ def create_train_state(
     )
 
 
-def keep_host_allocations() -> bool:
-    """Makes glibc malloc reuse large host buffers instead of mapping fresh pages.
-
-    XLA:CPU allocates each step's temporaries (129 MB for F1 at batch 4096) as one
-    buffer on a PjRt worker thread; glibc serves it with mmap and returns it with
-    munmap, so every step page-faults the whole buffer in again (33k faults, 60-90 ms
-    of kernel time per F1 step on 2 cores). This puts every thread on the main arena
-    and raises the mmap and trim thresholds to 1 GiB, so the buffer stays in the heap
-    and is reused. Process-wide and irreversible; call it before the first JAX
-    computation (before the CPU client starts its threads), e.g. in the CLI. A no-op
-    (returns False) where libc has no ``mallopt`` (not glibc).
-
-    Returns:
-      Whether the settings were applied.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    return all(
-        mallopt(option, value) == 1
-        for option, value in (
-            (m_arena_max, 1),
-            (m_mmap_threshold, 1 << 30),
-            (m_trim_threshold, 1 << 30),
-        )
-    )
-
-
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """XLA compiler options for the train step: XLA_CPU_FAST_OPTIONS on the CPU.
 
