@@ -527,11 +527,13 @@ def bench_allocator_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def allocator_markdown(env: dict[str, Any], records: list[dict[str, Any]]) -> str:
+def allocator_markdown(records: list[dict[str, Any]]) -> str:
     from experiments import bench_train
 
-    rows = []
+    rows, runs = [], []
     for rec in records:
+        env = rec["environment"]
+        runs.append(f"- {rec['case']}: `{env['command']}`. {_hardware_line(env)}")
         label = f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)"
         for ratio_label, ratio in rec["ratios"].items():
             rows.append(
@@ -550,11 +552,11 @@ def allocator_markdown(env: dict[str, Any], records: list[dict[str, Any]]) -> st
         [
             "# Huge pages for malloc: the isolated step and the trainer CLI",
             "",
-            _hardware_line(env),
+            *runs,
             "",
-            f"Command: `{env['command']}`. Per round, four fresh subprocesses: the isolated "
+            "Per round, four fresh subprocesses: the isolated "
             "step (`make_train_step` of the case, one fixed device batch, "
-            f"{env['args']['step_seconds']:g} s after a warm-up) and the trainer CLI (its "
+            "`--step-seconds` after a warm-up) and the trainer CLI (its "
             "logged intervals after the first), each under glibc's default malloc "
             "(`GBN_JAX_HUGE_PAGES=0`) and with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` "
             "(`gbn_jax.host_memory`, the CLI's default), in an order reversed every other "
@@ -764,12 +766,20 @@ def main(argv: list[str] | None = None) -> None:
     env = bench_train.environment(args)
     cases = [name for name in args.cases.split(",") if name]
     if args.allocator_rounds:
-        records = [bench_allocator_case(name, args) for name in cases]
-        env["load_average_end"] = os.getloadavg()
+        # Cases measured now replace their rows; the file keeps the others' (each row
+        # records its own command, hardware line and load).
         stem = args.out or os.path.join(RESULTS, "bench_trainer_allocator")
-        bench_train.write_outputs(
-            stem, {"environment": env, "results": records}, allocator_markdown(env, records)
-        )
+        kept = {}
+        if os.path.exists(stem + ".json"):
+            with open(stem + ".json") as f:
+                kept = {rec["case"]: rec for rec in json.load(f)["results"]}
+        for name in cases:
+            env["load_average_start"] = os.getloadavg()
+            record = bench_allocator_case(name, args)
+            env["load_average_end"] = os.getloadavg()
+            kept[name] = {**record, "environment": dict(env)}
+        records = [kept[name] for name in CASES if name in kept]
+        bench_train.write_outputs(stem, {"results": records}, allocator_markdown(records))
         return
     if args.noise_scale_rounds:
         records = [bench_noise_scale_case(name, args) for name in cases]

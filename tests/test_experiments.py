@@ -276,6 +276,50 @@ def test_bench_sweep_trainer_entry_is_the_trainer_default():
     assert bench_train.XLA_SWEEP["trainer"] == train.XLA_CPU_FAST_OPTIONS
 
 
+def test_bench_trainer_allocator_ratios_and_merge(tmp_path, monkeypatch):
+    """--allocator-rounds: ratios per round from each subprocess's rate, in the order
+    reversed every other round, and a second case added to the file, not replacing it."""
+    from experiments import bench_trainer
+
+    calls = []
+    rates = {
+        ("step", "default"): [100.0, 120.0],
+        ("step", "huge pages"): [130.0, 150.0],
+        ("trainer", "default"): [110.0, 100.0],
+        ("trainer", "huge pages"): [117.0, 138.0],
+    }
+
+    def fake_step(name, allocator, args):
+        n = sum(1 for c in calls if c == ("step", allocator))
+        calls.append(("step", allocator))
+        return rates["step", allocator][n]
+
+    def fake_trainer(root, spec, steps, overrides, args, extra_env=None):
+        allocator = "default" if extra_env.get("GBN_JAX_HUGE_PAGES") == "0" else "huge pages"
+        n = sum(1 for c in calls if c == ("trainer", allocator))
+        calls.append(("trainer", allocator))
+        return {"examples_per_sec": rates["trainer", allocator][n]}
+
+    monkeypatch.setattr(bench_trainer, "run_isolated_step", fake_step)
+    monkeypatch.setattr(bench_trainer, "run_trainer", fake_trainer)
+    monkeypatch.setattr(bench_trainer, "IsolatedStep", None)  # never built in-process
+    stem = str(tmp_path / "alloc")
+    bench_trainer.main(["--cases=f1_b128", "--allocator-rounds=2", f"--out={stem}"])
+    order = [("step", "default"), ("step", "huge pages"), ("trainer", "default")]
+    order.append(("trainer", "huge pages"))
+    assert calls == order + order[::-1]
+    (rec,) = json.loads(Path(stem + ".json").read_text())["results"]
+    ratios = rec["ratios"]
+    assert ratios["step: huge pages / default"]["median"] == pytest.approx((1.3 + 1.25) / 2)
+    assert ratios["trainer (huge pages) / step (default)"]["min"] == pytest.approx(1.15)
+    assert ratios["trainer (huge pages) / step (huge pages)"]["max"] == pytest.approx(0.92)
+    calls.clear()
+    bench_trainer.main(["--cases=f1_b4096", "--allocator-rounds=1", f"--out={stem}"])
+    cases = [r["case"] for r in json.loads(Path(stem + ".json").read_text())["results"]]
+    assert cases == ["f1_b128", "f1_b4096"]
+    assert "f1_b4096 (`lb_lr_gbn_ra`)" in Path(stem + ".md").read_text()
+
+
 def test_bench_trainer_table_walls_against_the_committed_table(tmp_path):
     """The unscaled F1 table's wall times: a run directory against the committed one."""
     from experiments import bench_trainer
