@@ -15,10 +15,10 @@ images, batch norm in eval mode; and B_simple at the end of training on 8,192 im
 Each result is committed to ``experiments/results/gap_explanations/<run>.json`` as it
 lands; finished measurements are skipped. B_simple through training comes from the runs
 that logged it (``noise_scale_every=``, ``gbn_jax/noise_scale.py``), as committed by the
-ablation driver; seed 0 of a column that ran without it is trained again with it
-(``--noise_reruns``: the recorded command plus ``noise_scale_every``, which changes
-nothing else, so the re-run must end with the committed run's numbers to the last digit,
-and the report says whether it did).
+ablation driver; a run of LB, +LR or +GBN that ran without it is trained again with it
+(``--noise_reruns``, the seeds of ``--noise_seeds``: the recorded command plus
+``noise_scale_every``, which changes nothing else, so the re-run must end with the
+committed run's numbers to the last digit, and the report says whether it did).
 
 The report (``experiments/results/gap_explanations.{md,json}`` and
 ``gap_explanations.png``) puts, per column, the test accuracy and its paired gap to SB
@@ -87,7 +87,7 @@ def measure_command(run: ablation.Planned, runs_dir: Path) -> list[str]:
 
 
 def noise_rerun(run: ablation.Planned, rerun_dir: Path, commit: bool) -> bool:
-    """Trains seed 0 of a column again with B_simple logged; records the curve."""
+    """Trains one run of a column again with B_simple logged; records the curve."""
     from gbn_jax import regimes
 
     record = ablation.load_results()[(run.group, run.column, run.seed)]
@@ -334,7 +334,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     reruns = report.get("noise_reruns", [])
     if reruns:
-        lines += ["", "Seed-0 runs trained again to log B_simple (nothing else changes):", ""]
+        lines += ["", "Runs trained again to log B_simple (nothing else changes):", ""]
         for r in reruns:
             same = all(r["same_as_committed"].values())
             lines.append(
@@ -425,8 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--noise_reruns",
         action="store_true",
-        help="train seed 0 of the columns that did not log B_simple again, logging it",
+        help="train the runs of LB, +LR and +GBN that did not log B_simple again, "
+        "logging it (seeds of --noise_seeds, in order)",
     )
+    parser.add_argument("--noise_seeds", default="0,1,2", help="comma list of seeds")
     parser.add_argument("--rerun_dir", default=str(REPO_ROOT / "runs" / "gap_noise"))
     args = parser.parse_args(argv)
     group = args.group or ablation.headline_group()
@@ -438,10 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = 0
     if args.noise_reruns and not args.report_only:
         have = noise_results(group)
-        for column in ("lb", "lb_lr", "lb_lr_gbn"):
-            if (column, 0) not in have:
-                run = ablation.Planned(group, column, 0)
-                failed += not noise_rerun(run, Path(args.rerun_dir), args.commit)
+        seeds = [int(s) for s in args.noise_seeds.split(",") if s.strip()]
+        for seed in seeds:
+            for column in ("lb", "lb_lr", "lb_lr_gbn"):
+                if (column, seed) not in have:
+                    run = ablation.Planned(group, column, seed)
+                    failed += not noise_rerun(run, Path(args.rerun_dir), args.commit)
     if not args.report_only:
         failed += measure(group, Path(args.runs_dir).resolve(), args.commit)
     report = collect(group)
