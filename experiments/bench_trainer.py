@@ -572,13 +572,18 @@ def allocator_markdown(records: list[dict[str, Any]]) -> str:
     )
 
 
-def noise_scale_markdown(env: dict[str, Any], records: list[dict[str, Any]]) -> str:
+def noise_scale_markdown(records: list[dict[str, Any]]) -> str:
     from experiments import bench_train
 
+    runs = [
+        f"- {rec['case']}: `{rec['environment']['command']}`. " + _hardware_line(rec["environment"])
+        for rec in records
+    ]
     rows = [
         [
             f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)",
             rec["noise_scale_every"],
+            rec["steps"],
             rec["ratio"]["n"],
             f"{rec['off_examples_per_sec']:.0f}",
             f"{rec['on_examples_per_sec']:.0f}",
@@ -592,9 +597,9 @@ def noise_scale_markdown(env: dict[str, Any], records: list[dict[str, Any]]) -> 
         [
             "# Trainer throughput with B_simple logged, over without",
             "",
-            _hardware_line(env),
+            *runs,
             "",
-            f"Command: `{env['command']}`. Per round, the trainer CLI with "
+            "Per round, the trainer CLI with "
             "`--config.noise_scale.every_steps=N` and without, in alternating order; a "
             "run's rate is total examples over total time of its logged intervals after "
             "the first (evaluation and checkpoints left out). Ratio: on over off; the "
@@ -604,6 +609,7 @@ def noise_scale_markdown(env: dict[str, Any], records: list[dict[str, Any]]) -> 
                 [
                     "case",
                     "N",
+                    "steps",
                     "rounds",
                     "off img/s",
                     "on img/s",
@@ -740,6 +746,27 @@ def table_walls(run_dir: str, out_stem: str) -> None:
     bench_train.write_outputs(out_stem, {"run_dir": run_dir, "columns": record}, text)
 
 
+def _measure_and_merge(stem, cases, env, args, bench, markdown_fn) -> None:
+    """Measures ``cases`` with ``bench``; their rows replace theirs in ``stem``.{json,md}
+    and the file keeps the other cases' rows. Each row records its own environment
+    (command, hardware, load); rows of a file written before that get its top-level one."""
+    from experiments import bench_train
+
+    kept = {}
+    if os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            old = json.load(f)
+        for rec in old["results"]:
+            kept[rec["case"]] = {"environment": old.get("environment"), **rec}
+    for name in cases:
+        env["load_average_start"] = os.getloadavg()
+        record = bench(name, args)
+        env["load_average_end"] = os.getloadavg()
+        kept[name] = {**record, "environment": dict(env)}
+    records = [kept[name] for name in CASES if name in kept]
+    bench_train.write_outputs(stem, {"results": records}, markdown_fn(records))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.table_walls:
@@ -766,28 +793,12 @@ def main(argv: list[str] | None = None) -> None:
     env = bench_train.environment(args)
     cases = [name for name in args.cases.split(",") if name]
     if args.allocator_rounds:
-        # Cases measured now replace their rows; the file keeps the others' (each row
-        # records its own command, hardware line and load).
         stem = args.out or os.path.join(RESULTS, "bench_trainer_allocator")
-        kept = {}
-        if os.path.exists(stem + ".json"):
-            with open(stem + ".json") as f:
-                kept = {rec["case"]: rec for rec in json.load(f)["results"]}
-        for name in cases:
-            env["load_average_start"] = os.getloadavg()
-            record = bench_allocator_case(name, args)
-            env["load_average_end"] = os.getloadavg()
-            kept[name] = {**record, "environment": dict(env)}
-        records = [kept[name] for name in CASES if name in kept]
-        bench_train.write_outputs(stem, {"results": records}, allocator_markdown(records))
+        _measure_and_merge(stem, cases, env, args, bench_allocator_case, allocator_markdown)
         return
     if args.noise_scale_rounds:
-        records = [bench_noise_scale_case(name, args) for name in cases]
-        env["load_average_end"] = os.getloadavg()
         stem = args.out or os.path.join(RESULTS, "bench_trainer_noise_scale")
-        bench_train.write_outputs(
-            stem, {"environment": env, "results": records}, noise_scale_markdown(env, records)
-        )
+        _measure_and_merge(stem, cases, env, args, bench_noise_scale_case, noise_scale_markdown)
         return
     records = [bench_case(name, args) for name in cases]
     env["load_average_end"] = os.getloadavg()
