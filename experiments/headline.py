@@ -15,7 +15,7 @@ others), with exactly the commands recorded in the committed results, and prints
 
 A finished re-run is not trained again: delete runs/headline_rerun to start over.
 
-Usage (from the repository root; ~7 minutes on an idle 2-core CPU):
+Usage (from the repository root; ~10 minutes on an idle 2-core CPU):
 
   .venv/bin/python -m experiments.headline
   .venv/bin/python -m experiments.headline --columns lb,lb_lr,lb_lr_gbn   # three rows
