@@ -399,12 +399,17 @@ def figure(report: dict[str, Any], path: Path) -> None:
         style = plots._COLUMN_STYLE.get(column, {})
         label = None if column in drawn else plots.COLUMN_LABELS.get(column, column)
         drawn.add(column)
-        ax_noise.plot(*curve, label=label, color=style.get("color"), lw=1.0, alpha=0.8)
+        # +RA's epochs on the regime's axis (its LR phases are EPOCHS_SCALE times longer).
+        x, y = curve
+        x = np.asarray(x) / EPOCHS_SCALE.get(column, 1)
+        ax_noise.plot(x, y, label=label, color=style.get("color"), lw=1.0, alpha=0.8)
     for batch in PAPER_BATCHES:
         ax_noise.axhline(batch, color="gray", ls="--", lw=0.8)
         ax_noise.annotate(f"B = {batch}", (0, batch), color="gray", va="bottom", fontsize=8)
     ax_noise.set_yscale("log")
-    ax_noise.set_xlabel("epochs")
+    ax_noise.set_xlabel(
+        f"epochs of the F1 regime (+RA: its epochs / {EPOCHS_SCALE['lb_lr_gbn_ra']})"
+    )
     ax_noise.set_ylabel("B_simple = tr(Sigma) / |G|^2")
     ax_noise.grid(alpha=0.3)
     if drawn:
