@@ -87,7 +87,9 @@ COLUMN_OPTIONS = {"lb_lr_gbn_ra": {"batch": str(RA_BATCH)}}
 # ~19,500 (SB, +RA). A measurement is one extra forward and backward pass of a batch
 # and changes nothing else: the runs without it (the first seeds) train identically.
 # Under the authors' protocol every N is a multiple of the steps per epoch (391 at 128,
-# 25 at 2048, 13 at 4096), so that no measurement falls on an epoch's padded last batch.
+# 25 at 2048, 13 at 4096), so that no measurement falls on an epoch's padded last batch
+# (chosen before the trainer learned to skip those itself; kept, as the recorded
+# commands carry it).
 NOISE_SCALE_EVERY = {
     "default": {"sb": 100, "lb_lr_gbn_ra": 100},
     "authors": {"sb": 391, "lb_lr_gbn": 26, "lb_lr_gbn_ra": 100},

@@ -471,18 +471,14 @@ def run_isolated_step(name: str, allocator: str, args: argparse.Namespace) -> fl
     if proc.returncode != 0:
         raise RuntimeError(f"isolated step failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    from gbn_jax import host_memory
+
     huge = "glibc.malloc.hugetlb=1" in (result["glibc_tunables"] or "")
-    if huge != (allocator == "huge pages") and host_memory_mode() == "madvise":
+    if huge != (allocator == "huge pages") and host_memory.thp_mode() == "madvise":
         raise RuntimeError(
             f"the isolated step ran with GLIBC_TUNABLES={result['glibc_tunables']!r}"
         )
     return result["examples_per_sec"]
-
-
-def host_memory_mode() -> str | None:
-    from gbn_jax import host_memory
-
-    return host_memory.thp_mode()
 
 
 def bench_allocator_case(name: str, args: argparse.Namespace) -> dict[str, Any]:

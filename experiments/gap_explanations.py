@@ -54,6 +54,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from experiments import ablation, plots  # noqa: E402
+from gbn_jax import noise_scale  # noqa: E402
 
 OUT = "gap_explanations"
 MEASURED = ablation.RESULTS_DIR / OUT
@@ -191,12 +192,13 @@ def noise_curve(result: dict, points: int = 12) -> tuple[np.ndarray, np.ndarray]
     trace = np.asarray(curve["noise_trace_sigma"], np.float64)
     grad = np.asarray(curve["noise_grad_sq"], np.float64)
     windows = np.array_split(np.arange(epochs.size), min(points, epochs.size))
-    sums = np.array([(trace[w].sum(), grad[w].sum()) for w in windows])
     # A window whose summed |G|^2 estimate is not positive has no finite B_simple (the
     # gradient is within its noise of zero): left as a gap in the curve.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        value = np.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1], np.nan)
-    return np.array([epochs[w].mean() for w in windows]), value
+    value = [
+        noise_scale.simple_noise_scale(trace[w], grad[w]) if grad[w].sum() > 0 else np.nan
+        for w in windows
+    ]
+    return np.array([epochs[w].mean() for w in windows]), np.array(value)
 
 
 def pooled_noise_scale(result: dict, first: float, last: float) -> float | None:
@@ -208,8 +210,8 @@ def pooled_noise_scale(result: dict, first: float, last: float) -> float | None:
     keep = (epochs >= first) & (epochs < last)
     if not keep.any():
         return None
-    trace = np.asarray(curve["noise_trace_sigma"], np.float64)[keep].sum()
-    return float(trace / np.asarray(curve["noise_grad_sq"], np.float64)[keep].sum())
+    trace = np.asarray(curve["noise_trace_sigma"], np.float64)[keep]
+    return noise_scale.simple_noise_scale(trace, np.asarray(curve["noise_grad_sq"])[keep])
 
 
 def collect(group: str) -> dict[str, Any]:
@@ -275,9 +277,13 @@ def collect(group: str) -> dict[str, Any]:
     reruns = []
     for path in sorted(MEASURED.glob(f"{group}__*__noise.json")):
         result = json.loads(path.read_text())
-        name = path.name[: -len("__noise.json")]
-        reruns.append(dict(name=name, command=result["command"], same=result["same_as_committed"]))
-        reruns[-1]["same_as_committed"] = reruns[-1].pop("same")
+        reruns.append(
+            dict(
+                name=path.name[: -len("__noise.json")],
+                command=result["command"],
+                same_as_committed=result["same_as_committed"],
+            )
+        )
     return dict(
         group=group, noise_reruns=reruns, runs=per_run, table=table, correlation=correlation
     )
