@@ -73,8 +73,10 @@ def resnet_setup():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 8, 8, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, 16))
-    variables = ResNet().init(jax.random.key(0), x, train=False)
-    # Random parameters and running statistics, so that every layer matters.
+    # Random parameters and running statistics, so that every layer matters (drawn
+    # with numpy: only the shapes come from the model, whose own init would compile a
+    # random-number program per parameter shape).
+    variables = jax.eval_shape(lambda x: ResNet().init(jax.random.key(0), x, train=False), x)
     variables = {
         "params": jax.tree.map(
             lambda v: jnp.asarray(rng.normal(size=v.shape) * 0.5, v.dtype), variables["params"]
@@ -117,7 +119,7 @@ def test_scope_turns_a_batchnorm_resnet_into_the_ghost_batchnorm_resnet(resnet_s
     written = ResNet(norm_cls=functools.partial(GhostBatchNorm, ghost_batch_size=GHOST))
     # The model written with GhostBatchNorm names its auto-named layers differently;
     # the intercepted plain model keeps its names, so its checkpoint fits as it is.
-    written_vars = written.init(jax.random.key(0), x, train=False)
+    written_vars = jax.eval_shape(lambda x: written.init(jax.random.key(0), x, train=False), x)
     assert jax.tree.structure(_renamed(written_vars, "GhostBatchNorm_", "BatchNorm_")) == (
         jax.tree.structure(variables)
     )

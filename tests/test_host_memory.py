@@ -119,3 +119,27 @@ def test_restart_keeps_pid_and_arguments_and_gets_huge_pages(tmp_path):
     assert off["tunables"] is None
     if host_memory.thp_mode() == "madvise":
         assert off["huge_kb"] < 16 << 10
+
+
+def test_the_command_line_restarts_before_jax_is_imported():
+    """Loading gbn_jax and its command line module (everything that runs before the
+    restart in `python -m gbn_jax.main`) must not import JAX: a restart would otherwise
+    import it twice. The package's public names still resolve, on first use."""
+    probe = (
+        "import sys, gbn_jax, gbn_jax.main\n"
+        "before = 'jax' in sys.modules\n"
+        "from gbn_jax import GhostBatchNorm, ghost_batch_norm, ghost_norm\n"
+        "same = (GhostBatchNorm is ghost_norm.GhostBatchNorm\n"
+        "        and ghost_batch_norm is ghost_norm.ghost_batch_norm)\n"
+        "try:\n"
+        "    gbn_jax.no_such_name\n"
+        "    missing = 'no error'\n"
+        "except AttributeError as e:\n"
+        "    missing = str(e)\n"
+        "print(before, same, missing)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split(maxsplit=2)
+    assert out[:2] == ["False", "True"]
+    assert "no_such_name" in out[2]

@@ -404,9 +404,14 @@ def test_cpu_options_keep_barriers_and_the_gradients():
     model = get_model(
         "resnet_cifar", num_classes=10, depth=8, width=4, norm="ghost", ghost_batch_size=4
     )
-    x = jax.random.normal(jax.random.key(4), (16, 8, 8, 3))
-    labels = jax.random.randint(jax.random.key(5), (16,), 0, 10)
-    variables = model.init(jax.random.key(6), x[:1], train=False)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 16))
+    # Parameters and statistics drawn with numpy in the model's shapes: its own init
+    # would compile a random-number program per parameter shape (most of this test's
+    # time on 2 cores), and any values serve to compare two compilations.
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(6), x, train=False), x[:1])
+    variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.5, s.dtype), shapes)
 
     def loss(params):
         logits, _ = model.apply(
