@@ -19,7 +19,8 @@ variant            batch      norm    lr_scaling  RA     warmup  optimizer
 Every variant clips gradients at global L2 norm 5, as the authors' code does. The
 ghost batch size defaults to the reference batch |B_S|. ``epochs_scale=`` multiplies
 the epochs, every learning-rate and weight-decay boundary and the warm-up, so a quick
-run keeps the regime's shape.
+run keeps the regime's shape. ``epochs=`` is the authors' ``--epochs``: the base regime
+cut to that many epochs, its drops where they were (those at or past the end dropped).
 
 Protocol switches, each off by default, where the authors' code (eladhoffer/bigBatch)
 departs from the paper's text; ``protocol=authors`` turns them all on (an explicit
@@ -111,6 +112,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "batch": int,
     "ghost": int,
     "epochs_scale": float,
+    "epochs": int,
     "seed": int,
     "dataset": str,
     "dtype": str,
@@ -207,7 +209,7 @@ def parse_arg(arg: str | None, default_variant: str = "lb_lr_gbn_ra") -> tuple[s
             f"config option validation={options['validation']} must be >= 0 (examples held "
             "out of the training set; 0 for none)."
         )
-    for key in ("batch", "ghost", "eval_every"):
+    for key in ("batch", "ghost", "eval_every", "epochs"):
         if key in options and options[key] <= 0:
             raise ConfigArgError(f"config option {key}={options[key]} must be positive.")
     if "noise_scale_every" in options and options["noise_scale_every"] <= 0:
@@ -370,6 +372,16 @@ def apply_variant(
         config.seed = options["seed"]
     if "eval_every" in options:
         config.eval_every_steps = options["eval_every"]
+    if "epochs" in options:
+        # The authors' --epochs: the base regime cut (or extended) to this many epochs,
+        # its LR drops where they were (a drop at or past the end never happens).
+        epochs = options["epochs"]
+        config.regime.epochs = epochs
+        config.regime.lr_schedule = tuple(p for p in config.regime.lr_schedule if p[0] < epochs)
+        if isinstance(config.regime.weight_decay, tuple):
+            config.regime.weight_decay = tuple(
+                p for p in config.regime.weight_decay if p[0] < epochs
+            )
     epochs_scale = options.get("epochs_scale", 1.0)
     config.regime = scale_epochs(config.regime, epochs_scale)
     config.regime.lr_scaling = v.lr_scaling

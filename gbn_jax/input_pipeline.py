@@ -91,7 +91,8 @@ def create_train_iterator(
     """Endless training stream, reshuffled every epoch, remainder of each epoch dropped.
 
     Args:
-      name: "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012" or any TFDS
+      name: "mnist", "fashion_mnist" (or "mnist_32", "fashion_mnist_32", framed to
+        32x32), "cifar10", "cifar100", "imagenet2012" or any TFDS
         image-classification name.
       global_batch_size: examples per step over all processes; a multiple of the
         process count and of the number of devices the batch is sharded over.

@@ -117,9 +117,31 @@ def test_epochs_scale_moves_weight_decay_boundaries(modules):
     assert config.regime.epochs == base.epochs * 0.5
 
 
+def test_epochs_cuts_the_regime_and_keeps_its_drops(modules):
+    """epochs= (the authors' --epochs 100 for ResNet-44): the CIFAR ResNet regime's
+    drops at 81, 122 and 164 stay where they are and those past the end go."""
+    assert regimes.base_regime("resnet_cifar").lr_schedule == (
+        (0, 0.1),
+        (81, 0.01),
+        (122, 1e-3),
+        (164, 1e-4),
+    )
+    config = modules["cifar10_resnet44"].get_config("lb_lr_gbn,epochs=100,ghost=256")
+    assert config.regime.epochs == 100
+    assert config.regime.lr_schedule == ((0, 0.1), (81, 0.01))
+    resolved = regimes.resolve(config, 50_000)
+    # 2048 examples a step: 24 steps an epoch; LR 0.1 x sqrt(2048 / 128) until epoch 81.
+    assert resolved.total_steps == 2400
+    assert resolved.lr_boundaries == ((0, 0.4), (81 * 24, 0.04))
+    # With epochs_scale both move: 50 epochs, the drop at 40.5.
+    config = modules["cifar10_resnet44"].get_config("lb,epochs=100,epochs_scale=0.5")
+    assert config.regime.epochs == 50 and config.regime.lr_schedule == ((0, 0.1), (40.5, 0.01))
+
+
 @pytest.mark.parametrize(
     "arg, message",
     [
+        ("lb,epochs=0", "epochs=0 must be positive"),
         ("huge", "unknown config variant 'huge'; valid variants: sb, lb, lb_lr"),
         ("lb,bach=64", "unknown config option key='bach'.*valid options: batch, ghost"),
         ("lb,batch=big", "batch='big' is not a valid int"),

@@ -525,3 +525,32 @@ def test_validation_split_is_held_out_of_training(fmnist, sharding):
             sources.holdout_indices(60_000, bad)
     with pytest.raises(ValueError, match="holdout"):
         sources.load_arrays("fashion_mnist", "holdout", None, 0)
+
+
+def test_fashion_mnist_32_frames_every_image_in_black(fmnist, sharding):
+    """The 32x32 variant (for CIFAR models): each image of the own IDX parse with two
+    black pixels around it, the same held-out validation examples, and the same batches
+    as fashion_mnist with the border at the normalized value of a black pixel."""
+    images, labels = fmnist["train"]
+    held = sources.holdout_indices(60_000, 10_000)
+    val_images, val_labels = sources.load_arrays("fashion_mnist_32", "holdout", None, 10_000)
+    assert val_images.shape == (10_000, 32, 32, 1) and not val_images.flags.writeable
+    np.testing.assert_array_equal(
+        val_images[..., 0], np.pad(images[held], ((0, 0), (2, 2), (2, 2)))
+    )
+    np.testing.assert_array_equal(val_labels, labels[held])
+    test_images, _ = sources.load_arrays("fashion_mnist_32", "test")
+    np.testing.assert_array_equal(test_images[:, 2:30, 2:30, 0], fmnist["test"][0])
+    assert test_images[:, :2].max() == test_images[:, 30:].max() == 0
+    assert test_images[:, :, :2].max() == test_images[:, :, 30:].max() == 0
+    info = ip.get_dataset_info("fashion_mnist_32")
+    assert (info.image_shape, info.num_train, info.num_eval) == ((32, 32, 1), 60_000, 10_000)
+    kwargs = dict(global_batch_size=512, seed=5, sharding=sharding, validation_size=10_000)
+    framed = take(ip.create_train_iterator("fashion_mnist_32", **kwargs), 2)
+    plain = take(ip.create_train_iterator("fashion_mnist", **kwargs), 2)
+    black = (0.0 - FMNIST.mean[0]) / FMNIST.std[0]
+    for f, p in zip(framed, plain, strict=True):
+        assert f["image"].shape == (512, 32, 32, 1)
+        np.testing.assert_array_equal(f["image"][:, 2:30, 2:30], p["image"])
+        np.testing.assert_allclose(f["image"][:, :2], black, rtol=1e-6)
+        np.testing.assert_array_equal(f["label"], p["label"])

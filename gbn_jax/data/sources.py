@@ -73,6 +73,9 @@ class DatasetSpec:
       in_memory: hold the uint8 split in host memory (else stream through grain).
       pad: pixels of padding on each side before the random crop ("crop_flip").
       fill: the padding's pixel value (0-255).
+      frame: pixels of black (0) border added once on each side of every image, train
+        and eval, when the split is loaded: a variant of the dataset ``tfds_name``
+        (Fashion-MNIST 28x28 -> 32x32 for CIFAR models such as ResNet-44).
     """
 
     tfds_name: str
@@ -84,6 +87,7 @@ class DatasetSpec:
     in_memory: bool
     pad: int = 4
     fill: int = 0
+    frame: int = 0
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,6 +120,10 @@ KNOWN_DATASETS: dict[str, DatasetSpec] = {
         "imagenet2012", "train", "validation", IMAGENET_MEAN, IMAGENET_STD, "inception", False
     ),
 }
+# The MNIST family framed to 32x32 (2 black pixels each side), the input size of the
+# CIFAR models; same files, same splits, same held-out validation examples.
+for _name in ("mnist", "fashion_mnist"):
+    KNOWN_DATASETS[f"{_name}_32"] = dataclasses.replace(KNOWN_DATASETS[_name], frame=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,7 +404,13 @@ def load_arrays(
     Returns:
       (images uint8 (N, H, W, C), labels int32 (N,)), both read-only.
     """
-    train_split = spec_for(name, data_dir).train_split
+    spec = spec_for(name, data_dir)
+    if spec.frame:
+        images, labels = load_arrays(spec.tfds_name, split, data_dir, validation_size)
+        framed = np.pad(images, ((0, 0), (spec.frame,) * 2, (spec.frame,) * 2, (0, 0)))
+        framed.flags.writeable = False
+        return framed, labels
+    train_split = spec.train_split
     if split == HOLDOUT_SPLIT or (validation_size and split == train_split):
         if not validation_size:
             raise ValueError(
@@ -446,7 +460,8 @@ def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
     """Describes a dataset without loading its pixels.
 
     Args:
-      name: "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012" or any TFDS
+      name: "mnist", "fashion_mnist" (or "mnist_32", "fashion_mnist_32", framed to
+        32x32), "cifar10", "cifar100", "imagenet2012" or any TFDS
         image-classification name.
       data_dir: directory of IDX files (MNIST family) or of prepared TFDS data.
 
@@ -459,6 +474,14 @@ def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
         get it).
     """
     spec = spec_for(name, data_dir)
+    if spec.frame:
+        info = get_dataset_info(spec.tfds_name, data_dir)
+        height, width, channels = info.image_shape
+        return dataclasses.replace(
+            info,
+            name=name,
+            image_shape=(height + 2 * spec.frame, width + 2 * spec.frame, channels),
+        )
     idx_dir = find_idx_dir(name, data_dir) if name in ("mnist", "fashion_mnist") else None
     if idx_dir is not None:
         return DatasetInfo(
