@@ -70,6 +70,17 @@ GROUPS: dict[str, dict[str, str]] = {
     "lr_rule": {"lr_rule": "authors"},
 }
 SWITCHES = tuple(g for g in GROUPS if g not in ("default", "authors"))
+# Runs of another model, by the same driver: group -> (config file, options). ResNet-44
+# on Fashion-MNIST framed to 32x32 with the authors' CIFAR ResNet settings
+# (run_experiments.sh: batch 2048, 100 epochs of their 200-epoch regime, so one LR drop
+# at epoch 81; ghost batch 256 for +GBN) under their protocol: the row where the paper's
+# GBN effect is largest. Not part of the F1 tables: reported in a section of its own.
+OTHER_MODELS: dict[str, tuple[str, dict[str, str]]] = {
+    "resnet44_fmnist32": (
+        "configs/cifar10_resnet44.py",
+        {"protocol": "authors", "dataset": "fashion_mnist_32", "ghost": "256", "epochs": "100"},
+    ),
+}
 # The protocol of the README's headline table is chosen on validation accuracy, by a
 # rule fixed before seeds 1 and 2 were run: the protocol under which the paper's own
 # methods, +LR and +GBN, reach the higher mean final validation accuracy over seeds 0-2
@@ -100,7 +111,6 @@ NOISE_KEYS = ("noise_grad_sq", "noise_trace_sigma", "noise_b_simple")
 SAME_AS_DEFAULT = {("lr_rule", "lb_lr_gbn")}
 LABELS = {"sb": "SB", "lb": "LB", "lb_lr": "+LR", "lb_lr_gbn": "+GBN", "lb_lr_gbn_ra": "+RA"}
 RESULTS_DIR = REPO_ROOT / "experiments" / "results"
-RUN_RESULTS = RESULTS_DIR / "ablation_f1" / "runs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +126,16 @@ class Planned:
         return f"{self.group}__{self.column}__seed{self.seed}"
 
     @property
+    def config_file(self) -> str:
+        return OTHER_MODELS[self.group][0] if self.group in OTHER_MODELS else CONFIG_FILE
+
+    @property
     def arg(self) -> str:
+        if self.group in OTHER_MODELS:
+            options = dict(OTHER_MODELS[self.group][1])
+            options["validation"] = str(VALIDATION_SIZE)
+            options["seed"] = str(self.seed)
+            return ",".join([self.column, *(f"{k}={v}" for k, v in options.items())])
         options = {**GROUPS[self.group], **COLUMN_OPTIONS.get(self.column, {})}
         options["validation"] = str(VALIDATION_SIZE)
         if self.group in PROTOCOLS:
@@ -181,8 +200,27 @@ def plan(stage: int) -> list[Planned]:
     return list(dict.fromkeys(runs))
 
 
-def result_path(run: Planned) -> Path:
-    return RUN_RESULTS / f"{run.name}.json"
+GPU_SEEDS = (0, 1, 2)
+
+
+def gpu_plan() -> list[Planned]:
+    """The runs of one lent GPU session (experiments/run_gpu_ablation.sh), in order.
+
+    First the headline table unscaled: its five columns under the authors' protocol,
+    one seed after the other (the same commands as the CPU runs, so each GPU row checks
+    a committed one); then ResNet-44 on Fashion-MNIST 32x32, LB, +LR and +GBN, seed 0.
+    The session's time limit decides how far it gets.
+    """
+    runs = [Planned("authors", c, s) for s in GPU_SEEDS for c in LABELS]
+    return runs + [Planned("resnet44_fmnist32", c, 0) for c in COLUMNS]
+
+
+def run_results_dir(results_dir: Path = RESULTS_DIR) -> Path:
+    return results_dir / "ablation_f1" / "runs"
+
+
+def result_path(run: Planned, results_dir: Path = RESULTS_DIR) -> Path:
+    return run_results_dir(results_dir) / f"{run.name}.json"
 
 
 def git_commit() -> str | None:
@@ -268,10 +306,10 @@ def commit_files(paths: Sequence[Path], message: str) -> None:
 # ---------------------------------------------------------------------------- report
 
 
-def load_results() -> dict[tuple[str, str, int], dict]:
+def load_results(results_dir: Path = RESULTS_DIR) -> dict[tuple[str, str, int], dict]:
     """(group, column, seed) -> committed run result."""
     results = {}
-    for path in sorted(RUN_RESULTS.glob("*.json")):
+    for path in sorted(run_results_dir(results_dir).glob("*.json")):
         r = json.loads(path.read_text())
         results[(r["group"], r["column"], r["seed"])] = r
     return results
@@ -365,6 +403,35 @@ def headline(results: dict[tuple[str, str, int], dict], group: str) -> dict[str,
     return out
 
 
+def other_models(results: dict[tuple[str, str, int], dict]) -> dict[str, Any]:
+    """Per group of OTHER_MODELS with runs, per column: final validation and test
+    accuracy and their paired differences to the same group's LB."""
+    out: dict[str, Any] = {}
+    for group in OTHER_MODELS:
+        for column in COLUMNS:
+            runs = {s: r for (g, c, s), r in results.items() if g == group and c == column}
+            if not runs:
+                continue
+            cell = {}
+            for split in ("val", "eval"):
+                acc = {s: _accuracy(r, split) for s, r in runs.items()}
+                lb = {s: results.get((group, "lb", s)) for s in runs}
+                diff = {
+                    s: a - _accuracy(lb[s], split)
+                    for s, a in acc.items()
+                    if lb[s] and column != "lb"
+                }
+                for key, values in ((split, acc), (f"{split}_vs_lb", diff)):
+                    mean, std, n = _stats(list(values.values()))
+                    cell[key] = dict(
+                        mean=mean, std=std, n=n, per_seed={str(k): v for k, v in values.items()}
+                    )
+            regime = next(iter(runs.values()))["regime"]
+            cell["steps"], cell["batch_size"] = regime["total_steps"], regime["batch_size"]
+            out.setdefault(group, {})[column] = cell
+    return out
+
+
 def _fmt(stat: dict | None, sign: bool = False) -> str:
     if not stat or stat["mean"] is None:
         return "-"
@@ -442,6 +509,24 @@ def markdown(table: dict[str, Any], results: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("| batch | " + " | ".join(str(head[c]["batch_size"]) for c in columns) + " |")
         lines.append("| steps | " + " | ".join(str(head[c]["steps"]) for c in columns) + " |")
+    for group, row in other_models(results).items():
+        config_file, options = OTHER_MODELS[group]
+        arg = ",".join(f"{k}={v}" for k, v in options.items())
+        lines += [
+            "",
+            f"## {group}: `{config_file}` with `{arg}`",
+            "",
+            "| accuracy (%) | " + " | ".join(labels[c] for c in row) + " |",
+            "|---" * (len(row) + 1) + "|",
+        ]
+        for key, name, sign in (
+            ("val", "final validation", False),
+            ("eval", "final test", False),
+            ("eval_vs_lb", "test minus LB (paired)", True),
+        ):
+            lines.append(f"| {name} | " + " | ".join(_fmt(row[c][key], sign) for c in row) + " |")
+        lines.append("| batch | " + " | ".join(str(row[c]["batch_size"]) for c in row) + " |")
+        lines.append("| steps | " + " | ".join(str(row[c]["steps"]) for c in row) + " |")
     lines += [
         "",
         "## Runs",
@@ -463,8 +548,8 @@ def markdown(table: dict[str, Any], results: dict) -> str:
     return "\n".join(lines)
 
 
-def report() -> dict[str, Any]:
-    results = load_results()
+def report(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
+    results = load_results(results_dir)
     table = aggregate(results)
     out = dict(
         validation_size=VALIDATION_SIZE,
@@ -477,8 +562,10 @@ def report() -> dict[str, Any]:
             for r_name, r in ((f"{g}__{c}__seed{s}", r) for (g, c, s), r in results.items())
         },
     )
-    (RESULTS_DIR / "ablation_f1.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS_DIR / "ablation_f1.md").write_text(markdown(table, results))
+    if other_models(results):
+        out["other_models"] = other_models(results)
+    (results_dir / "ablation_f1.json").write_text(json.dumps(out, indent=1) + "\n")
+    (results_dir / "ablation_f1.md").write_text(markdown(table, results))
     return out
 
 
@@ -489,25 +576,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--commit", action="store_true", help="git-commit each result file")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--only", default=None, help="comma-separated run names to run")
+    parser.add_argument(
+        "--plan",
+        default="cpu",
+        choices=("cpu", "gpu"),
+        help="cpu: the staged plan (--stage); gpu: `gpu_plan`, for one lent GPU session",
+    )
+    parser.add_argument(
+        "--results_dir",
+        default=str(RESULTS_DIR),
+        help="where ablation_f1/runs/*.json and the tables go (a GPU session: its $OUT)",
+    )
+    parser.add_argument("--data_dir", default=None, help="passed to every run as --config.data_dir")
     args = parser.parse_args(argv)
+    results_dir = Path(args.results_dir)
 
     failed = 0
     if not args.report_only:
         from gbn_jax import regimes  # JAX is imported only when training.
 
-        config_module = reproduce_table._load_config_module()
+        config_modules: dict[str, Any] = {}
         resolved: dict[Planned, Any] = {}
         failed_runs: set[Planned] = set()
 
         def pending() -> list[Planned]:
             # Re-planned after every run: stage 3 joins once the protocol is chosen.
-            todo = [r for r in plan(args.stage) if not result_path(r).exists()]
+            planned = gpu_plan() if args.plan == "gpu" else plan(args.stage)
+            todo = [r for r in planned if not result_path(r, results_dir).exists()]
             if args.only:
                 todo = [r for r in todo if r.name in args.only.split(",")]
             todo = [r for r in todo if r not in failed_runs]
             for r in todo:
                 if r not in resolved:
-                    config = config_module.get_config(r.arg)
+                    if r.config_file not in config_modules:
+                        module = reproduce_table._load_config_module(r.config_file)
+                        config_modules[r.config_file] = module
+                    config = config_modules[r.config_file].get_config(r.arg)
                     resolved[r] = regimes.resolve(config, 60_000 - VALIDATION_SIZE)
             return todo
 
@@ -515,8 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sum(resolved[r].total_steps * resolved[r].batch_size for r in todo)
 
         todo = pending()
-        print(f"{len(todo)} run(s) to go; results in {RUN_RESULTS}")
-        RUN_RESULTS.mkdir(parents=True, exist_ok=True)
+        print(f"{len(todo)} run(s) to go; results in {run_results_dir(results_dir)}")
+        run_results_dir(results_dir).mkdir(parents=True, exist_ok=True)
         with tqdm.tqdm(total=images(todo), unit="img", unit_scale=True, smoothing=0.05) as bar:
             while todo:
                 run = todo[0]
@@ -525,8 +629,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     sys.executable,
                     "-m",
                     "gbn_jax.main",
-                    f"--config={CONFIG_FILE}:{run.arg}",
+                    f"--config={run.config_file}:{run.arg}",
                     f"--workdir={workdir}",
+                    *([f"--config.data_dir={args.data_dir}"] if args.data_dir else []),
                 ]
                 bar.set_description(run.name)
                 commit = git_commit()
@@ -544,8 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     todo = pending()
                     continue
                 result = record(run, workdir, argv_run, commit)
-                result_path(run).write_text(json.dumps(result, indent=1) + "\n")
-                report()
+                result_path(run, results_dir).write_text(json.dumps(result, indent=1) + "\n")
+                report(results_dir)
                 tqdm.tqdm.write(
                     f"{run.name}: val {_accuracy(result):.2f} test {_accuracy(result, 'eval'):.2f} "
                     f"in {seconds:.0f} s"
@@ -553,16 +658,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.commit:
                     commit_files(
                         [
-                            result_path(run),
-                            RESULTS_DIR / "ablation_f1.md",
-                            RESULTS_DIR / "ablation_f1.json",
+                            result_path(run, results_dir),
+                            results_dir / "ablation_f1.md",
+                            results_dir / "ablation_f1.json",
                         ],
                         f"ablation_f1: {run.name} (val {_accuracy(result):.2f})",
                     )
                 todo = pending()
                 bar.total = bar.n + images(todo)
-    report()
-    print((RESULTS_DIR / "ablation_f1.md").read_text().split("\n## Runs")[0])
+    report(results_dir)
+    print((results_dir / "ablation_f1.md").read_text().split("\n## Runs")[0])
     return 1 if failed else 0
 
 

@@ -125,8 +125,8 @@ PRESETS = {
 }
 
 
-def _load_config_module() -> Any:
-    spec = importlib.util.spec_from_file_location("fashion_mnist_f1", REPO_ROOT / CONFIG_FILE)
+def _load_config_module(config_file: str = CONFIG_FILE) -> Any:
+    spec = importlib.util.spec_from_file_location(Path(config_file).stem, REPO_ROOT / config_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -130,3 +130,84 @@ def test_noise_curve_pools_a_ratio_of_sums():
     assert pooled == pytest.approx(trace[keep].sum() / grad[keep].sum())
     assert gap_explanations.pooled_noise_scale(result, 60, 70) is None
     assert gap_explanations.noise_curve({"noise_curve": None}) is None
+
+
+def test_gpu_plan_runs_the_headline_commands_then_resnet44_into_its_own_dir(tmp_path, monkeypatch):
+    """--plan gpu through the one driver, the trainer faked: the F1 rows are the CPU
+    headline's own config arguments (seed by seed), then ResNet-44 on the framed
+    Fashion-MNIST at the authors' settings; results and tables go to --results_dir."""
+    import json
+
+    from experiments import plots
+
+    launched = []
+    rng = np.random.default_rng(7)
+
+    def fake_run_one(argv, workdir, *, total_steps, batch_size, bar, show_output=False):
+        launched.append(list(argv))
+        workdir.mkdir(parents=True, exist_ok=True)
+        val, test = rng.uniform(0.8, 0.9, 2)
+        summary = dict(
+            final_val_accuracy=val,
+            final_eval_accuracy=test,
+            best_eval_accuracy=test + 0.01,
+            eval_accuracy_at_best_val=test,
+        )
+        regime = dict(batch_size=batch_size, total_steps=total_steps, lr_boundaries=[[0, 0.1]])
+        (workdir / plots.SUMMARY_FILE).write_text(json.dumps(summary))
+        (workdir / plots.REGIME_FILE).write_text(json.dumps(regime))
+        (workdir / plots.METRICS_FILE).write_text("")
+        return 0, 1.0
+
+    monkeypatch.setattr(reproduce_table, "run_one", fake_run_one)
+    committed = (ablation.RESULTS_DIR / "ablation_f1.md").read_text()
+    out = tmp_path / "out"
+    argv = ["--plan", "gpu", f"--results_dir={out}", f"--runs_dir={tmp_path / 'runs'}"]
+    assert ablation.main([*argv, "--data_dir=/data/fmnist"]) == 0
+    plan = ablation.gpu_plan()
+    assert len(launched) == len(plan) == 3 * 5 + 3
+    # Seed by seed, the headline's five columns, each with the CPU run's config argument.
+    f1 = [r for r in plan if r.group == "authors"]
+    assert [(r.seed, r.column) for r in f1] == [(s, c) for s in (0, 1, 2) for c in ablation.LABELS]
+    for run, cmd in zip(plan, launched, strict=True):
+        assert cmd[-1] == "--config.data_dir=/data/fmnist"
+        assert cmd[3] == f"--config={run.config_file}:{run.arg}"
+        committed_run = ablation.result_path(run)
+        if committed_run.exists():
+            # Seed 0 ran before B_simple was logged, which changes no training result.
+            def without_noise(arg):
+                return [o for o in arg.split(",") if not o.startswith("noise_scale_every=")]
+
+            recorded = json.loads(committed_run.read_text())["config_arg"]
+            assert without_noise(recorded) == without_noise(run.arg)
+    assert all(ablation.result_path(r, out).exists() for r in plan)
+    # ResNet-44: the authors' batch 2048, ghost 256 for +GBN, 100 epochs with the drop at
+    # 81, on 32x32 Fashion-MNIST, validation held out as in the F1 runs.
+    resnet = [r for r in plan if r.group == "resnet44_fmnist32"]
+    assert [r.column for r in resnet] == list(ablation.COLUMNS)
+    module = reproduce_table._load_config_module("configs/cifar10_resnet44.py")
+    for run in resnet:
+        config = module.get_config(run.arg)
+        assert (config.dataset, config.batch_size, config.validation_size) == (
+            "fashion_mnist_32",
+            2048,
+            ablation.VALIDATION_SIZE,
+        )
+        assert config.model.name == "resnet_cifar" and config.model.depth == 44
+        assert config.model.ghost_batch_size == 256 and config.protocol == "authors"
+        resolved = regimes.resolve(config, 60_000 - ablation.VALIDATION_SIZE)
+        steps_per_epoch = math.ceil(50_000 / 2048)  # the authors keep the partial batch
+        assert resolved.total_steps == 100 * steps_per_epoch
+        assert [b for b, _ in resolved.lr_boundaries] == [0, 81 * steps_per_epoch]
+    # The tables of this directory: ResNet's section with LB-paired test differences.
+    table = json.loads((out / "ablation_f1.json").read_text())
+    row = table["other_models"]["resnet44_fmnist32"]
+    for column in ("lb_lr", "lb_lr_gbn"):
+        want = row[column]["eval"]["mean"] - row["lb"]["eval"]["mean"]
+        assert row[column]["eval_vs_lb"]["mean"] == pytest.approx(want)
+    assert row["lb"]["eval_vs_lb"]["mean"] is None
+    assert "## resnet44_fmnist32" in (out / "ablation_f1.md").read_text()
+    assert (ablation.RESULTS_DIR / "ablation_f1.md").read_text() == committed
+    # A second call finds every run done and launches nothing.
+    launched.clear()
+    assert ablation.main(argv) == 0 and launched == []
