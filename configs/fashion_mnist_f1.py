@@ -28,9 +28,10 @@ divides all of these by 10. One H100 ran the five columns in 96 + 55 + 58 + 166 
 not timed).
 
 Expected result: the paper's F1 row is MNIST (SB 98.27%, LB 97.05%, +LR 97.55%, +GBN
-97.60%, +RA 98.53%); there is no paper number for Fashion-MNIST. Here, ``:<variant>,protocol=authors,validation=10000``
-(the README's headline, seeds 0-2, final test accuracy): SB 88.74 ± 0.09, LB 87.97 ±
-0.10, +LR 87.90 ± 0.13, +GBN 86.21 ± 0.29 (experiments/results/ablation_f1.md).
+97.60%, +RA 98.53%); there is no paper number for Fashion-MNIST. Here, with
+``:<variant>,protocol=authors,validation=10000`` (the README's headline, seeds 0-2,
+final test accuracy): SB 88.74 ± 0.09, LB 87.97 ± 0.10, +LR 87.90 ± 0.13, +GBN 86.21 ±
+0.29; +RA (batch=2048, seed 0) 90.22 (experiments/results/ablation_f1.md).
 
 References:
   Hoffer, Hubara & Soudry (2017), table 1 and section 5.
