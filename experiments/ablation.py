@@ -26,8 +26,11 @@ Usage:
   .venv/bin/python -m experiments.ablation --stage 1 --commit   # seed 0 of everything
   .venv/bin/python -m experiments.ablation --stage 2 --commit   # + seeds 1, 2 and SB
   .venv/bin/python -m experiments.ablation --report_only
+  python3 -m experiments.ablation --plan gpu --results_dir $OUT   # a lent GPU (gpu_plan;
+                                                                   # run_gpu_ablation.sh)
 
-Writes experiments/results/ablation_f1.{md,json}.
+Writes experiments/results/ablation_f1.{md,json} (with --results_dir, the same files
+under that directory).
 
 References:
   Hoffer, Hubara & Soudry (2017), table 1 (F1 row); eladhoffer/bigBatch (main_normal.py,
