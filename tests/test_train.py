@@ -410,7 +410,7 @@ def test_two_processes_match_one(two_process_runs):
     assert diff < 1e-3 * ref[-1]["weight_distance"]
 
 
-def test_xla_cpu_fast_options_train_the_same(reference, tmp_path):
+def test_xla_cpu_fast_options_train_the_same(reference, two_process_runs):
     """The CPU default (Eigen dots, kept barriers and host buffers) against XLA's own.
 
     The reference runs with the default options; this run turns them off.
@@ -420,16 +420,9 @@ def test_xla_cpu_fast_options_train_the_same(reference, tmp_path):
     config.xla_cpu_fast_options = False
     assert train.compiler_options(config) == {}
     config.xla_cpu_fast_options = True
-    workdir = str(tmp_path / "xla_defaults")
-    proc = subprocess.run(
-        cli(workdir, F1_ARG, {**F1_OVERRIDES, "xla_cpu_fast_options": False}),
-        cwd=ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The one-process run of two_process_runs: this config with XLA's defaults, through
+    # the command line, 8 devices.
+    workdir = two_process_runs[1]
     mine, ref = read_metrics(workdir), read_metrics(ref_dir)
     assert [r.keys() for r in mine] == [r.keys() for r in ref]
     # Other matmul kernels round differently (grad_norm 6e-5 apart at step 1 with 32
