@@ -444,6 +444,21 @@ def _fmt(stat: dict | None, sign: bool = False) -> str:
     return text + (f" (n={stat['n']})" if stat["n"] != 1 else "")
 
 
+def _column_table(corner: str, cells: dict[str, dict], rows: Sequence[tuple]) -> list[str]:
+    """Markdown rows of a table with one column per paper column: a row per
+    (key, name, signed) statistic, then the batch size and the number of steps."""
+    columns = list(cells)
+    lines = [
+        f"| {corner} | " + " | ".join(LABELS[c] for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for key, name, sign in rows:
+        lines.append(f"| {name} | " + " | ".join(_fmt(cells[c][key], sign) for c in columns) + " |")
+    for key, name in (("batch_size", "batch"), ("steps", "steps")):
+        lines.append(f"| {name} | " + " | ".join(str(cells[c][key]) for c in columns) + " |")
+    return lines
+
+
 def markdown(table: dict[str, Any], results: dict) -> str:
     labels = LABELS
     lines = [
@@ -493,25 +508,22 @@ def markdown(table: dict[str, Any], results: dict) -> str:
         head = headline(results, group)
         if not head:
             continue
-        columns = list(head)
         title = "the headline protocol" if chosen else "candidate protocol"
         lines += [
             "",
             f"## Test accuracy under {title} `{group}`",
             "",
-            "| test accuracy (%) | " + " | ".join(LABELS[c] for c in columns) + " |",
-            "|---" * (len(columns) + 1) + "|",
+            *_column_table(
+                "test accuracy (%)",
+                head,
+                (
+                    ("test", "final", False),
+                    ("gap_to_sb", "final, gap to SB (paired)", True),
+                    ("best_test", "best over epochs (authors' best_prec1)", False),
+                    ("test_at_best_val", "at the best validation epoch", False),
+                ),
+            ),
         ]
-        for key, name, sign in (
-            ("test", "final", False),
-            ("gap_to_sb", "final, gap to SB (paired)", True),
-            ("best_test", "best over epochs (authors' best_prec1)", False),
-            ("test_at_best_val", "at the best validation epoch", False),
-        ):
-            cells = [_fmt(head[c][key], sign) for c in columns]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("| batch | " + " | ".join(str(head[c]["batch_size"]) for c in columns) + " |")
-        lines.append("| steps | " + " | ".join(str(head[c]["steps"]) for c in columns) + " |")
     for group, row in other_models(results).items():
         config_file, options = OTHER_MODELS[group]
         arg = ",".join(f"{k}={v}" for k, v in options.items())
@@ -519,17 +531,16 @@ def markdown(table: dict[str, Any], results: dict) -> str:
             "",
             f"## {group}: `{config_file}` with `{arg}`",
             "",
-            "| accuracy (%) | " + " | ".join(labels[c] for c in row) + " |",
-            "|---" * (len(row) + 1) + "|",
+            *_column_table(
+                "accuracy (%)",
+                row,
+                (
+                    ("val", "final validation", False),
+                    ("eval", "final test", False),
+                    ("eval_vs_lb", "test minus LB (paired)", True),
+                ),
+            ),
         ]
-        for key, name, sign in (
-            ("val", "final validation", False),
-            ("eval", "final test", False),
-            ("eval_vs_lb", "test minus LB (paired)", True),
-        ):
-            lines.append(f"| {name} | " + " | ".join(_fmt(row[c][key], sign) for c in row) + " |")
-        lines.append("| batch | " + " | ".join(str(row[c]["batch_size"]) for c in row) + " |")
-        lines.append("| steps | " + " | ".join(str(row[c]["steps"]) for c in row) + " |")
     lines += [
         "",
         "## Runs",
@@ -565,8 +576,9 @@ def report(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
             for r_name, r in ((f"{g}__{c}__seed{s}", r) for (g, c, s), r in results.items())
         },
     )
-    if other_models(results):
-        out["other_models"] = other_models(results)
+    other = other_models(results)
+    if other:
+        out["other_models"] = other
     (results_dir / "ablation_f1.json").write_text(json.dumps(out, indent=1) + "\n")
     (results_dir / "ablation_f1.md").write_text(markdown(table, results))
     return out

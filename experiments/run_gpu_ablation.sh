@@ -7,20 +7,15 @@
 #      (batch 2048, 100 epochs, ghost 256): LB, +LR, +GBN, seed 0.
 # Each finished run's JSON and the rebuilt tables land in OUTDIR as they finish, so a
 # session that runs out of time keeps every run it completed. The IDX files travel in
-# .fmnist/ and the Python packages the device lacks as wheels in .whl/ (see
-# run_gpu_bench.sh).
+# .fmnist/ and the Python packages the device lacks as wheels in .whl/
+# (experiments/gpu_wheels.sh).
 #
 #   bash experiments/run_gpu_ablation.sh [OUTDIR]    (default: $OUT, else /tmp/gpu_ablation)
 #   TIME_LIMIT=540 (seconds for the whole plan; the run going at the limit is lost)
 set -uo pipefail
 out=${1:-${OUT:-/tmp/gpu_ablation}}
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/grain-*.whl .whl/array_record-*.whl .whl/ml_collections-*.whl \
-    .whl/portpicker-*.whl .whl/tensorboardx-*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
+source experiments/gpu_wheels.sh
 data_dir=${DATA_DIR:-.fmnist}
 [ -d "$data_dir" ] || data_dir=""  # none carried: the trainer's own search (Debian's files)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/device.txt" 2>&1

@@ -9,12 +9,7 @@
 set -uo pipefail
 out=${1:-${OUT:-experiments/results/f1_unscaled_gpu}}
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/grain-*.whl .whl/array_record-*.whl .whl/ml_collections-*.whl \
-    .whl/portpicker-*.whl .whl/tensorboardx-*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
+source experiments/gpu_wheels.sh
 data_dir=${DATA_DIR:-.fmnist}
 runs=${RUNS_DIR:-/tmp/runs}  # the runs' workdirs (a workdir that exists is resumed)
 for variant in ${VARIANTS:-sb lb lb_lr lb_lr_gbn lb_lr_gbn_ra}; do

@@ -18,12 +18,7 @@
 set -uo pipefail
 out=${1:-${OUT:-experiments/results}}
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/grain-*.whl .whl/array_record-*.whl .whl/ml_collections-*.whl \
-    .whl/portpicker-*.whl .whl/tensorboardx-*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
+source experiments/gpu_wheels.sh
 platform=${PLATFORM:-gpu}
 data_dir=${DATA_DIR:-.fmnist}
 steps=" ${STEPS:-bench table} "
