@@ -71,8 +71,24 @@ GROUPS: dict[str, dict[str, str]] = {
     "augment": {"augment": "authors"},
     "keep_last_batch": {"keep_last_batch": "1"},
     "lr_rule": {"lr_rule": "authors"},
+    # Ghost batch norm at a fixed batch and LR, at half the batch: +LR and +GBN at 2048
+    # (LR 0.1 x sqrt(2048/128) = 0.4 for both).
+    "batch2048": {"batch": "2048"},
+    # +GBN at batch 4096 with other ghost sizes (ghost 128 is default's +GBN; plain
+    # batch norm, ghost 4096, is default's +LR).
+    **{f"ghost{g}": {"ghost": str(g)} for g in (16, 32, 64, 256, 512, 1024)},
+    # +RA's ingredients at the same 19,550 updates of batch 2048: without the sqrt LR
+    # scaling (LR 0.1), and with plain batch norm (the LR stays 0.4).
+    "ra_lr_unscaled": {"protocol": "authors", "lr_scaling": "none"},
+    "ra_plain_bn": {"protocol": "authors", "norm": "batch"},
 }
-SWITCHES = tuple(g for g in GROUPS if g not in ("default", "authors"))
+SWITCHES = ("momentum_reset", "bn_scale_init", "augment", "keep_last_batch", "lr_rule")
+GHOST_SIZES = (16, 32, 64, 128, 256, 512, 1024, 4096)
+RA_CONTROLS = ("ra_lr_unscaled", "ra_plain_bn")
+# A control of +RA that moves seed 0's validation accuracy by more than this many points
+# against +RA's seed 0 gets seeds 1 and 2 as well.
+RA_CONTROL_MOVES = 0.5
+SETTLE_SEEDS = tuple(range(10))
 # Runs of another model, by the same driver: group -> (config file, options). ResNet-44
 # on Fashion-MNIST framed to 32x32 with the authors' CIFAR ResNet settings
 # (run_experiments.sh: batch 2048, 100 epochs of their 200-epoch regime, so one LR drop
@@ -203,6 +219,42 @@ def plan(stage: int) -> list[Planned]:
     return list(dict.fromkeys(runs))
 
 
+def ghost_group(ghost: int) -> tuple[str, str]:
+    """(group, column) of the +GBN run at batch 4096 with this ghost size."""
+    if ghost == 4096:
+        return "default", "lb_lr"
+    if ghost == 128:
+        return "default", "lb_lr_gbn"
+    return f"ghost{ghost}", "lb_lr_gbn"
+
+
+def settle_plan(results: dict[tuple[str, str, int], dict] | None = None) -> list[Planned]:
+    """The runs that settle the open questions, in order (fixed before they ran).
+
+    1. The one-seed switches on LB: momentum_reset and keep_last_batch, seeds 1 and 2.
+    2. +LR against +GBN (ghost 128) at a fixed batch and LR, seeds 0-9: at batch 4096
+       (LR 0.566; default's seeds 0-2 exist) and at batch 2048 (LR 0.4).
+    3. +GBN with ghost sizes 16-1024 at batch 4096, seeds 0-2.
+    4. +RA (authors' protocol, batch 2048) seeds 1 and 2; then its controls at the
+       same 19,550 updates, seed 0: LR 0.1 (no sqrt scaling) and plain batch norm;
+       seeds 1 and 2 of a control whose seed 0 moves validation accuracy by more than
+       RA_CONTROL_MOVES points against +RA's seed 0.
+    """
+    results = load_results() if results is None else results
+    runs = [Planned(g, "lb", s) for g in ("momentum_reset", "keep_last_batch") for s in (1, 2)]
+    runs += [Planned("default", c, s) for s in SETTLE_SEEDS for c in ("lb_lr", "lb_lr_gbn")]
+    runs += [Planned("batch2048", c, s) for s in SETTLE_SEEDS for c in ("lb_lr", "lb_lr_gbn")]
+    runs += [Planned(*ghost_group(g), s) for s in SELECTION_SEEDS for g in GHOST_SIZES]
+    runs += [Planned("authors", "lb_lr_gbn_ra", s) for s in SELECTION_SEEDS]
+    runs += [Planned(g, "lb_lr_gbn_ra", 0) for g in RA_CONTROLS]
+    ra = results.get(("authors", "lb_lr_gbn_ra", 0))
+    for group in RA_CONTROLS:
+        control = results.get((group, "lb_lr_gbn_ra", 0))
+        if ra and control and abs(_accuracy(control) - _accuracy(ra)) > RA_CONTROL_MOVES:
+            runs += [Planned(group, "lb_lr_gbn_ra", s) for s in (1, 2)]
+    return list(dict.fromkeys(runs))
+
+
 GPU_SEEDS = (0, 1, 2)
 
 
@@ -227,13 +279,13 @@ def result_path(run: Planned, results_dir: Path = RESULTS_DIR) -> Path:
 
 
 def git_commit() -> str | None:
-    """The checked-out commit (with '+dirty' when the library has uncommitted changes)."""
+    """The checked-out commit, with '+dirty' when anything in the tree is uncommitted."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "gbn_jax", "configs"],
+            ["git", "status", "--porcelain"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -245,7 +297,8 @@ def git_commit() -> str | None:
 
 
 def record(run: Planned, workdir: Path, argv: Sequence[str], commit: str | None) -> dict:
-    """The committed result of one finished run: summary, curve, regime, provenance."""
+    """The committed result of one finished run: summary, curve, regime, provenance
+    (commit with its whole-tree dirty flag, resolved config, hardware, date)."""
     finished = plots.load_run(str(workdir))
     summary = {k: v for k, v in (finished.summary or {}).items() if k != "config"}
     curve = {}
@@ -281,21 +334,37 @@ def record(run: Planned, workdir: Path, argv: Sequence[str], commit: str | None)
             )
         },
         wall_time_s=reproduce_table._wall_time(finished),
-        commit=commit,
+        commit=commit.removesuffix("+dirty") if commit else None,
+        dirty=commit.endswith("+dirty") if commit else None,
+        config=(
+            json.loads((workdir / "config.json").read_text())
+            if (workdir / "config.json").exists()
+            else None
+        ),
         hardware=reproduce_table.hardware(),
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
 
 
 def commit_files(paths: Sequence[Path], message: str) -> None:
-    """Commits exactly `paths` (nothing else staged goes in); retries a busy index."""
-    rel = [str(p.relative_to(REPO_ROOT)) for p in paths]
+    """Commits exactly `paths` (nothing else staged goes in) to the repository that
+    holds them, which may be another checkout than this one; retries a busy index."""
+    repo = Path(
+        subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=paths[0].parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    rel = [str(p.resolve().relative_to(repo)) for p in paths]
     for attempt in range(10):
-        add = subprocess.run(["git", "add", "--", *rel], cwd=REPO_ROOT, capture_output=True)
+        add = subprocess.run(["git", "add", "--", *rel], cwd=repo, capture_output=True)
         done = add.returncode == 0 and (
             subprocess.run(
                 ["git", "commit", "-q", "-m", message, "--", *rel],
-                cwd=REPO_ROOT,
+                cwd=repo,
                 capture_output=True,
             ).returncode
             == 0
@@ -594,8 +663,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--plan",
         default="cpu",
-        choices=("cpu", "gpu"),
-        help="cpu: the staged plan (--stage); gpu: `gpu_plan`, for one lent GPU session",
+        choices=("cpu", "gpu", "settle"),
+        help="cpu: the staged plan (--stage); gpu: `gpu_plan`, for one lent GPU session; "
+        "settle: `settle_plan`",
+    )
+    parser.add_argument(
+        "--record_only",
+        action="store_true",
+        help="write (and with --commit, commit) each run's record but build no tables",
     )
     parser.add_argument(
         "--results_dir",
@@ -616,7 +691,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def pending() -> list[Planned]:
             # Re-planned after every run: stage 3 joins once the protocol is chosen.
-            planned = gpu_plan() if args.plan == "gpu" else plan(args.stage)
+            if args.plan == "gpu":
+                planned = gpu_plan()
+            elif args.plan == "settle":
+                planned = settle_plan(load_results(results_dir))
+            else:
+                planned = plan(args.stage)
             todo = [r for r in planned if not result_path(r, results_dir).exists()]
             if args.only:
                 todo = [r for r in todo if r.name in args.only.split(",")]
@@ -665,24 +745,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 result = record(run, workdir, argv_run, commit)
                 result_path(run, results_dir).write_text(json.dumps(result, indent=1) + "\n")
-                report(results_dir)
+                if not args.record_only:
+                    report(results_dir)
                 tqdm.tqdm.write(
                     f"{run.name}: val {_accuracy(result):.2f} test {_accuracy(result, 'eval'):.2f} "
                     f"in {seconds:.0f} s"
                 )
                 if args.commit:
+                    tables = [results_dir / "ablation_f1.md", results_dir / "ablation_f1.json"]
                     commit_files(
-                        [
-                            result_path(run, results_dir),
-                            results_dir / "ablation_f1.md",
-                            results_dir / "ablation_f1.json",
-                        ],
+                        [result_path(run, results_dir), *([] if args.record_only else tables)],
                         f"ablation_f1: {run.name} (val {_accuracy(result):.2f})",
                     )
                 todo = pending()
                 bar.total = bar.n + images(todo)
-    report(results_dir)
-    print((results_dir / "ablation_f1.md").read_text().split("\n## Runs")[0])
+    if not args.record_only:
+        report(results_dir)
+        print((results_dir / "ablation_f1.md").read_text().split("\n## Runs")[0])
     return 1 if failed else 0
 
 

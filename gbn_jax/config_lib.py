@@ -45,6 +45,9 @@ the test split stays the reported one. Best and final accuracies are both in eve
 run's summary.json (the authors report the best test accuracy over epochs).
 ``noise_scale_every=N`` logs the gradient noise scale B_simple every N steps
 (``config.noise_scale``, off by default; training unchanged bit for bit).
+``norm=batch|ghost`` and ``lr_scaling=none|sqrt|linear`` replace one ingredient of a
+column and leave the rest as the variant sets it (batch, LR reference, regime
+adaptation), e.g. ``lb_lr_gbn_ra,norm=batch`` is +RA with plain batch norm.
 
 References:
   Hoffer, Hubara & Soudry (2017), sections 3-5 and table 1; Goyal et al. (2017) for
@@ -126,6 +129,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "lr_rule": str,
     "validation": int,
     "noise_scale_every": int,
+    "norm": str,
+    "lr_scaling": str,
 }
 
 DTYPES = ("float32", "bfloat16")
@@ -135,6 +140,8 @@ CHOICES = {
     "bn_scale_init": ("ones", "uniform"),
     "augment": ("default", "authors"),
     "lr_rule": ("paper", "authors"),
+    "norm": ("batch", "ghost"),
+    "lr_scaling": ("none", "sqrt", "linear"),
 }
 # What protocol=authors sets; each is also an option of its own.
 AUTHORS_PROTOCOL = {
@@ -360,7 +367,9 @@ def apply_variant(
     if lr_rule == "authors":
         large_batch = (authors_batch_sizes or {}).get(variant, large_batch_size)
     config.batch_size = options.get("batch", large_batch if v.large_batch else reference_batch_size)
-    config.model.norm = v.norm
+    # norm= and lr_scaling= change one ingredient of a column and nothing else: the LR
+    # reference of lr_rule=authors and the regime adaptation stay the variant's.
+    config.model.norm = options.get("norm", v.norm)
     # Ghost batches reproduce the small-batch normalization noise: |B_S| by default.
     config.model.ghost_batch_size = options.get("ghost", reference_batch_size)
     config.model.dtype = options.get("dtype", config.model.get("dtype", "float32"))
@@ -384,7 +393,7 @@ def apply_variant(
             )
     epochs_scale = options.get("epochs_scale", 1.0)
     config.regime = scale_epochs(config.regime, epochs_scale)
-    config.regime.lr_scaling = v.lr_scaling
+    config.regime.lr_scaling = options.get("lr_scaling", v.lr_scaling)
     config.regime.regime_adaptation = v.regime_adaptation
     # Warm-up is part of the schedule's shape, so a quick run shortens it too.
     config.regime.warmup_epochs = v.warmup_epochs * epochs_scale

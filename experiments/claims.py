@@ -1,0 +1,317 @@
+"""Every difference the docs claim, with its paired 95% interval and verdict.
+
+The claims and their directions are fixed here before the runs that settle them
+(``ablation.settle_plan``); the verdict follows the rule of ``experiments.verdicts``.
+Each claim compares two sets of F1 runs of the ablation (experiments/results/
+ablation_f1/runs), paired by seed, on one split: the headline table's claims on the
+test split it reports, every other claim on the validation split.
+
+Usage:
+
+  .venv/bin/python -m experiments.claims      # writes experiments/results/claims.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from experiments import ablation, verdicts
+
+Run = tuple[str, str]  # (group, column)
+Split = Literal["val", "eval"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """Treatment minus control, paired by seed, is claimed to be of sign `direction`."""
+
+    section: str
+    text: str
+    direction: verdicts.Direction
+    treatment: Run
+    control: Run
+    split: Split = "val"
+
+
+def _headline_claims() -> list[Claim]:
+    a = "authors"
+    section = "Headline (authors' protocol, final test accuracy; the paper's claims)"
+    return [
+        Claim(section, "LB generalizes worse than SB", "-", (a, "lb"), (a, "sb"), "eval"),
+        Claim(section, "+LR beats LB", "+", (a, "lb_lr"), (a, "lb"), "eval"),
+        Claim(section, "+GBN beats LB", "+", (a, "lb_lr_gbn"), (a, "lb"), "eval"),
+        Claim(section, "+GBN beats +LR", "+", (a, "lb_lr_gbn"), (a, "lb_lr"), "eval"),
+        Claim(
+            section, "+RA closes the gap: +RA beats SB", "+", (a, "lb_lr_gbn_ra"), (a, "sb"), "eval"
+        ),
+        Claim(section, "+RA beats LB", "+", (a, "lb_lr_gbn_ra"), (a, "lb"), "eval"),
+    ]
+
+
+def _protocol_claims() -> list[Claim]:
+    d = "default"
+    section = "Today's protocol (validation accuracy)"
+    return [
+        Claim(
+            section, "+LR loses to LB (batch 4096, LR 0.566 vs 0.1)", "-", (d, "lb_lr"), (d, "lb")
+        ),
+        Claim(
+            section,
+            "+GBN loses to LB (batch 4096, LR 0.566 vs 0.1)",
+            "-",
+            (d, "lb_lr_gbn"),
+            (d, "lb"),
+        ),
+        Claim(
+            section,
+            "GBN helps at batch 4096 and LR 0.566 (+GBN beats +LR)",
+            "+",
+            (d, "lb_lr_gbn"),
+            (d, "lb_lr"),
+        ),
+        Claim(
+            section,
+            "GBN helps at batch 2048 and LR 0.4 (+GBN beats +LR)",
+            "+",
+            ("batch2048", "lb_lr_gbn"),
+            ("batch2048", "lb_lr"),
+        ),
+    ]
+
+
+# Each switch of the authors' protocol alone against today's protocol, same column and
+# seed: the direction of the docs' three-seed means ("0": the docs say it moves nothing).
+SWITCH_DIRECTIONS: dict[str, dict[str, verdicts.Direction]] = {
+    "lr_rule": {"lb": "+", "lb_lr": "+"},
+    "bn_scale_init": {"lb": "0", "lb_lr": "+", "lb_lr_gbn": "+"},
+    "momentum_reset": {"lb": "0", "lb_lr": "+", "lb_lr_gbn": "+"},
+    "augment": {"lb": "-", "lb_lr": "-", "lb_lr_gbn": "-"},
+    "keep_last_batch": {"lb": "0", "lb_lr": "0", "lb_lr_gbn": "0"},
+}
+
+
+def _switch_claims() -> list[Claim]:
+    section = "Each switch of the authors' protocol alone (validation accuracy)"
+    words = {"+": "raises", "-": "lowers", "0": "does not move"}
+    return [
+        Claim(
+            section,
+            f"{switch} {words[d]} {ablation.LABELS[column]}",
+            d,
+            (switch, column),
+            ("default", column),
+        )
+        for switch, columns in SWITCH_DIRECTIONS.items()
+        for column, d in columns.items()
+    ]
+
+
+def _regime_adaptation_claims() -> list[Claim]:
+    ra = ("authors", "lb_lr_gbn_ra")
+    section = "What makes +RA work (batch 2048, 19,550 updates, validation accuracy)"
+    return [
+        Claim(section, "+RA beats SB", "+", ra, ("authors", "sb")),
+        Claim(
+            section,
+            "+RA beats LB (its 16x more updates, LR x4 and ghost batches)",
+            "+",
+            ra,
+            ("authors", "lb"),
+        ),
+        Claim(
+            section,
+            "the sqrt LR scaling adds to +RA (LR 0.4 beats 0.1)",
+            "+",
+            ra,
+            ("ra_lr_unscaled", "lb_lr_gbn_ra"),
+        ),
+        Claim(
+            section,
+            "ghost batches add to +RA (ghost 128 beats plain BN)",
+            "+",
+            ra,
+            ("ra_plain_bn", "lb_lr_gbn_ra"),
+        ),
+    ]
+
+
+def _ghost_claims() -> list[Claim]:
+    section = "Ghost size at batch 4096, LR 0.566 (validation accuracy)"
+    plain = ablation.ghost_group(4096)
+    return [
+        Claim(section, f"ghost {g} beats plain batch norm", "+", ablation.ghost_group(g), plain)
+        for g in ablation.GHOST_SIZES
+        if g != 4096
+    ]
+
+
+CLAIMS: tuple[Claim, ...] = (
+    *_headline_claims(),
+    *_protocol_claims(),
+    *_switch_claims(),
+    *_regime_adaptation_claims(),
+    *_ghost_claims(),
+)
+
+
+def accuracies(
+    results: dict[tuple[str, str, int], dict], run: Run, split: Split
+) -> dict[int, float]:
+    """seed -> final accuracy (%) of one (group, column) on one split."""
+    group, column = run
+    if (group, column) in ablation.SAME_AS_DEFAULT:
+        group = "default"
+    return {
+        s: ablation._accuracy(r, split)
+        for (g, c, s), r in results.items()
+        if (g, c) == (group, column)
+    }
+
+
+def evaluate(results: dict[tuple[str, str, int], dict]) -> list[dict[str, Any]]:
+    """Every claim with its paired differences, interval and verdict."""
+    out = []
+    for claim in CLAIMS:
+        diff = verdicts.paired(
+            claim.text,
+            claim.direction,
+            accuracies(results, claim.treatment, claim.split),
+            accuracies(results, claim.control, claim.split),
+        )
+        out.append(
+            dict(
+                section=claim.section,
+                split=claim.split,
+                treatment=list(claim.treatment),
+                control=list(claim.control),
+                **diff.to_dict(),
+            )
+        )
+    return out
+
+
+def columns(results: dict[tuple[str, str, int], dict]) -> list[dict[str, Any]]:
+    """Mean, std and 95% interval of every (group, column) on both splits."""
+    runs = sorted({(g, c) for g, c, _ in results})
+    return [
+        dict(
+            group=g,
+            column=c,
+            **{
+                split: verdicts.mean_interval(accuracies(results, (g, c), split))
+                for split in ("val", "eval")
+            },
+        )
+        for g, c in runs
+    ]
+
+
+def _interval(low: float | None, high: float | None, sign: bool = True) -> str:
+    if low is None:
+        return "-"
+    return f"[{low:+.2f}, {high:+.2f}]" if sign else f"[{low:.2f}, {high:.2f}]"
+
+
+def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
+    lines = [
+        "# Claims and verdicts: F1 on Fashion-MNIST",
+        "",
+        "Each claim: treatment minus control, paired by seed; mean ± sample std (ddof=1) "
+        "of the differences, the 95% t interval of their mean, and the verdict by the "
+        "rule in experiments/verdicts.py (holds: the interval excludes 0 on the claimed "
+        "side; contradicted: on the other side, or on either side for a claim of no "
+        "effect; undetermined: otherwise). Accuracies in %; `val` is the 10,000 held-out "
+        "training images, `eval` the test split.",
+    ]
+    section = None
+    for e in evaluated:
+        if e["section"] != section:
+            section = e["section"]
+            lines += [
+                "",
+                f"## {section}",
+                "",
+                "| claim | split | n | difference | 95% CI | verdict |",
+                "|---|---|---|---|---|---|",
+            ]
+        diff = (
+            "-"
+            if e["mean"] is None
+            else f"{e['mean']:+.2f}" + (f" ± {e['std']:.2f}" if e["std"] is not None else "")
+        )
+        lines.append(
+            f"| {e['claim']} | {e['split']} | {e['n']} | {diff} | "
+            f"{_interval(e['ci_low'], e['ci_high'])} | {e['verdict']} |"
+        )
+    lines += [
+        "",
+        "## Every group and column: mean and 95% interval",
+        "",
+        "| group | column | n | val | val 95% CI | test | test 95% CI |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in column_stats:
+        v, t = c["val"], c["eval"]
+        lines.append(
+            f"| {c['group']} | {ablation.LABELS[c['column']]} | {v['n']} | {v['mean']:.2f} | "
+            f"{_interval(v['ci_low'], v['ci_high'], False)} | {t['mean']:.2f} | "
+            f"{_interval(t['ci_low'], t['ci_high'], False)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_ghost_sizes(column_stats: Sequence[dict], path: Path) -> None:
+    """Validation and test accuracy against the ghost size, with 95% intervals."""
+    by_run = {(c["group"], c["column"]): c for c in column_stats}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, label in (("val", "validation"), ("eval", "test")):
+        xs, ys, errs = [], [], []
+        for g in ablation.GHOST_SIZES:
+            stat = by_run.get(ablation.ghost_group(g), {}).get(split)
+            if not stat or stat["mean"] is None:
+                continue
+            xs.append(g)
+            ys.append(stat["mean"])
+            errs.append(0.0 if stat["ci_low"] is None else stat["mean"] - stat["ci_low"])
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("ghost batch size (4096 = plain batch norm)")
+    ax.set_ylabel("final accuracy (%)")
+    ax.set_title("F1, Fashion-MNIST, batch 4096, LR 0.566: mean and 95% CI")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(results_dir: Path = ablation.RESULTS_DIR) -> dict[str, Any]:
+    results = ablation.load_results(results_dir)
+    evaluated, column_stats = evaluate(results), columns(results)
+    out = dict(rule="experiments/verdicts.py", claims=evaluated, columns=column_stats)
+    (results_dir / "claims.json").write_text(json.dumps(out, indent=1) + "\n")
+    (results_dir / "claims.md").write_text(markdown(evaluated, column_stats))
+    plot_ghost_sizes(column_stats, results_dir / "ghost_size.png")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results_dir", default=str(ablation.RESULTS_DIR))
+    args = parser.parse_args(argv)
+    report(Path(args.results_dir))
+    print((Path(args.results_dir) / "claims.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

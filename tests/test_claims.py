@@ -1,0 +1,137 @@
+"""The verdict rule (experiments/verdicts.py) and the claims built on it
+(experiments/claims.py), against intervals computed by hand from Student's t."""
+
+import math
+
+import numpy as np
+import pytest
+
+from experiments import ablation, claims, verdicts
+
+# Two-sided 95% quantiles of Student's t, from a printed table.
+T975 = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262}
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_paired_interval_is_the_t_interval_of_the_differences(n):
+    rng = np.random.default_rng(n)
+    treatment = {s: float(v) for s, v in enumerate(rng.normal(88.0, 0.5, n))}
+    control = {s: float(v) for s, v in enumerate(rng.normal(87.5, 0.5, n))}
+    control[99] = 50.0  # a seed without a partner plays no part
+    d = np.array([treatment[s] - control[s] for s in range(n)])
+    half = T975[n - 1] * d.std(ddof=1) / math.sqrt(n)
+    got = verdicts.paired("x", "+", treatment, control)
+    assert got.n == n and got.per_seed == pytest.approx(dict(enumerate(d)))
+    assert got.mean == pytest.approx(d.mean())
+    assert got.std == pytest.approx(d.std(ddof=1))
+    assert got.ci_low == pytest.approx(d.mean() - half, abs=2e-3 * half)
+    assert got.ci_high == pytest.approx(d.mean() + half, abs=2e-3 * half)
+
+
+def test_verdict_rule():
+    assert verdicts.verdict("+", 0.1, 0.5) == "holds"
+    assert verdicts.verdict("+", -0.5, -0.1) == "contradicted"
+    assert verdicts.verdict("+", -0.1, 0.5) == "undetermined"
+    assert verdicts.verdict("-", -0.5, -0.1) == "holds"
+    assert verdicts.verdict("-", 0.1, 0.5) == "contradicted"
+    assert verdicts.verdict("0", -0.1, 0.5) == "undetermined"
+    assert verdicts.verdict("0", 0.1, 0.5) == "contradicted"
+    assert verdicts.verdict("0", -0.5, -0.1) == "contradicted"
+    assert verdicts.verdict("+", None, None) == "undetermined"
+    with pytest.raises(ValueError, match="direction='up'"):
+        verdicts.verdict("up", 0.0, 1.0)
+
+
+def test_one_pair_has_no_interval_and_no_verdict():
+    got = verdicts.paired("x", "+", {0: 90.0}, {0: 80.0})
+    assert (got.mean, got.std, got.ci_low, got.verdict) == (10.0, None, None, "undetermined")
+
+
+def _result(group, column, seed, val, test):
+    return {
+        "group": group,
+        "column": column,
+        "seed": seed,
+        "summary": {"final_val_accuracy": val / 100, "final_eval_accuracy": test / 100},
+    }
+
+
+def test_claims_pair_the_right_runs_on_the_right_split():
+    rng = np.random.default_rng(7)
+    results = {}
+    for seed in range(4):
+        for group, column in {(c.treatment) for c in claims.CLAIMS} | {
+            c.control for c in claims.CLAIMS
+        }:
+            val, test = rng.normal(88, 1), rng.normal(87, 1)
+            results[(group, column, seed)] = _result(group, column, seed, val, test)
+    evaluated = {e["claim"]: e for e in claims.evaluate(results)}
+    assert len(evaluated) == len(claims.CLAIMS)
+    for claim in claims.CLAIMS:
+        e = evaluated[claim.text]
+        group_t, col_t = claim.treatment
+        group_c, col_c = claim.control
+        key = "final_val_accuracy" if claim.split == "val" else "final_eval_accuracy"
+        d = [
+            100 * results[(group_t, col_t, s)]["summary"][key]
+            - 100 * results[(group_c, col_c, s)]["summary"][key]
+            for s in range(4)
+        ]
+        assert e["mean"] == pytest.approx(np.mean(d))
+        assert e["n"] == 4
+    # The headline's claims read the test split, which it reports; the others validation.
+    assert {c.split for c in claims.CLAIMS if c.section.startswith("Headline")} == {"eval"}
+    assert {c.split for c in claims.CLAIMS if not c.section.startswith("Headline")} == {"val"}
+
+
+def test_settle_plan_order_and_the_ra_control_rule():
+    results = {}
+    runs = ablation.settle_plan(results)
+    names = [r.name for r in runs]
+    assert names[:4] == [
+        "momentum_reset__lb__seed1",
+        "momentum_reset__lb__seed2",
+        "keep_last_batch__lb__seed1",
+        "keep_last_batch__lb__seed2",
+    ]
+    for batch_group in ("default", "batch2048"):
+        for seed in range(10):
+            assert f"{batch_group}__lb_lr__seed{seed}" in names
+            assert f"{batch_group}__lb_lr_gbn__seed{seed}" in names
+    for g in (16, 32, 64, 256, 512, 1024):
+        assert [f"ghost{g}__lb_lr_gbn__seed{s}" in names for s in range(3)] == [True] * 3
+    assert names[-2:] == ["ra_lr_unscaled__lb_lr_gbn_ra__seed0", "ra_plain_bn__lb_lr_gbn_ra__seed0"]
+    # A control that moves +RA's seed 0 by more than 0.5 points gets seeds 1 and 2.
+    results[("authors", "lb_lr_gbn_ra", 0)] = _result("authors", "lb_lr_gbn_ra", 0, 90.9, 90)
+    results[("ra_lr_unscaled", "lb_lr_gbn_ra", 0)] = _result("x", "lb_lr_gbn_ra", 0, 90.5, 90)
+    results[("ra_plain_bn", "lb_lr_gbn_ra", 0)] = _result("x", "lb_lr_gbn_ra", 0, 90.3, 90)
+    tail = [r.name for r in ablation.settle_plan(results)][-2:]
+    assert tail == ["ra_plain_bn__lb_lr_gbn_ra__seed1", "ra_plain_bn__lb_lr_gbn_ra__seed2"]
+
+
+def test_settle_runs_change_one_ingredient():
+    """Each settle group's config differs from its reference in the one field it names."""
+    from experiments import reproduce_table
+    from gbn_jax import regimes
+
+    module = reproduce_table._load_config_module("configs/fashion_mnist_f1.py")
+
+    def resolved(run):
+        config = module.get_config(run.arg)
+        return config, regimes.resolve(config, 50_000)
+
+    ra, ra_reg = resolved(ablation.Planned("authors", "lb_lr_gbn_ra", 0))
+    unscaled, unscaled_reg = resolved(ablation.Planned("ra_lr_unscaled", "lb_lr_gbn_ra", 0))
+    plain, plain_reg = resolved(ablation.Planned("ra_plain_bn", "lb_lr_gbn_ra", 0))
+    assert ra_reg.total_steps == unscaled_reg.total_steps == plain_reg.total_steps == 19_550
+    assert ra_reg.to_dict()["lr_boundaries"][0][1] == pytest.approx(0.4)
+    assert unscaled_reg.to_dict()["lr_boundaries"][0][1] == pytest.approx(0.1)
+    assert plain_reg.to_dict()["lr_boundaries"] == ra_reg.to_dict()["lr_boundaries"]
+    assert (ra.model.norm, unscaled.model.norm, plain.model.norm) == ("ghost", "ghost", "batch")
+    lr, lr_reg = resolved(ablation.Planned("batch2048", "lb_lr", 0))
+    gbn, gbn_reg = resolved(ablation.Planned("batch2048", "lb_lr_gbn", 0))
+    assert lr_reg.to_dict()["lr_boundaries"] == gbn_reg.to_dict()["lr_boundaries"]
+    assert lr_reg.to_dict()["lr_boundaries"][0][1] == pytest.approx(0.4)
+    assert (lr.batch_size, lr.model.norm, gbn.model.norm) == (2048, "batch", "ghost")
+    ghost, _ = resolved(ablation.Planned("ghost16", "lb_lr_gbn", 0))
+    assert (ghost.batch_size, ghost.model.ghost_batch_size) == (4096, 16)
