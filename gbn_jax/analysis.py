@@ -32,12 +32,13 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from gbn_jax import run_files
 
 __all__ = [
     "CurveFit",
@@ -381,31 +382,21 @@ def read_metrics(
 
     Raises:
       FileNotFoundError: If there is no metrics.jsonl.
-      ValueError: If a line other than the last is not valid JSON, or no line holds
-        all of `keys`.
+      run_files.CorruptRunFileError: If a line other than the last is not valid JSON.
+      ValueError: If no line holds all of `keys`.
 
     References:
       Hoffer, Hubara & Soudry (2017), Figure 2 (||w_t - w_0|| logged during training).
     """
     path = os.fspath(workdir)
     if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
+        path = run_files.path(path, run_files.METRICS_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"No metrics file at {path!r}; pass a trainer workdir that holds metrics.jsonl."
         )
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
     by_step: dict[int, dict] = {}
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                break  # A run killed mid-write leaves a truncated last line.
-            raise ValueError(
-                f"{path}:{number} is not valid JSON ({error}); fix or drop it."
-            ) from None
+    for record in run_files.read_metrics(path):
         if "step" in record and all(key in record for key in keys):
             by_step[int(record["step"])] = record  # Later lines replace earlier ones.
     if not by_step:

@@ -229,7 +229,7 @@ def test_read_metrics_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl"):
         analysis.read_metrics(tmp_path)
     _write_lines(tmp_path / "metrics.jsonl", ['{"step": 1, "loss": 1.0}', "oops", '{"step": 2}'])
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2:"):
         analysis.read_metrics(tmp_path)
     _write_lines(tmp_path / "metrics.jsonl", ['{"step": 1, "loss": 1.0}'])
     with pytest.raises(ValueError, match="weight_distance"):
