@@ -1,4 +1,4 @@
-"""The ablation driver's choices (experiments/ablation.py, experiments/gap_explanations.py).
+"""The ablation driver's choices (experiments/paper/ablation.py, gap_explanations.py).
 
 No training: results are made up with known numbers, and the rules are checked against
 numpy and against the regimes the trainer resolves.
@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from experiments import ablation, gap_explanations, reproduce_table
+from experiments.harness import launch
+from experiments.paper import ablation, gap_explanations
 from gbn_jax import regimes
 
 
@@ -91,7 +92,7 @@ def test_plan_adds_the_headline_runs_once_chosen(monkeypatch):
 @pytest.mark.parametrize("column", ["sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra"])
 def test_noise_scale_cadence_never_measures_a_padded_batch(group, column):
     run = ablation.Planned(group, column, 1)
-    config = reproduce_table._load_config_module().get_config(run.arg)
+    config = launch.load_config_module(ablation.CONFIG_FILE).get_config(run.arg)
     every = config.noise_scale.every_steps
     resolved = regimes.resolve(config, 60_000 - ablation.VALIDATION_SIZE)
     # A measurement at step t uses the batch of update t + 1, i.e. 0-based step t.
@@ -138,7 +139,7 @@ def test_gpu_plan_runs_the_headline_commands_then_resnet44_into_its_own_dir(tmp_
     Fashion-MNIST at the authors' settings; results and tables go to --results_dir."""
     import json
 
-    from experiments import plots
+    from experiments.paper import plots
 
     launched = []
     rng = np.random.default_rng(7)
@@ -156,10 +157,10 @@ def test_gpu_plan_runs_the_headline_commands_then_resnet44_into_its_own_dir(tmp_
         regime = dict(batch_size=batch_size, total_steps=total_steps, lr_boundaries=[[0, 0.1]])
         (workdir / plots.SUMMARY_FILE).write_text(json.dumps(summary))
         (workdir / plots.REGIME_FILE).write_text(json.dumps(regime))
-        (workdir / plots.METRICS_FILE).write_text("")
+        (workdir / launch.METRICS_FILE).write_text("")
         return 0, 1.0
 
-    monkeypatch.setattr(reproduce_table, "run_one", fake_run_one)
+    monkeypatch.setattr(launch, "run_one", fake_run_one)
     committed = (ablation.RESULTS_DIR / "ablation_f1.md").read_text()
     out = tmp_path / "out"
     argv = ["--plan", "gpu", f"--results_dir={out}", f"--runs_dir={tmp_path / 'runs'}"]
@@ -185,7 +186,7 @@ def test_gpu_plan_runs_the_headline_commands_then_resnet44_into_its_own_dir(tmp_
     # 81, on 32x32 Fashion-MNIST, validation held out as in the F1 runs.
     resnet = [r for r in plan if r.group == "resnet44_fmnist32"]
     assert [r.column for r in resnet] == list(ablation.COLUMNS)
-    module = reproduce_table._load_config_module("configs/cifar10_resnet44.py")
+    module = launch.load_config_module("configs/cifar10_resnet44.py")
     for run in resnet:
         config = module.get_config(run.arg)
         assert (config.dataset, config.batch_size, config.validation_size) == (

@@ -1,12 +1,12 @@
-"""The verdict rule (experiments/verdicts.py) and the claims built on it
-(experiments/claims.py), against intervals computed by hand from Student's t."""
+"""The verdict rule (experiments/paper/verdicts.py) and the claims built on it
+(experiments/paper/claims.py), against intervals computed by hand from Student's t."""
 
 import math
 
 import numpy as np
 import pytest
 
-from experiments import ablation, claims, verdicts
+from experiments.paper import ablation, claims, verdicts
 
 # Two-sided 95% quantiles of Student's t, from a printed table.
 T975 = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262}
@@ -111,10 +111,10 @@ def test_settle_plan_order_and_the_ra_control_rule():
 
 def test_settle_runs_change_one_ingredient():
     """Each settle group's config differs from its reference in the one field it names."""
-    from experiments import reproduce_table
+    from experiments.harness import launch
     from gbn_jax import regimes
 
-    module = reproduce_table._load_config_module("configs/fashion_mnist_f1.py")
+    module = launch.load_config_module("configs/fashion_mnist_f1.py")
 
     def resolved(run):
         config = module.get_config(run.arg)

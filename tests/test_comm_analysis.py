@@ -1,7 +1,4 @@
-"""Tests of the HLO collective counting in experiments/comm_analysis.py."""
-
-import os
-import sys
+"""Tests of the HLO collective counting in experiments/bench/comm_analysis.py."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +6,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
-import comm_analysis
+from experiments.bench import comm_analysis
 
 # Collective lines are long; metadata goes on the same line as in real HLO dumps.
 SYNTHETIC_HLO = """\

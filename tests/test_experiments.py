@@ -9,15 +9,12 @@ weight-distance fits against the law the curves were drawn from.
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # The `experiments` folder.
-
-from experiments import diffusion, plots, reproduce_table
+from experiments.paper import diffusion, plots, reproduce_table
 
 COLUMNS = reproduce_table.COLUMNS
 
@@ -240,21 +237,21 @@ def test_diffusion_fits_and_figure(tmp_path):
     assert (out_dir / "diffusion.md").exists()
 
 
-# ------------------------------------------------------------------ bench_train MFU
+# ------------------------------------------------------------------ step_speed MFU
 
 
 def test_model_flops_match_closed_forms():
-    """bench_train's model FLOPs against hand counts: F1's five dense layers, and a
+    """step_speed's model FLOPs against hand counts: F1's five dense layers, and a
     strided convolution plus a dot inside a nested jit (the jaxpr recursion)."""
     import jax
     import jax.numpy as jnp
 
-    from experiments import bench_train
+    from experiments.bench import step_speed
     from gbn_jax import models
 
     f1 = models.get_model("f1", num_classes=10)
     macs = 784 * 512 + 4 * 512 * 512 + 512 * 10
-    assert bench_train.model_flops_per_example(f1, (28, 28, 1)) == 3 * 2 * macs
+    assert step_speed.model_flops_per_example(f1, (28, 28, 1)) == 3 * 2 * macs
 
     def net(x, w, v):
         y = jax.lax.conv_general_dilated(
@@ -266,20 +263,21 @@ def test_model_flops_match_closed_forms():
     jaxpr = jax.make_jaxpr(net)(x, w, v).jaxpr
     conv = 2 * (2 * 5 * 5 * 5) * (3 * 3 * 3)  # 2 x outputs x window
     dot = 2 * (2 * 7) * (5 * 5 * 5)
-    assert bench_train.count_matmul_flops(jaxpr) == conv + dot
+    assert step_speed.count_matmul_flops(jaxpr) == conv + dot
 
 
 def test_bench_sweep_trainer_entry_is_the_trainer_default():
-    from experiments import bench_train
-    from gbn_jax import train
+    from experiments.bench import step_speed
+    from gbn_jax import steps
 
-    assert bench_train.XLA_SWEEP["trainer"] == train.XLA_CPU_FAST_OPTIONS
+    assert step_speed.XLA_SWEEP["trainer"] == steps.XLA_CPU_FAST_OPTIONS
+    assert step_speed.XLA_PRESETS["fast"] == steps.XLA_CPU_FAST_OPTIONS
 
 
-def test_bench_trainer_allocator_ratios_and_merge(tmp_path, monkeypatch):
+def test_trainer_throughput_allocator_ratios_and_merge(tmp_path, monkeypatch):
     """--allocator-rounds: ratios per round from each subprocess's rate, in the order
     reversed every other round, and a second case added to the file, not replacing it."""
-    from experiments import bench_trainer
+    from experiments.bench import trainer_throughput
 
     calls = []
     rates = {
@@ -300,11 +298,11 @@ def test_bench_trainer_allocator_ratios_and_merge(tmp_path, monkeypatch):
         calls.append(("trainer", allocator))
         return {"examples_per_sec": rates["trainer", allocator][n]}
 
-    monkeypatch.setattr(bench_trainer, "run_isolated_step", fake_step)
-    monkeypatch.setattr(bench_trainer, "run_trainer", fake_trainer)
-    monkeypatch.setattr(bench_trainer, "IsolatedStep", None)  # never built in-process
+    monkeypatch.setattr(trainer_throughput, "run_isolated_step", fake_step)
+    monkeypatch.setattr(trainer_throughput, "run_trainer", fake_trainer)
+    monkeypatch.setattr(trainer_throughput, "IsolatedStep", None)  # never built in-process
     stem = str(tmp_path / "alloc")
-    bench_trainer.main(["--cases=f1_b128", "--allocator-rounds=2", f"--out={stem}"])
+    trainer_throughput.main(["--cases=f1_b128", "--allocator-rounds=2", f"--out={stem}"])
     order = [("step", "default"), ("step", "huge pages"), ("trainer", "default")]
     order.append(("trainer", "huge pages"))
     assert calls == order + order[::-1]
@@ -314,19 +312,19 @@ def test_bench_trainer_allocator_ratios_and_merge(tmp_path, monkeypatch):
     assert ratios["trainer (huge pages) / step (default)"]["min"] == pytest.approx(1.15)
     assert ratios["trainer (huge pages) / step (huge pages)"]["max"] == pytest.approx(0.92)
     calls.clear()
-    bench_trainer.main(["--cases=f1_b4096", "--allocator-rounds=1", f"--out={stem}"])
+    trainer_throughput.main(["--cases=f1_b4096", "--allocator-rounds=1", f"--out={stem}"])
     cases = [r["case"] for r in json.loads(Path(stem + ".json").read_text())["results"]]
     assert cases == ["f1_b128", "f1_b4096"]
     assert "f1_b4096 (`lb_lr_gbn_ra`)" in Path(stem + ".md").read_text()
 
 
-def test_bench_trainer_table_walls_against_the_committed_table(tmp_path):
+def test_trainer_throughput_table_walls_against_the_committed_table(tmp_path):
     """The unscaled F1 table's wall times: a run directory against the committed one."""
-    from experiments import bench_trainer
+    from experiments.bench import trainer_throughput
 
     committed = {}
-    for column in bench_trainer.TABLE_COLUMNS:
-        path = Path(bench_trainer.COMMITTED_TABLE) / f"{column}.json"
+    for column in trainer_throughput.TABLE_COLUMNS:
+        path = Path(trainer_throughput.COMMITTED_TABLE) / f"{column}.json"
         if path.exists():
             committed[column] = json.loads(path.read_text())["wall_time_sec"]
     assert set(committed) == {"sb", "lb", "lb_lr_gbn", "lb_lr_gbn_ra"}  # +LR timed out
@@ -334,7 +332,7 @@ def test_bench_trainer_table_walls_against_the_committed_table(tmp_path):
     runs.mkdir()
     for column in ("sb", "lb", "lb_lr", "lb_lr_gbn"):  # +RA unfinished here
         (runs / f"{column}.json").write_text(json.dumps({"wall_time_sec": 20.0}))
-    bench_trainer.table_walls(str(runs), str(tmp_path / "walls"))
+    trainer_throughput.table_walls(str(runs), str(tmp_path / "walls"))
     record = json.loads((tmp_path / "walls.json").read_text())["columns"]
     assert record["sb"] == {"committed_s": committed["sb"], "now_s": 20.0}
     assert record["lb_lr"]["committed_s"] is None and record["lb_lr_gbn_ra"]["now_s"] is None
@@ -342,3 +340,32 @@ def test_bench_trainer_table_walls_against_the_committed_table(tmp_path):
     both = committed["sb"] + committed["lb"] + committed["lb_lr_gbn"]
     assert f"| all finished in both | {both:.0f} | 60 | - |" in table
     assert f"| sb | {committed['sb']:.0f} | 20 | {committed['sb'] / 20:.2f} |" in table
+
+
+# ------------------------------------------------------------------ the package
+
+
+def test_every_experiments_module_imports_without_side_effects():
+    """Each module of experiments/ imports by its package path, leaves sys.path and the
+    environment as they were, and writes nothing (the work starts in main())."""
+    import importlib
+    import os
+    import pkgutil
+    import sys
+
+    import experiments
+
+    path, environ = list(sys.path), dict(os.environ)
+    results = Path(experiments.__file__).parent / "results"
+    before = sorted(p.stat().st_mtime_ns for p in results.glob("*") if p.is_file())
+    names = [m.name for m in pkgutil.walk_packages(experiments.__path__, "experiments.")]
+    assert {"experiments.paper.ablation", "experiments.bench.step_speed"} <= set(names)
+    assert "experiments.harness.provenance" in names
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:  # PyTorch: the optional `bench` extra.
+            assert error.name == "torch", name
+        assert sys.path == path, name
+        assert dict(os.environ) == environ, name
+    assert sorted(p.stat().st_mtime_ns for p in results.glob("*") if p.is_file()) == before

@@ -1,4 +1,5 @@
-"""End to end: experiments/sharpness.py on a tiny F1 checkpoint written as the trainer does.
+"""End to end: experiments/paper/sharpness.py on a tiny F1 checkpoint written as the trainer
+does.
 
 The numbers it reports are checked against the library functions called directly on
 the same parameters and subset, so the test covers the plumbing (config, restore,
@@ -7,17 +8,13 @@ tests/test_noise_scale.py do those).
 """
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # The `experiments` folder.
-
-from experiments import sharpness as experiment
+from experiments.paper import sharpness as experiment
 from gbn_jax import checkpointing, input_pipeline, models, noise_scale, sharpness, train
 
 SMALL = ["--examples", "64", "--chunk", "32", "--noise_examples", "96", "--noise_chunk", "32"]

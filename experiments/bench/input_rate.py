@@ -17,21 +17,17 @@ images (batch 512, pad-4 crop + flip). Medians over rounds; the target is pipeli
 3x the train step.
 
 Command (from the repository root):
-    .venv/bin/python experiments/bench_input.py
+    .venv/bin/python -m experiments.bench.input_rate
 Writes experiments/results/bench_input.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
-import time
 
 import grain
 import jax
@@ -42,12 +38,13 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from experiments.harness import provenance, timing
+from experiments.harness.provenance import RESULTS_DIR
 from gbn_jax import input_pipeline
 from gbn_jax.data import augment, sources
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODULE = "experiments.bench.input_rate"
+RESULTS = str(RESULTS_DIR)
 
 
 def make_step(model, image_shape):
@@ -97,19 +94,20 @@ def _local_step(model, tx, image_shape):
 
 def pipeline_rate(iterator, batches: int) -> float:
     jax.block_until_ready(next(iterator))  # Compile and warm caches outside the timing.
-    start = time.perf_counter()
-    for _ in range(batches):
-        jax.block_until_ready(next(iterator))
-    return batches * iterator.global_batch_size / (time.perf_counter() - start)
+    seconds = sum(timing.time_calls(lambda: jax.block_until_ready(next(iterator)), batches))
+    return batches * iterator.global_batch_size / seconds
 
 
 def step_rate(step, state, batch, steps: int) -> tuple[float, object]:
     rng = jax.random.key(1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch, rng)
+    holder = {"state": state}
+
+    def call() -> None:
+        holder["state"], metrics = step(holder["state"], batch, rng)
         jax.block_until_ready(metrics)
-    return steps * batch["label"].shape[0] / (time.perf_counter() - start), state
+
+    seconds = sum(timing.time_calls(call, steps))
+    return steps * batch["label"].shape[0] / seconds, holder["state"]
 
 
 class GrainHostCropFlip:
@@ -205,21 +203,10 @@ def main() -> None:
 
 def write(results, args) -> None:
     meta = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python", *sys.argv]),
-        "hardware": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "jax_devices": [str(d) for d in jax.devices()],
-            "load_average_at_end": os.getloadavg(),
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "numpy": np.__version__,
-            "grain": grain.__version__,
-        },
+        **provenance.provenance(packages=(*provenance.PACKAGES, "grain")),
+        "command": provenance.module_command(MODULE),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "load_average_at_end": os.getloadavg(),
         "args": vars(args),
     }
     os.makedirs(RESULTS, exist_ok=True)
@@ -228,8 +215,8 @@ def write(results, args) -> None:
     lines = [
         "# Input pipeline rate vs train-step rate",
         "",
-        f"`{meta['command']}` on {meta['hardware']['cpu_count']} CPU cores "
-        f"({', '.join(meta['hardware']['jax_devices'])}), jax {jax.__version__}; medians of "
+        f"`{meta['command']}` on {meta['hardware']['cpu']} ({meta['hardware']['cpu_count']} "
+        f"cores; {', '.join(meta['jax_devices'])}), jax {jax.__version__}; medians of "
         f"{args.rounds} interleaved rounds, examples/s.",
         "",
         "| case | batch | pipeline | train step | pipeline / train step | "
@@ -249,7 +236,7 @@ def write(results, args) -> None:
         f"Train step: {results[0]['train_step_source']}, SGD momentum 0.9, weight decay "
         "1e-4, clipping at global norm 5, float32. Pipeline: in-memory uint8, global batch "
         "assembled with make_array_from_process_local_data, crop/flip + normalize jitted.",
-        f"Load average at the end: {meta['hardware']['load_average_at_end']} (shared machine).",
+        f"Load average at the end: {meta['load_average_at_end']} (shared machine).",
     ]
     with open(os.path.join(RESULTS, "bench_input.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ Setting (both presets): |B_S| = 128 (the base regime's reference batch), |B_L| =
 ghost batch = |B_S| = 128, so |B_L|/|B_S| = 16 and the +RA run takes 16x the small-batch
 epochs. The paper's F1 runs used |B_L| = 4096 (ratio 32); on this 2-core CPU the
 ratio-32 +RA run alone would take about as long as the whole ratio-16 sweep, so we keep
-the ratio at 16, which the issue allows (>= 16). The base regime is the authors' F1
+the ratio at 16 (at least 16 keeps the comparison meaningful). The base regime is the authors' F1
 regime (50 epochs; LR 0.1, x0.1 at epochs 10, 20, 30; momentum 0.9; weight decay 1e-4;
 gradient clipping at 5) with its epochs and every LR-drop epoch multiplied by
 ``epochs_scale`` so that the sweep fits this machine:
@@ -28,9 +28,9 @@ about 2 minutes idle) checks the whole flow and writes under runs/, not results/
 
 Usage (from the repository root):
 
-  .venv/bin/python -m experiments.reproduce_table --preset quick
-  .venv/bin/python -m experiments.reproduce_table --preset full
-  .venv/bin/python -m experiments.reproduce_table --preset full --report_only
+  .venv/bin/python -m experiments.paper.reproduce_table --preset quick
+  .venv/bin/python -m experiments.paper.reproduce_table --preset full
+  .venv/bin/python -m experiments.paper.reproduce_table --preset full --report_only
 
 An interrupted sweep resumes: runs with a summary.json are skipped, unfinished ones are
 re-launched with the same command and the trainer resumes them from their checkpoint.
@@ -48,19 +48,10 @@ References:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
-import importlib.metadata
-import importlib.util
 import json
 import math
-import os
-import platform
-import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,11 +59,9 @@ from typing import Any
 import numpy as np
 import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):  # Run as a file: make `experiments` and `gbn_jax` importable.
-    sys.path.insert(0, str(REPO_ROOT))
-
-from experiments import plots  # noqa: E402
+from experiments.harness import launch, provenance, tables
+from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
+from experiments.paper import plots
 
 CONFIG_FILE = "configs/fashion_mnist_f1.py"
 COLUMNS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
@@ -89,9 +78,6 @@ PAPER_F1_MNIST = {
     "lb_lr_gbn": 97.60,
     "lb_lr_gbn_ra": 98.53,
 }
-# One line per launch of a run (JSON: seconds, exit_status), written by this driver.
-WALL_TIME_FILE = "driver_wall_time.jsonl"
-RESULTS_DIR = REPO_ROOT / "experiments" / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +111,6 @@ PRESETS = {
 }
 
 
-def _load_config_module(config_file: str = CONFIG_FILE) -> Any:
-    spec = importlib.util.spec_from_file_location(Path(config_file).stem, REPO_ROOT / config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def config_arg(column: str, seed: int, preset: Preset, eval_every: int | None = None) -> str:
     """The ``--config`` argument of one run (variant and options)."""
     parts = [column]
@@ -152,7 +131,7 @@ def plan_run(column: str, seed: int, preset: Preset, num_train: int) -> dict[str
     """
     from gbn_jax import regimes  # Imported late: --report_only needs no JAX.
 
-    config = _load_config_module().get_config(config_arg(column, seed, preset))
+    config = launch.load_config_module(CONFIG_FILE).get_config(config_arg(column, seed, preset))
     resolved = regimes.resolve(config, num_train)
     eval_every = max(1, resolved.total_steps // preset.eval_points)
     return dict(
@@ -182,103 +161,6 @@ def command(plan: dict[str, Any], workdir: Path) -> list[str]:
     ]
 
 
-def printable_command(argv: Sequence[str]) -> str:
-    """The command as a user would type it from the repository root."""
-    argv = list(argv)
-    with contextlib.suppress(ValueError):  # Another drive on Windows.
-        argv[0] = os.path.relpath(argv[0], REPO_ROOT)
-    if argv[0].startswith(".."):  # Not the repo's virtualenv: keep it short.
-        argv[0] = "python"
-    return shlex.join(argv).replace(str(REPO_ROOT) + os.sep, "")
-
-
-def _last_step(metrics_path: Path) -> int:
-    """The last step logged so far (cheap: reads the file's tail)."""
-    try:
-        with open(metrics_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            lines = f.read().decode(errors="ignore").splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return 0
-
-
-def run_one(
-    argv: Sequence[str],
-    workdir: Path,
-    *,
-    total_steps: int,
-    batch_size: int,
-    bar: tqdm.tqdm,
-    show_output: bool = False,
-) -> tuple[int, float]:
-    """Launches (or resumes) one trainer run and advances `bar` by images as it trains.
-
-    The trainer's output goes to ``<workdir>/train.log`` unless `show_output`. Each
-    launch appends its duration to ``<workdir>/driver_wall_time.jsonl``.
-
-    Args:
-      argv: the trainer command (``python -m gbn_jax.main ... --workdir=<workdir>``).
-      workdir: the run's workdir.
-      total_steps: the run's number of steps (to size the progress).
-      batch_size: images per step.
-      bar: a tqdm bar counting images.
-      show_output: stream the trainer's output instead of logging it.
-
-    Returns:
-      (exit status, seconds this launch took).
-
-    Raises:
-      SystemExit: the workdir holds a run started with a different command.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    # Guard against silently mixing runs of two settings in one workdir.
-    record = workdir / "driver_command.txt"
-    text = printable_command(argv) + "\n"
-    if record.exists() and record.read_text() != text:
-        raise SystemExit(
-            f"{workdir} holds a run of another command:\n  {record.read_text()}"
-            f"which differs from\n  {text}Delete {workdir} or use another --runs_dir."
-        )
-    record.write_text(text)
-    done = _last_step(workdir / plots.METRICS_FILE)
-    bar.update(done * batch_size)
-    start = time.time()
-    with open(workdir / "train.log", "a") as log:
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            stdout=None if show_output else log,
-            stderr=None if show_output else subprocess.STDOUT,
-        )
-        while proc.poll() is None:
-            time.sleep(2.0)
-            step = min(_last_step(workdir / plots.METRICS_FILE), total_steps)
-            if step > done:
-                bar.update((step - done) * batch_size)
-                done = step
-    bar.update((total_steps - done) * batch_size)
-    seconds = time.time() - start
-    # summary.json times only the last launch; a resumed run's total is their sum.
-    with open(workdir / WALL_TIME_FILE, "a") as f:
-        f.write(json.dumps({"seconds": seconds, "exit_status": proc.returncode}) + "\n")
-    return proc.returncode, seconds
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1; None for fewer than two values)."""
-    if not values:
-        return None, None
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else None
-
-
 def aggregate(runs: dict[str, dict[int, plots.Run]]) -> dict[str, Any]:
     """Per column: mean and std over seeds of the final test accuracy, and the gaps.
 
@@ -294,10 +176,10 @@ def aggregate(runs: dict[str, dict[int, plots.Run]]) -> dict[str, Any]:
     for column, by_seed in runs.items():
         accuracy = {s: 100 * plots.final_eval_accuracy(r) for s, r in sorted(by_seed.items())}
         gaps = {s: a - 100 * sb[s] for s, a in accuracy.items() if sb.get(s) is not None}
-        mean, std = _mean_std(list(accuracy.values()))
-        gap_mean, gap_std = _mean_std(list(gaps.values()))
+        mean, std, _ = tables.mean_std_n(list(accuracy.values()))
+        gap_mean, gap_std, _ = tables.mean_std_n(list(gaps.values()))
         regimes = [r.regime or {} for r in by_seed.values()]
-        wall = [_wall_time(r) for r in by_seed.values()]
+        wall = [launch.wall_time(r.workdir, r.summary) for r in by_seed.values()]
         wall = [w for w in wall if w is not None]
         table[column] = dict(
             label=plots.COLUMN_LABELS.get(column, column),
@@ -316,46 +198,6 @@ def aggregate(runs: dict[str, dict[int, plots.Run]]) -> dict[str, Any]:
             wall_time_s_total=float(np.sum(wall)) if wall else None,
         )
     return table
-
-
-def _wall_time(run: plots.Run) -> float | None:
-    """Seconds the run took over all its launches (the driver's log), else summary's."""
-    path = Path(run.workdir) / WALL_TIME_FILE
-    if path.exists():
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return float(sum(line["seconds"] for line in lines))
-    value = (run.summary or {}).get("wall_time_sec")
-    return float(value) if isinstance(value, int | float) else None
-
-
-def hardware() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package in ("jax", "jaxlib", "flax", "optax", "numpy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return dict(
-        cpu=cpu,
-        cpu_count=os.cpu_count(),
-        platform=platform.platform(),
-        python=platform.python_version(),
-        versions=versions,
-    )
-
-
-def _fmt(value: float | None, std: float | None = None, sign: bool = False) -> str:
-    if value is None:
-        return "-"
-    text = f"{value:+.2f}" if sign else f"{value:.2f}"
-    return text + (f" ± {std:.2f}" if std is not None else "")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -384,18 +226,21 @@ def markdown(result: dict[str, Any]) -> str:
         rule,
         row(
             "ours: accuracy",
-            [_fmt(table[c]["accuracy_mean"], table[c]["accuracy_std"]) for c in columns],
+            [tables.cell(table[c]["accuracy_mean"], table[c]["accuracy_std"]) for c in columns],
         ),
         row(
             "ours: gap to SB",
-            [_fmt(table[c]["gap_to_sb_mean"], table[c]["gap_to_sb_std"], True) for c in columns],
+            [
+                tables.cell(table[c]["gap_to_sb_mean"], table[c]["gap_to_sb_std"], True)
+                for c in columns
+            ],
         ),
         row("paper (MNIST): accuracy", [f"{PAPER_F1_MNIST[c]:.2f}" for c in columns]),
         row("paper (MNIST): gap to SB", [f"{PAPER_F1_MNIST[c] - sb_paper:+.2f}" for c in columns]),
         row("batch size", [str(table[c]["batch_size"]) for c in columns]),
         row("steps", [str(table[c]["steps"]) for c in columns]),
-        row("epochs", [_fmt(table[c]["epochs"]) for c in columns]),
-        row("wall time per run (s)", [_fmt(table[c]["wall_time_s_mean"]) for c in columns]),
+        row("epochs", [tables.cell(table[c]["epochs"]) for c in columns]),
+        row("wall time per run (s)", [tables.cell(table[c]["wall_time_s_mean"]) for c in columns]),
         "",
         "Per seed (accuracy %):",
         "",
@@ -404,7 +249,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     seeds = sorted({s for c in columns for s in table[c]["accuracy_per_seed"]}, key=int)
     for s in seeds:
-        cells = [_fmt(table[c]["accuracy_per_seed"].get(s)) for c in columns]
+        cells = [tables.cell(table[c]["accuracy_per_seed"].get(s)) for c in columns]
         lines.append(row(f"seed {s}", cells))
     setting = result["setting"]
     lines += [
@@ -416,11 +261,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"used 4096, too slow for +RA on this CPU), ghost batch = {GHOST_BATCH}.",
         f"- Regime: the authors' F1 regime (50 epochs, LR 0.1 x0.1 at epochs 10/20/30, "
         f"momentum 0.9, wd 1e-4, clip 5) with epochs and LR-drop epochs scaled by "
-        f"epochs_scale = {setting['epochs_scale']} (SB: {_fmt(table.get('sb', {}).get('epochs'))} "
-        f"epochs). +LR: LR x sqrt(16) = 0.4; +RA: 16x the epochs, drops at the SB steps.",
+        f"epochs_scale = {setting['epochs_scale']} "
+        f"(SB: {tables.cell(table.get('sb', {}).get('epochs'))} epochs). "
+        "+LR: LR x sqrt(16) = 0.4; +RA: 16x the epochs, drops at the SB steps.",
         f"- Hardware: {result['hardware']['cpu']} ({result['hardware']['cpu_count']} cores), "
         f"jax {result['hardware']['versions']['jax']}; date {result['date']}; sweep wall time "
-        f"{_fmt(result['total_wall_time_s'])} s (sum of runs).",
+        f"{tables.cell(result['total_wall_time_s'])} s (sum of runs).",
     ]
     stops = result.get("early_stopping", {}).get("lb_lr_gbn_ra", {})
     if stops:
@@ -463,7 +309,7 @@ def report(runs_dir: Path, preset_name: str, preset: Preset, out_dir: Path) -> d
             if not run.finished:
                 continue
             runs.setdefault(column, {})[seed] = run
-            record = workdir / "driver_command.txt"
+            record = workdir / launch.COMMAND_FILE
             if record.exists():
                 commands.setdefault(column, []).append(record.read_text().strip())
     early_stopping = {
@@ -499,8 +345,8 @@ def report(runs_dir: Path, preset_name: str, preset: Preset, out_dir: Path) -> d
         columns=table,
         early_stopping=early_stopping,
         commands=commands,
-        hardware=hardware(),
-        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        hardware=provenance.hardware(),
+        date=provenance.utc_date(),
         total_wall_time_s=total_wall,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -571,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for plan in todo:
                 workdir = workdir_of(runs_dir, plan)
                 bar.set_description(f"{plots.COLUMN_LABELS[plan['column']]} seed {plan['seed']}")
-                rc, seconds = run_one(
+                rc, seconds = launch.run_one(
                     command(plan, workdir),
                     workdir,
                     total_steps=plan["total_steps"],

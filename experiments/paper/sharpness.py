@@ -30,10 +30,10 @@ Usage (from the repository root; a tiny F1 run to try it on):
 
   .venv/bin/python -m gbn_jax.main --config=configs/fashion_mnist_f1.py:lb,epochs_scale=0.02 \\
       --workdir=/tmp/f1run
-  .venv/bin/python -m experiments.sharpness /tmp/f1run --out sharpness_f1_tiny
+  .venv/bin/python -m experiments.paper.sharpness /tmp/f1run --out sharpness_f1_tiny
 
   # the headline runs, all at once (one row each):
-  .venv/bin/python -m experiments.sharpness runs/table_full/*/seed0 --out sharpness_f1
+  .venv/bin/python -m experiments.paper.sharpness runs/table_full/*/seed0 --out sharpness_f1
 
 Writes experiments/results/<out>.json (every number, the command, the machine and its
 load) and <out>.md (the table).
@@ -48,26 +48,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):  # Run as a file: make `experiments` and `gbn_jax` importable.
-    sys.path.insert(0, str(REPO_ROOT))
+from experiments.harness import provenance, tables
+from experiments.harness.provenance import RESULTS_DIR
 
-from experiments import bench_train  # noqa: E402
-
-RESULTS_DIR = REPO_ROOT / "experiments" / "results"
 CONFIG_FILE = "config.json"
 
 
@@ -367,7 +361,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"{env['device_kind']}; load average at start {_load(env['load_average_start'])}, "
         f"at end {_load(env['load_average_end'])}.",
         "",
-        bench_train.markdown_table(header, rows),
+        tables.markdown_table(header, rows),
         "",
         f"Batch norm in {settings['bn_mode']} mode. Hessian and epsilon-sharpness on "
         f"{settings['examples']} training examples (chunks of {settings['chunk']}, subset "
@@ -395,14 +389,16 @@ def _load(values: Sequence[float]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     validate_args(args)
-    env = bench_train.environment(args)
-    env["command"] = " ".join(["python -m experiments.sharpness", *(argv or sys.argv[1:])])
+    env = provenance.environment("experiments.paper.sharpness", args)
+    env["command"] = provenance.module_command("experiments.paper.sharpness", argv)
+    configs = {}
     size = max(args.examples, args.noise_examples)
     cache: dict[tuple, dict[str, np.ndarray]] = {}
     runs = []
     for workdir in tqdm.tqdm(args.workdirs, desc="runs", unit="run"):
         with open(os.path.join(workdir, CONFIG_FILE)) as f:
-            key = subset_key(json.load(f))
+            config = json.load(f)
+        key = subset_key(config)
         if key not in cache:
             dataset, data_dir, augment, validation_size = key
             cache[key] = training_subset(
@@ -426,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "validation_size": key[3],
         }
         runs.append(run)
+        configs[run["label"]] = config
         tqdm.tqdm.write(
             f"{run['label']}: lambda_max={run['hessian']['eigenvalues'][0]:.4g} "
             f"({run['hessian']['wall_time_sec']:.1f} s), "
@@ -442,8 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({sorted(cache, key=str)}), so they were measured on different subsets."
         )
     env["load_average_end"] = os.getloadavg()
+    env["config"] = configs  # The measured runs' resolved configs, by label.
     record = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": env["date"],
         "settings": {k: v for k, v in vars(args).items() if k not in ("workdirs", "results_dir")},
         "environment": env,
         "runs": runs,

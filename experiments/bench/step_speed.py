@@ -10,7 +10,7 @@ momentum and weight decay) of
 * ``jax_nonorm``: the same network with every norm layer replaced by the identity (the
   cost breakdown: what normalization adds to the step);
 * ``torch_chunk_accum``: the authors' large-batch loop, forward and backward per chunk
-  of |B_S| examples with gradient accumulation (``experiments/torch_reference.py``);
+  of |B_S| examples with gradient accumulation (``experiments/bench/torch_reference.py``);
 * ``torch_gbn_loop``: one pass whose GhostBatchNorm loops over chunks in Python;
 * ``torch_bn``: plain ``nn.BatchNorm`` over the whole batch.
 
@@ -37,11 +37,11 @@ was tried against the conv-net gap). ``--xla-preset`` opts the main benchmark in
 such options.
 
 Usage (CPU, the README table):
-  .venv/bin/python experiments/bench_train.py --models f1,resnet44
-  .venv/bin/python experiments/bench_train.py --xla-sweep --models resnet44 --batch 128
+  .venv/bin/python -m experiments.bench.step_speed --models f1,resnet44
+  .venv/bin/python -m experiments.bench.step_speed --xla-sweep --models resnet44 --batch 128
 GPU (ResNet-44 bf16, batch 4096, ghost 128; MFU against the card's bf16 matmul rate;
-experiments/run_gpu_bench.sh runs every GPU table of the README in one call):
-  python experiments/bench_train.py --platform gpu --dtype bfloat16 --models resnet44 \
+experiments/gpu/step_speed.sh runs every GPU table of the README in one call):
+  python -m experiments.bench.step_speed --platform gpu --dtype bfloat16 --models resnet44 \
       --batch 4096
 
 References:
@@ -52,11 +52,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +62,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from experiments.harness import provenance, tables, timing
+from experiments.harness.provenance import RESULTS_DIR
+from experiments.harness.timing import Variant
+from gbn_jax.steps import XLA_CPU_FAST_OPTIONS
+
+MODULE = "experiments.bench.step_speed"
 DEFAULT_BATCH = {"f1": 4096, "resnet44": 512, "wrn16_4": 512, "resnet50": 32}
 # wrn16_4 and resnet50 (JAX only, --no-torch): a wider conv net, for how MFU depends on
 # channel width, and the ImageNet ResNet, for the CPU options' effect on it.
@@ -100,12 +103,9 @@ XLA_SWEEP: dict[str, dict[str, Any]] = {
     "no_concurrency_scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": False},
     "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},
     "vector_width_128": {"xla_cpu_prefer_vector_width": 128},
-    # The trainer's default (gbn_jax.train.XLA_CPU_FAST_OPTIONS): ynn_reduce_only plus
-    # the optimization barriers of models.base.conv_input kept (not expanded).
-    "trainer": {
-        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
-        "xla_disable_hlo_passes": "cse_barrier_expander",
-    },
+    # The trainer's default: ynn_reduce_only plus the optimization barriers of
+    # models.base.conv_input kept (not expanded).
+    "trainer": dict(XLA_CPU_FAST_OPTIONS),
     # ... and without the rewrite of long reductions into reduce-window + reduce.
     "trainer_no_tree_reduction": {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
@@ -136,7 +136,7 @@ XLA_PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
     "eigen": XLA_SWEEP["ynn_off"],
     "ynn_reduce_only": XLA_SWEEP["ynn_reduce_only"],
-    "fast": XLA_SWEEP["trainer"],  # gbn_jax.train.XLA_CPU_FAST_OPTIONS (a test checks)
+    "fast": XLA_SWEEP["trainer"],
 }
 
 
@@ -182,79 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------
-# Environment and reporting.
-# ---------------------------------------------------------------------------------------
-
-
-def environment(args: argparse.Namespace) -> dict[str, Any]:
-    """Hardware, library versions and the command line, for the JSON record."""
-    import flax
-    import jax
-    import jaxlib
-    import optax
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    env = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "devices": [str(d) for d in jax.devices()],
-        "device_kind": jax.devices()[0].device_kind,
-        "python": sys.version.split()[0],
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        # glibc.malloc.hugetlb=1 when the process runs with huge pages (gbn_jax.host_memory).
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-        "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
-        "load_average_start": os.getloadavg(),
-        "args": vars(args),
-    }
-    try:
-        import torch
-
-        env["torch"] = torch.__version__
-        env["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        env["torch"] = None
-    return env
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub markdown table."""
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
-
-
-def write_outputs(stem: str, record: dict[str, Any], markdown: str) -> None:
-    """Writes ``stem.json`` and ``stem.md``."""
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=1, default=str)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown)
-    print(markdown)
-    print(f"wrote {stem}.md and {stem}.json")
-
-
-# ---------------------------------------------------------------------------------------
 # Variants: each is set up (compiled, warmed) once and then timed by `run(steps)`.
 # ---------------------------------------------------------------------------------------
-
-
-class Variant:
-    """A named train step: ``run(n)`` times n steps and returns the seconds of each."""
-
-    def __init__(self, name: str, run: Callable[[int], list[float]], info: dict[str, Any]):
-        self.name, self.run, self.info = name, run, info
 
 
 def without_normalization(model: Any) -> Any:
@@ -288,7 +217,7 @@ def paper_regime(ghost: int, batch_size: int) -> Any:
 
     Clipping at global norm 5, weight decay 1e-4, momentum 0.9 (PyTorch's form, as
     torch.optim.SGD), LR 0.1 (sqrt-scaled from |B_S| = ``ghost``); one epoch of a
-    60k-example set for the schedule. Shared with experiments/comm_analysis.py.
+    60k-example set for the schedule. Shared with experiments/bench/comm_analysis.py.
 
     Returns:
       The ``gbn_jax.regimes.ResolvedRegime``.
@@ -350,7 +279,7 @@ def compile_step(
     """``gbn_jax.steps.make_train_step`` of a model and regime, compiled on one device.
 
     Jitted as the trainer jits its steps (explicit shardings over a 1-D "data" mesh,
-    the state donated), fed a random float32 batch; shared with bench_trainer.py.
+    the state donated), fed a random float32 batch; shared with trainer_throughput.py.
 
     Args:
       model: a ``gbn_jax.models`` network.
@@ -478,24 +407,20 @@ def jax_variant(name: str, model_name: str, args: argparse.Namespace, batch: int
         holder["state"], metrics = compiled(holder["state"], data, key)
     jax.block_until_ready(metrics)
 
-    def run(n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            holder["state"], m = compiled(holder["state"], data, key)
-            jax.block_until_ready(m["loss"])
-            times.append(time.perf_counter() - t)
-        return times
+    def step() -> None:
+        holder["state"], m = compiled(holder["state"], data, key)
+        jax.block_until_ready(m["loss"])
 
     info = {"compile_s": compile_s, "compiler_options": options, **xla_costs(compiled)}
     info["loss_after_warmup"] = float(metrics["loss"])
-    return Variant(name, run, info)
+    return Variant(name, functools.partial(timing.time_calls, step), info)
 
 
 def torch_variant(name: str, model_name: str, args: argparse.Namespace, batch: int) -> Variant:
-    """Builds and warms one PyTorch variant of experiments/torch_reference.py."""
+    """Builds and warms one PyTorch variant of experiments/bench/torch_reference.py."""
     import torch
-    import torch_reference
+
+    from experiments.bench import torch_reference
 
     mode = name.removeprefix("torch_")
     device = "cuda" if args.platform == "gpu" else "cpu"
@@ -519,16 +444,12 @@ def torch_variant(name: str, model_name: str, args: argparse.Namespace, batch: i
         loss = step(x, y)
     sync()
 
-    def run(n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            step(x, y)
-            sync()
-            times.append(time.perf_counter() - t)
-        return times
+    def timed_step() -> None:
+        step(x, y)
+        sync()
 
-    return Variant(name, run, {"loss_after_warmup": float(loss.detach())})
+    info = {"loss_after_warmup": float(loss.detach())}
+    return Variant(name, functools.partial(timing.time_calls, timed_step), info)
 
 
 def matmul_rate(args: argparse.Namespace, n: int | None = None, repeats: int = 5) -> float:
@@ -555,16 +476,6 @@ def matmul_rate(args: argparse.Namespace, n: int | None = None, repeats: int = 5
 # ---------------------------------------------------------------------------------------
 # Interleaved timing.
 # ---------------------------------------------------------------------------------------
-
-
-def interleave(variants: list[Variant], repeats: int, steps: int, desc: str) -> dict[str, list]:
-    """Times every variant ``repeats`` rounds; returns name -> list of per-round lists."""
-    times: dict[str, list[list[float]]] = {v.name: [] for v in variants}
-    for r in tqdm(range(repeats), desc=desc):
-        order = variants[r % len(variants) :] + variants[: r % len(variants)]
-        for v in order:
-            times[v.name].append(v.run(steps))
-    return times
 
 
 def summarize(times: dict[str, list[list[float]]], batch: int, reference: str) -> dict:
@@ -604,7 +515,7 @@ def bench_model(model_name: str, args: argparse.Namespace, rate: float) -> dict[
     for name in tqdm(names, desc=f"{model_name}: compile + warm-up"):
         make = jax_variant if name.startswith("jax") else torch_variant
         variants.append(make(name, model_name, args, batch))
-    times = interleave(variants, args.repeats, args.steps, f"{model_name} b={batch}")
+    times = timing.interleave(variants, args.repeats, args.steps, f"{model_name} b={batch}")
     ref = REFERENCE if REFERENCE in times else names[-1]
     summary = summarize(times, batch, ref)
     for v in variants:
@@ -622,8 +533,8 @@ def bench_model(model_name: str, args: argparse.Namespace, rate: float) -> dict[
 
 
 def main_benchmark(args: argparse.Namespace) -> None:
-    stem = args.out or os.path.join(RESULTS, "bench_train")
-    env = environment(args)
+    stem = args.out or str(RESULTS_DIR / "bench_train")
+    env = provenance.environment(MODULE, args)
     rate = matmul_rate(args)
     records = [bench_model(m, args, rate) for m in args.models.split(",")]
     env["load_average_end"] = os.getloadavg()
@@ -661,7 +572,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
         lines += [
             f"## {rec['model']}, batch {rec['batch']}, ghost {rec['ghost']}",
             "",
-            markdown_table(
+            tables.markdown_table(
                 [
                     "variant",
                     "step (ms)",
@@ -675,7 +586,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
             ),
             "",
         ]
-    write_outputs(stem, {"environment": env, "results": records}, "\n".join(lines))
+    tables.write_outputs(stem, {"environment": env, "results": records}, "\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------
@@ -753,17 +664,12 @@ def probe_convnet(layout: str, dtype: str, batch: int, ghost: int | None) -> Var
         holder["state"], loss = f(holder["state"], x, y)
     loss.block_until_ready()
 
-    def run(n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            holder["state"], loss = f(holder["state"], x, y)
-            loss.block_until_ready()
-            times.append(time.perf_counter() - t)
-        return times
+    def timed_step() -> None:
+        holder["state"], loss = f(holder["state"], x, y)
+        loss.block_until_ready()
 
     name = f"probe {layout} {dtype}" + (f" ghost{ghost}" if ghost else "")
-    return Variant(name, run, {})
+    return Variant(name, functools.partial(timing.time_calls, timed_step), {})
 
 
 def probe_torch(batch: int, channels_last: bool) -> Variant:
@@ -791,23 +697,15 @@ def probe_torch(batch: int, channels_last: bool) -> Variant:
 
     step()
     step()
-
-    def run(n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        return times
-
-    return Variant("probe torch " + ("channels_last" if channels_last else "NCHW"), run, {})
+    name = "probe torch " + ("channels_last" if channels_last else "NCHW")
+    return Variant(name, functools.partial(timing.time_calls, step), {})
 
 
 def xla_sweep(args: argparse.Namespace) -> None:
     import jax
 
-    stem = args.out or os.path.join(RESULTS, "bench_train_xla_sweep")
-    env = environment(args)
+    stem = args.out or str(RESULTS_DIR / "bench_train_xla_sweep")
+    env = provenance.environment(MODULE, args)
     model_name = args.models.split(",")[0]
     batch = args.batch or DEFAULT_BATCH[model_name]
     variants = []
@@ -825,15 +723,11 @@ def xla_sweep(args: argparse.Namespace) -> None:
             continue
         holder = {"state": state}
 
-        def run(n, compiled=compiled, holder=holder, data=data, key=key):
-            times = []
-            for _ in range(n):
-                t = time.perf_counter()
-                holder["state"], m = compiled(holder["state"], data, key)
-                jax.block_until_ready(m["loss"])
-                times.append(time.perf_counter() - t)
-            return times
+        def step(compiled=compiled, holder=holder, data=data, key=key) -> None:
+            holder["state"], m = compiled(holder["state"], data, key)
+            jax.block_until_ready(m["loss"])
 
+        run = functools.partial(timing.time_calls, step)
         run(2)
         variants.append(Variant(f"{model_name} jax_gbn: {label}", run, {"options": options}))
     if not args.no_torch:
@@ -854,7 +748,7 @@ def xla_sweep(args: argparse.Namespace) -> None:
         variants.append(probe_convnet("NHWC", "bfloat16", probe_batch, None))
         variants.append(probe_torch(probe_batch, False))
         variants.append(probe_torch(probe_batch, True))
-    times = interleave(variants, args.repeats, args.steps, "XLA sweep")
+    times = timing.interleave(variants, args.repeats, args.steps, "XLA sweep")
     base = f"{model_name} jax_gbn: default"
     rows = []
     for name, rounds in times.items():
@@ -882,11 +776,11 @@ def xla_sweep(args: argparse.Namespace) -> None:
             f"reference is `{base}` for the project's step and `probe NHWC float32` for "
             "the probe conv net rows (6 conv3x3 layers, lax.conv, no flax).",
             "",
-            markdown_table(["variant", "step (ms)", "examples/s", "speed-up"], rows),
+            tables.markdown_table(["variant", "step (ms)", "examples/s", "speed-up"], rows),
             "",
         ]
     )
-    write_outputs(stem, {"environment": env, "times": times}, md)
+    tables.write_outputs(stem, {"environment": env, "times": times}, md)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -898,8 +792,6 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     jax.config.update("jax_platforms", "cuda" if args.platform == "gpu" else "cpu")
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:0] = [here, os.path.dirname(here)]  # torch_reference and gbn_jax
     if not args.no_torch:
         import torch
 

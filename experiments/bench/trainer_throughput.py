@@ -1,10 +1,10 @@
-"""Trainer throughput over the throughput of its isolated step (issue 12, item 5).
+"""Trainer throughput over the throughput of its isolated step.
 
 For each case (a config of ``configs/`` at its default values, plus ``max_steps``):
 
 * ``step``: ``gbn_jax.steps.make_train_step`` of the case's network and optimizer (its
   regime's, resolved as the trainer resolves it), jitted as the trainer jits it (its
-  compiler options, the state donated, ``bench_train.compile_step``) and fed one fixed
+  compiler options, the state donated, ``step_speed.compile_step``) and fed one fixed
   device batch; ``--step-seconds`` worth of steps dispatched back to back and timed to
   the last one's completion: the speed of the arithmetic alone.
 * ``trainer``: the command line, ``python -m gbn_jax.main --config=<case>
@@ -13,7 +13,7 @@ For each case (a config of ``configs/`` at its default values, plus ``max_steps`
   summary.json reports it: evaluation and checkpoint saves are left out, everything
   else the loop does (data, dispatch, logging) is in.
 * ``baseline`` (``--baseline ROOT``): the same command run from another checkout, e.g.
-  the commit before issue 12, for a before/after in the same conditions.
+  an older commit, for a before/after in the same conditions.
 * ``loop``: the trainer's own loop program (``steps.make_train_loop`` over the case's
   device-resident data, ``steps.compile_train_loop``), in this process, dispatched as
   the trainer dispatches it: up to K steps a dispatch (``train.steps_per_loop``, kept to
@@ -46,17 +46,17 @@ long enough for the load to change under it. Reported: median and range of per-r
 ratios, and the load average.
 
 Usage (CPU: f1_b128, f1_b4096 and resnet44_b128, side by side; results/bench_trainer.*):
-  .venv/bin/python experiments/bench_trainer.py --rounds 3 --paired-rounds 12
+  .venv/bin/python -m experiments.bench.trainer_throughput --rounds 3 --paired-rounds 12
 Huge pages against glibc's default malloc (writes results/bench_trainer_allocator.*):
-  .venv/bin/python experiments/bench_trainer.py --allocator-rounds 3
+  .venv/bin/python -m experiments.bench.trainer_throughput --allocator-rounds 3
 Smoke (a minute of work): --cases f1_b128 --rounds 1 --paired-rounds 2 --steps 20
   --step-seconds 1 --out /tmp/bench_trainer_smoke
 The cost of logging B_simple (writes results/bench_trainer_noise_scale.{json,md}):
-  .venv/bin/python experiments/bench_trainer.py --cases f1_b128,f1_b4096 \
+  .venv/bin/python -m experiments.bench.trainer_throughput --cases f1_b128,f1_b4096 \
       --noise-scale-rounds 6
-GPU (the device tool; experiments/run_gpu_trainer.sh runs it and the F1 table):
-  python experiments/bench_trainer.py --platform gpu --cases f1_b128,f1_b4096
-  python experiments/bench_trainer.py --table-walls <dir of the table's summaries>
+GPU (the device tool; experiments/gpu/trainer_throughput.sh runs it and the F1 table):
+  python -m experiments.bench.trainer_throughput --platform gpu --cases f1_b128,f1_b4096
+  python -m experiments.bench.trainer_throughput --table-walls <dir of the table's summaries>
 
 References:
   Hoffer, Hubara & Soudry (2017), section 5 (the runs whose time this bounds).
@@ -65,7 +65,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -76,9 +75,14 @@ import tempfile
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
+from experiments.bench import step_speed
+from experiments.harness import launch, provenance, tables
+from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
+from experiments.harness.timing import spread
+
+MODULE = "experiments.bench.trainer_throughput"
+ROOT = str(REPO_ROOT)
+RESULTS = str(RESULTS_DIR)
 # name -> (config file:arg, trainer steps per round, extra trainer overrides).
 CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "f1_b128": ("configs/fashion_mnist_f1.py:sb", 600, {}),
@@ -147,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--table-walls",
         default=None,
         metavar="DIR",
-        help="instead: the wall times of the F1 table runs in DIR (run_gpu_f1_unscaled.sh "
+        help="instead: the wall times of the F1 table runs in DIR (experiments/gpu/f1_unscaled.sh "
         "summaries) against the committed ones",
     )
     return p.parse_args(argv)
@@ -156,10 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_config(spec: str) -> Any:
     """The ConfigDict of ``file.py[:arg]`` (relative to the repository root)."""
     path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return launch.load_config_module(path).get_config(arg or None)
 
 
 class IsolatedStep:
@@ -168,7 +169,6 @@ class IsolatedStep:
     def __init__(self, config: Any):
         import jax
 
-        from experiments import bench_train
         from gbn_jax import input_pipeline, models, regimes, steps
 
         info = input_pipeline.get_dataset_info(config.dataset, config.get("data_dir"))
@@ -180,7 +180,7 @@ class IsolatedStep:
         )
         self.batch_size = config.batch_size
         options = steps.compiler_options(config)
-        self.compiled, self.state, self.batch, self.key, _ = bench_train.compile_step(
+        self.compiled, self.state, self.batch, self.key, _ = step_speed.compile_step(
             model, regime, tuple(info.image_shape), config.batch_size, options
         )
         self._jax = jax
@@ -376,7 +376,7 @@ def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for variant in ("trainer", "baseline"):
         ratios = [r[f"{variant}_ratio"] for r in rounds if f"{variant}_ratio" in r]
         if ratios:
-            out[f"{variant}_ratio"] = _spread(ratios)
+            out[f"{variant}_ratio"] = spread(ratios)
             out[f"{variant}_examples_per_sec"] = statistics.median(
                 r[variant]["examples_per_sec"] for r in rounds
             )
@@ -396,7 +396,7 @@ def bench_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out["paired"] = paired
         out["steps_per_loop"] = loop.k
         out["device_loop"] = loop.device_loop
-        out["loop_ratio"] = _spread([p["loop"] / p["step"] for p in paired])
+        out["loop_ratio"] = spread([p["loop"] / p["step"] for p in paired])
         out["loop_examples_per_sec"] = statistics.median(p["loop"] for p in paired)
         out["paired_step_examples_per_sec"] = statistics.median(p["step"] for p in paired)
     return out
@@ -428,7 +428,7 @@ def bench_noise_scale_case(name: str, args: argparse.Namespace) -> dict[str, Any
             flush=True,
         )
     out["rounds"] = rounds
-    out["ratio"] = _spread([r["ratio"] for r in rounds])
+    out["ratio"] = spread([r["ratio"] for r in rounds])
     for variant in ("off", "on"):
         out[f"{variant}_examples_per_sec"] = statistics.median(r[variant]["rate"] for r in rounds)
     return out
@@ -458,7 +458,8 @@ def run_isolated_step(name: str, allocator: str, args: argparse.Namespace) -> fl
     """The isolated step's examples/s in a fresh subprocess under ``allocator``."""
     command = [
         sys.executable,
-        os.path.abspath(__file__),
+        "-m",
+        MODULE,
         f"--isolated-step={name}",
         f"--step-seconds={args.step_seconds}",
         f"--platform={args.platform}",
@@ -513,7 +514,7 @@ def bench_allocator_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "trainer (huge pages) / step (default)": ("trainer huge pages", "step default"),
     }
     out["ratios"] = {
-        label: _spread([row[a] / row[b] for row in rounds]) for label, (a, b) in ratios.items()
+        label: spread([row[a] / row[b] for row in rounds]) for label, (a, b) in ratios.items()
     }
     out["examples_per_sec"] = {
         key: statistics.median(row[key] for row in rounds)
@@ -524,8 +525,6 @@ def bench_allocator_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def allocator_markdown(records: list[dict[str, Any]]) -> str:
-    from experiments import bench_train
-
     rows, runs = [], []
     for rec in records:
         env = rec["environment"]
@@ -560,7 +559,7 @@ def allocator_markdown(records: list[dict[str, Any]]) -> str:
             "outside this repository, under the default malloc. Median, quartiles and "
             "range over rounds.",
             "",
-            bench_train.markdown_table(
+            tables.markdown_table(
                 ["case", "ratio", "rounds", "median", "quartiles", "range"], rows
             ),
             "",
@@ -569,8 +568,6 @@ def allocator_markdown(records: list[dict[str, Any]]) -> str:
 
 
 def noise_scale_markdown(records: list[dict[str, Any]]) -> str:
-    from experiments import bench_train
-
     runs = [
         f"- {rec['case']}: `{rec['environment']['command']}`. " + _hardware_line(rec["environment"])
         for rec in records
@@ -601,7 +598,7 @@ def noise_scale_markdown(records: list[dict[str, Any]]) -> str:
             "the first (evaluation and checkpoints left out). Ratio: on over off; the "
             "overhead is 1 - ratio. Median, quartiles and range over rounds.",
             "",
-            bench_train.markdown_table(
+            tables.markdown_table(
                 [
                     "case",
                     "N",
@@ -620,22 +617,7 @@ def noise_scale_markdown(records: list[dict[str, Any]]) -> str:
     )
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    """Median, quartiles and range."""
-    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return {
-        "median": statistics.median(values),
-        "q1": quartiles[0],
-        "q3": quartiles[2],
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
 def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
-    from experiments import bench_train
-
     rows = []
     for rec in records:
         label = f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)"
@@ -677,7 +659,7 @@ def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
             "trainer's loop program dispatched as the trainer does, alternated with the step "
             f"every {args.step_seconds:g} s. Median, quartiles and range over rounds.",
             "",
-            bench_train.markdown_table(
+            tables.markdown_table(
                 [
                     "case",
                     "variant",
@@ -695,7 +677,7 @@ def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
     )
 
 
-# The unscaled F1 table's committed runs (jax 0.11.2 on an H100, before issue 12).
+# The unscaled F1 table's committed runs (jax 0.11.2 on an H100).
 COMMITTED_TABLE = os.path.join(RESULTS, "f1_unscaled_gpu")
 TABLE_COLUMNS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
 
@@ -704,7 +686,6 @@ def table_walls(run_dir: str, out_stem: str) -> None:
     """Wall time per column of the unscaled F1 table: runs in ``run_dir`` against the
     committed ones (summary.json ``wall_time_sec``: the whole run, start-up and
     compilation included; a column that did not finish has no summary)."""
-    from experiments import bench_train
 
     def wall(directory: str, column: str) -> float | None:
         path = os.path.join(directory, f"{column}.json")
@@ -735,19 +716,17 @@ def table_walls(run_dir: str, out_stem: str) -> None:
             f"Runs in `{run_dir}` against `{os.path.relpath(COMMITTED_TABLE, ROOT)}` "
             "(summary.json wall_time_sec, start-up and compilation included).",
             "",
-            bench_train.markdown_table(["column", "committed (s)", "now (s)", "x faster"], rows),
+            tables.markdown_table(["column", "committed (s)", "now (s)", "x faster"], rows),
             "",
         ]
     )
-    bench_train.write_outputs(out_stem, {"run_dir": run_dir, "columns": record}, text)
+    tables.write_outputs(out_stem, {"run_dir": run_dir, "columns": record}, text)
 
 
 def _measure_and_merge(stem, cases, env, args, bench, markdown_fn) -> None:
     """Measures ``cases`` with ``bench``; their rows replace theirs in ``stem``.{json,md}
     and the file keeps the other cases' rows. Each row records its own environment
     (command, hardware, load); rows of a file written before that get its top-level one."""
-    from experiments import bench_train
-
     kept = {}
     if os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
@@ -760,13 +739,12 @@ def _measure_and_merge(stem, cases, env, args, bench, markdown_fn) -> None:
         env["load_average_end"] = os.getloadavg()
         kept[name] = {**record, "environment": dict(env)}
     records = [kept[name] for name in CASES if name in kept]
-    bench_train.write_outputs(stem, {"results": records}, markdown_fn(records))
+    tables.write_outputs(stem, {"results": records}, markdown_fn(records))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.table_walls:
-        sys.path[:0] = [HERE, ROOT]
         stem = args.out or os.path.join(RESULTS, "f1_unscaled_walls")
         table_walls(args.table_walls, stem)
         return
@@ -774,9 +752,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.platform == "gpu":
         # The CLI shares the card with this process.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.4")
-    sys.path[:0] = [HERE, ROOT]
-    from experiments import bench_train
+    import jax
 
+    if jax.config.jax_platforms != os.environ["JAX_PLATFORMS"]:  # JAX read it at import.
+        jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
     if args.isolated_step:
         step = IsolatedStep(case_config(args.isolated_step, args))
         rate = step.rate(args.step_seconds)
@@ -786,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         return
-    env = bench_train.environment(args)
+    env = provenance.environment(MODULE, args)
     cases = [name for name in args.cases.split(",") if name]
     if args.allocator_rounds:
         stem = args.out or os.path.join(RESULTS, "bench_trainer_allocator")
@@ -799,7 +778,7 @@ def main(argv: list[str] | None = None) -> None:
     records = [bench_case(name, args) for name in cases]
     env["load_average_end"] = os.getloadavg()
     stem = args.out or os.path.join(RESULTS, "bench_trainer")
-    bench_train.write_outputs(
+    tables.write_outputs(
         stem, {"environment": env, "results": records}, markdown(env, records, args)
     )
 

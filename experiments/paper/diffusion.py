@@ -23,8 +23,8 @@ steps are still large) before the diffusive regime sets in.
 
 Usage (from the repository root; about 6-8 minutes on this project's idle 2-core CPU):
 
-  .venv/bin/python -m experiments.diffusion
-  .venv/bin/python -m experiments.diffusion --report_only   # refit finished runs
+  .venv/bin/python -m experiments.paper.diffusion
+  .venv/bin/python -m experiments.paper.diffusion --report_only   # refit finished runs
 
 Writes experiments/results/diffusion.{md,json} and weight_distance.png.
 
@@ -36,7 +36,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import sys
@@ -47,18 +46,15 @@ from typing import Any
 import numpy as np
 import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):  # Run as a file: make `experiments` and `gbn_jax` importable.
-    sys.path.insert(0, str(REPO_ROOT))
-
-from experiments import plots, reproduce_table  # noqa: E402
-from gbn_jax import analysis  # noqa: E402
+from experiments.harness import launch, provenance
+from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
+from experiments.paper import plots
+from gbn_jax import analysis
 
 CONFIG_FILE = "configs/fashion_mnist_f1.py"
 BATCH_SIZES = (64, 128, 256, 512, 1024, 2048)
 REFERENCE_BATCH = 128
 BASE_LR = 0.1
-RESULTS_DIR = REPO_ROOT / "experiments" / "results"
 
 
 # How the constant LR depends on the batch: the paper's +LR rule, or one LR for all.
@@ -152,7 +148,7 @@ def analyze(
             epochs=regime.get("epochs"),
             steps=int(steps[-1]),
             final_distance=float(distance[-1]),
-            wall_time_s=reproduce_table._wall_time(run),
+            wall_time_s=launch.wall_time(run.workdir, run.summary),
             examples_per_sec=(run.summary or {}).get("examples_per_sec"),
             final_eval_accuracy=plots.final_eval_accuracy(run),
             **fit,
@@ -260,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for batch in todo:
                 bar.set_description(f"B={batch}")
                 workdir = workdir_of(batch)
-                rc, seconds = reproduce_table.run_one(
+                rc, seconds = launch.run_one(
                     command(batch, args.epochs, args.seed, workdir, args.lr_rule),
                     workdir,
                     total_steps=total_steps[batch],
@@ -293,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t_min=args.t_min,
         rows={str(b): row for b, row in rows.items()},
         commands=commands,
-        hardware=reproduce_table.hardware(),
-        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        hardware=provenance.hardware(),
+        date=provenance.utc_date(),
         total_wall_time_s=float(sum(row["wall_time_s"] or 0.0 for row in rows.values())),
     )
     out_dir.mkdir(parents=True, exist_ok=True)

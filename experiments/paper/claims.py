@@ -1,14 +1,14 @@
 """Every difference the docs claim, with its paired 95% interval and verdict.
 
 The claims and their directions are fixed here before the runs that settle them
-(``ablation.settle_plan``); the verdict follows the rule of ``experiments.verdicts``.
+(``ablation.settle_plan``); the verdict follows the rule of ``experiments.paper.verdicts``.
 Each claim compares two sets of F1 runs of the ablation (experiments/results/
 ablation_f1/runs), paired by seed, on one split: the headline table's claims on the
 test split it reports, every other claim on the validation split.
 
 Usage:
 
-  .venv/bin/python -m experiments.claims      # writes experiments/results/claims.{md,json}
+  .venv/bin/python -m experiments.paper.claims     # writes experiments/results/claims.{md,json}
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from experiments import ablation, verdicts
+from experiments.harness.provenance import RESULTS_DIR
+from experiments.paper import ablation, verdicts
 
 Run = tuple[str, str]  # (group, column)
 Split = Literal["val", "eval"]
@@ -172,7 +173,7 @@ def accuracies(
     if (group, column) in ablation.SAME_AS_DEFAULT:
         group = "default"
     return {
-        s: ablation._accuracy(r, split)
+        s: ablation.accuracy(r, split)
         for (g, c, s), r in results.items()
         if (g, c) == (group, column)
     }
@@ -228,7 +229,7 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
         "",
         "Each claim: treatment minus control, paired by seed; mean ± sample std (ddof=1) "
         "of the differences, the 95% t interval of their mean, and the verdict by the "
-        "rule in experiments/verdicts.py (holds: the interval excludes 0 on the claimed "
+        "rule in experiments/paper/verdicts.py (holds: the interval excludes 0 on the claimed "
         "side; contradicted: on the other side, or on either side for a claim of no "
         "effect; undetermined: otherwise). Accuracies in %; `val` is the 10,000 held-out "
         "training images, `eval` the test split.",
@@ -294,10 +295,10 @@ def plot_ghost_sizes(column_stats: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(results_dir: Path = ablation.RESULTS_DIR) -> dict[str, Any]:
+def report(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     results = ablation.load_results(results_dir)
     evaluated, column_stats = evaluate(results), columns(results)
-    out = dict(rule="experiments/verdicts.py", claims=evaluated, columns=column_stats)
+    out = dict(rule="experiments/paper/verdicts.py", claims=evaluated, columns=column_stats)
     (results_dir / "claims.json").write_text(json.dumps(out, indent=1) + "\n")
     (results_dir / "claims.md").write_text(markdown(evaluated, column_stats))
     plot_ghost_sizes(column_stats, results_dir / "ghost_size.png")
@@ -306,7 +307,7 @@ def report(results_dir: Path = ablation.RESULTS_DIR) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results_dir", default=str(ablation.RESULTS_DIR))
+    parser.add_argument("--results_dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     report(Path(args.results_dir))
     print((Path(args.results_dir) / "claims.md").read_text())

@@ -26,8 +26,8 @@ tilt. So the gamma ~ 1 row uses H = 0.9, and H = 1 exactly is run as well (as a 
 without a lattice) to show the ballistic drift that a pure linear potential gives.
 
 Usage (from the repository root):
-  .venv/bin/python -m experiments.random_walk            # default, a few minutes on 2 CPUs
-  .venv/bin/python -m experiments.random_walk --quick    # smoke run, under a minute
+  .venv/bin/python -m experiments.paper.random_walk            # default, a few minutes on 2 CPUs
+  .venv/bin/python -m experiments.paper.random_walk --quick    # smoke run, under a minute
 
 Outputs: experiments/results/random_walk.{png,md,json}.
 
@@ -45,7 +45,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 
 import jax
@@ -57,11 +56,9 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-# Allow `python experiments/random_walk.py` as well as `python -m experiments.random_walk`.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.harness import provenance
+from experiments.harness.provenance import RESULTS_DIR
 from gbn_jax import analysis
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Steps per lax.scan block; longer blocks amortize drawing random bits (measured ~1.5x
 # faster per step than one draw per step on CPU). Short remainders use the smaller sizes.
@@ -354,7 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=120, help="log-spaced sample times")
     parser.add_argument("--bootstrap", type=int, default=300, help="bootstrap resamples")
     parser.add_argument("--quick", action="store_true", help="small smoke run (under a minute)")
-    parser.add_argument("--out", type=str, default=RESULTS_DIR, help="output directory")
+    parser.add_argument("--out", type=str, default=str(RESULTS_DIR), help="output directory")
     args = parser.parse_args(argv)
     if args.quick:
         args.walkers, args.steps, args.lattice, args.bootstrap = 100, 2**15, 2**13, 100
@@ -450,14 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(_row_line(rows[-1]))
 
     record = {
-        "command": " ".join(
-            [
-                os.path.basename(sys.executable),
-                "-m",
-                "experiments.random_walk",
-                *(argv or sys.argv[1:]),
-            ]
-        ),
+        "command": provenance.module_command("experiments.paper.random_walk", argv),
         "walkers": args.walkers,
         "steps": args.steps,
         "temperature": args.temperature,
@@ -468,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         "fit_decades": args.fit_decades,
         "wall_seconds": time.time() - started,
         "hardware": _hardware(),
+        "provenance": provenance.provenance(),
         "rows": rows,
         "sample_times": sample_times.tolist(),
         "mean_distance": {name: curve.tolist() for name, curve in curves.items()},

@@ -23,11 +23,12 @@ checkpoints under ``--runs_dir``.
 
 Usage:
 
-  .venv/bin/python -m experiments.ablation --stage 1 --commit   # seed 0 of everything
-  .venv/bin/python -m experiments.ablation --stage 2 --commit   # + seeds 1, 2 and SB
-  .venv/bin/python -m experiments.ablation --report_only
-  python3 -m experiments.ablation --plan gpu --results_dir $OUT   # a lent GPU (gpu_plan;
-                                                                   # run_gpu_ablation.sh)
+  .venv/bin/python -m experiments.paper.ablation --stage 1 --commit   # seed 0 of everything
+  .venv/bin/python -m experiments.paper.ablation --stage 2 --commit   # + seeds 1, 2 and SB
+  .venv/bin/python -m experiments.paper.ablation --report_only
+  python -m experiments.paper.ablation --plan gpu --results_dir OUTDIR   # one GPU session
+      # (gpu_plan; experiments/gpu/ablation.sh runs it)
+  .venv/bin/python -m experiments.paper.ablation --plan settle --commit  # settle_plan
 
 Writes experiments/results/ablation_f1.{md,json} (with --results_dir, the same files
 under that directory).
@@ -41,11 +42,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,11 +51,9 @@ from typing import Any
 import numpy as np
 import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO_ROOT))
-
-from experiments import plots, reproduce_table  # noqa: E402
+from experiments.harness import launch, provenance, tables
+from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
+from experiments.paper import plots
 
 CONFIG_FILE = "configs/fashion_mnist_f1.py"
 VALIDATION_SIZE = 10_000
@@ -109,7 +105,7 @@ SELECTION_SEEDS = (0, 1, 2)
 SELECTION_COLUMNS = ("lb_lr", "lb_lr_gbn")
 # +RA at ratio |B_L| / |B_S| = 2048 / 128 = 16 (800 epochs, 40M images, ~1 h on the
 # 2-core CPU) instead of the paper's 32 (4096: 1,600 epochs, 80M images, ~2 h): the
-# session-sized choice the reproduction issue allows, stated wherever it is reported.
+# session-sized choice, stated wherever it is reported.
 RA_BATCH = 2048
 COLUMN_OPTIONS = {"lb_lr_gbn_ra": {"batch": str(RA_BATCH)}}
 # The gradient noise scale B_simple logged through training (gbn_jax/noise_scale.py):
@@ -129,7 +125,6 @@ NOISE_KEYS = ("noise_grad_sq", "noise_trace_sigma", "noise_b_simple")
 # lr_rule=authors leaves +GBN as it is (4096, LR x sqrt(4096/128) either way).
 SAME_AS_DEFAULT = {("lr_rule", "lb_lr_gbn")}
 LABELS = {"sb": "SB", "lb": "LB", "lb_lr": "+LR", "lb_lr_gbn": "+GBN", "lb_lr_gbn_ra": "+RA"}
-RESULTS_DIR = REPO_ROOT / "experiments" / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +171,7 @@ def headline_group(results: dict[tuple[str, str, int], dict] | None = None) -> s
         keys = [(group, c, s) for c in SELECTION_COLUMNS for s in SELECTION_SEEDS]
         if not all(k in results for k in keys):
             return None
-        means[group] = float(np.mean([_accuracy(results[k]) for k in keys]))
+        means[group] = float(np.mean([accuracy(results[k]) for k in keys]))
     return max(means, key=means.get)
 
 
@@ -250,7 +245,7 @@ def settle_plan(results: dict[tuple[str, str, int], dict] | None = None) -> list
     ra = results.get(("authors", "lb_lr_gbn_ra", 0))
     for group in RA_CONTROLS:
         control = results.get((group, "lb_lr_gbn_ra", 0))
-        if ra and control and abs(_accuracy(control) - _accuracy(ra)) > RA_CONTROL_MOVES:
+        if ra and control and abs(accuracy(control) - accuracy(ra)) > RA_CONTROL_MOVES:
             runs += [Planned(group, "lb_lr_gbn_ra", s) for s in (1, 2)]
     return list(dict.fromkeys(runs))
 
@@ -259,7 +254,7 @@ GPU_SEEDS = (0, 1, 2)
 
 
 def gpu_plan() -> list[Planned]:
-    """The runs of one lent GPU session (experiments/run_gpu_ablation.sh), in order.
+    """The runs of one lent GPU session (experiments/experiments/gpu/ablation.sh), in order.
 
     First the headline table unscaled: its five columns under the authors' protocol,
     one seed after the other (the same commands as the CPU runs, so each GPU row checks
@@ -276,24 +271,6 @@ def run_results_dir(results_dir: Path = RESULTS_DIR) -> Path:
 
 def result_path(run: Planned, results_dir: Path = RESULTS_DIR) -> Path:
     return run_results_dir(results_dir) / f"{run.name}.json"
-
-
-def git_commit() -> str | None:
-    """The checked-out commit, with '+dirty' when anything in the tree is uncommitted."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def record(run: Planned, workdir: Path, argv: Sequence[str], commit: str | None) -> dict:
@@ -317,7 +294,7 @@ def record(run: Planned, workdir: Path, argv: Sequence[str], commit: str | None)
         column=run.column,
         seed=run.seed,
         config_arg=run.arg,
-        command=reproduce_table.printable_command(argv),
+        command=launch.printable_command(argv),
         summary=summary,
         curve=curve,
         noise_curve=noise if noise.get("step") else None,
@@ -333,46 +310,14 @@ def record(run: Planned, workdir: Path, argv: Sequence[str], commit: str | None)
                 "keep_last_batch",
             )
         },
-        wall_time_s=reproduce_table._wall_time(finished),
-        commit=commit.removesuffix("+dirty") if commit else None,
-        dirty=commit.endswith("+dirty") if commit else None,
-        config=(
+        wall_time_s=launch.wall_time(finished.workdir, finished.summary),
+        **provenance.provenance(
             json.loads((workdir / "config.json").read_text())
             if (workdir / "config.json").exists()
-            else None
+            else None,
+            commit=commit,
         ),
-        hardware=reproduce_table.hardware(),
-        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
-
-
-def commit_files(paths: Sequence[Path], message: str) -> None:
-    """Commits exactly `paths` (nothing else staged goes in) to the repository that
-    holds them, which may be another checkout than this one; retries a busy index."""
-    repo = Path(
-        subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=paths[0].parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    )
-    rel = [str(p.resolve().relative_to(repo)) for p in paths]
-    for attempt in range(10):
-        add = subprocess.run(["git", "add", "--", *rel], cwd=repo, capture_output=True)
-        done = add.returncode == 0 and (
-            subprocess.run(
-                ["git", "commit", "-q", "-m", message, "--", *rel],
-                cwd=repo,
-                capture_output=True,
-            ).returncode
-            == 0
-        )
-        if done:
-            return
-        time.sleep(3 + attempt)
-    tqdm.tqdm.write(f"could not commit {rel}; commit them by hand")
 
 
 # ---------------------------------------------------------------------------- report
@@ -387,15 +332,8 @@ def load_results(results_dir: Path = RESULTS_DIR) -> dict[tuple[str, str, int], 
     return results
 
 
-def _accuracy(r: dict, split: str = "val") -> float:
+def accuracy(r: dict, split: str = "val") -> float:
     return 100.0 * r["summary"][f"final_{split}_accuracy"]
-
-
-def _stats(values: Sequence[float]) -> tuple[float | None, float | None, int]:
-    if not values:
-        return None, None, 0
-    a = np.asarray(values, np.float64)
-    return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else None), int(a.size)
 
 
 def aggregate(results: dict[tuple[str, str, int], dict]) -> dict[str, Any]:
@@ -412,20 +350,20 @@ def aggregate(results: dict[tuple[str, str, int], dict]) -> dict[str, Any]:
             runs = {s: r for (g, c, s), r in results.items() if g == source and c == column}
             if not runs:
                 continue
-            acc = {s: _accuracy(r) for s, r in runs.items()}
+            acc = {s: accuracy(r) for s, r in runs.items()}
             vs_default = {
-                s: a - _accuracy(results[("default", column, s)])
+                s: a - accuracy(results[("default", column, s)])
                 for s, a in acc.items()
                 if ("default", column, s) in results
             }
             vs_lb = {
-                s: a - _accuracy(results[(source, "lb", s)])
+                s: a - accuracy(results[(source, "lb", s)])
                 for s, a in acc.items()
                 if (source, "lb", s) in results and column != "lb"
             }
             cell = {}
             for key, values in (("val", acc), ("vs_default", vs_default), ("vs_lb", vs_lb)):
-                mean, std, n = _stats(list(values.values()))
+                mean, std, n = tables.mean_std_n(list(values.values()))
                 cell[key] = dict(
                     mean=mean, std=std, n=n, per_seed={str(k): v for k, v in values.items()}
                 )
@@ -450,11 +388,11 @@ def headline(results: dict[tuple[str, str, int], dict], group: str) -> dict[str,
         sb = {s: results.get((group, "sb", s)) for s in runs}
         cell = {}
         for key, values in (
-            ("test", {s: _accuracy(r, "eval") for s, r in runs.items()}),
+            ("test", {s: accuracy(r, "eval") for s, r in runs.items()}),
             (
                 "gap_to_sb",
                 {
-                    s: _accuracy(r, "eval") - _accuracy(sb[s], "eval")
+                    s: accuracy(r, "eval") - accuracy(sb[s], "eval")
                     for s, r in runs.items()
                     if sb[s] is not None
                 },
@@ -465,7 +403,7 @@ def headline(results: dict[tuple[str, str, int], dict], group: str) -> dict[str,
                 {s: 100 * r["summary"]["eval_accuracy_at_best_val"] for s, r in runs.items()},
             ),
         ):
-            mean, std, n = _stats(list(values.values()))
+            mean, std, n = tables.mean_std_n(list(values.values()))
             cell[key] = dict(
                 mean=mean, std=std, n=n, per_seed={str(k): v for k, v in values.items()}
             )
@@ -486,15 +424,15 @@ def other_models(results: dict[tuple[str, str, int], dict]) -> dict[str, Any]:
                 continue
             cell = {}
             for split in ("val", "eval"):
-                acc = {s: _accuracy(r, split) for s, r in runs.items()}
+                acc = {s: accuracy(r, split) for s, r in runs.items()}
                 lb = {s: results.get((group, "lb", s)) for s in runs}
                 diff = {
-                    s: a - _accuracy(lb[s], split)
+                    s: a - accuracy(lb[s], split)
                     for s, a in acc.items()
                     if lb[s] and column != "lb"
                 }
                 for key, values in ((split, acc), (f"{split}_vs_lb", diff)):
-                    mean, std, n = _stats(list(values.values()))
+                    mean, std, n = tables.mean_std_n(list(values.values()))
                     cell[key] = dict(
                         mean=mean, std=std, n=n, per_seed={str(k): v for k, v in values.items()}
                     )
@@ -504,32 +442,33 @@ def other_models(results: dict[tuple[str, str, int], dict]) -> dict[str, Any]:
     return out
 
 
-def _fmt(stat: dict | None, sign: bool = False) -> str:
-    if not stat or stat["mean"] is None:
-        return "-"
-    text = f"{stat['mean']:+.2f}" if sign else f"{stat['mean']:.2f}"
-    if stat["std"] is not None:
-        text += f" ± {stat['std']:.2f}"
-    return text + (f" (n={stat['n']})" if stat["n"] != 1 else "")
-
-
-def _column_table(corner: str, cells: dict[str, dict], rows: Sequence[tuple]) -> list[str]:
-    """Markdown rows of a table with one column per paper column: a row per
-    (key, name, signed) statistic, then the batch size and the number of steps."""
+def column_table(corner: str, cells: dict[str, dict], rows: Sequence[tuple]) -> str:
+    """A markdown table with one column per paper column: a row per (key, name, signed)
+    statistic, then the batch size and the number of steps."""
     columns = list(cells)
-    lines = [
-        f"| {corner} | " + " | ".join(LABELS[c] for c in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
+    body = [
+        [name, *(tables.stat_cell(cells[c][key], sign, count=True) for c in columns)]
+        for key, name, sign in rows
     ]
-    for key, name, sign in rows:
-        lines.append(f"| {name} | " + " | ".join(_fmt(cells[c][key], sign) for c in columns) + " |")
-    for key, name in (("batch_size", "batch"), ("steps", "steps")):
-        lines.append(f"| {name} | " + " | ".join(str(cells[c][key]) for c in columns) + " |")
-    return lines
+    body += [
+        [name, *(cells[c][key] for c in columns)]
+        for key, name in (("batch_size", "batch"), ("steps", "steps"))
+    ]
+    return tables.markdown_table([corner, *(LABELS[c] for c in columns)], body)
 
 
 def markdown(table: dict[str, Any], results: dict) -> str:
-    labels = LABELS
+    rows = [
+        [
+            group,
+            *(tables.stat_cell(row.get(c, {}).get("val"), count=True) for c in ("sb", *COLUMNS)),
+            *(
+                tables.stat_cell(row.get(c, {}).get("vs_lb"), sign=True, count=True)
+                for c in ("lb_lr", "lb_lr_gbn")
+            ),
+        ]
+        for group, row in table.items()
+    ]
     lines = [
         "# Ablation of the authors' protocol: F1 on Fashion-MNIST, uncompressed regime",
         "",
@@ -538,23 +477,11 @@ def markdown(table: dict[str, Any], results: dict) -> str:
         "(ddof=1), n = number of seeds (1 when not shown). |B_S| = 128; the full F1 regime "
         "(50 epochs, drops at 10/20/30). Differences are paired by seed.",
         "",
-        "| group | "
-        + " | ".join(labels[c] for c in ("sb", *COLUMNS))
-        + " | +LR − LB | +GBN − LB |",
-        "|---" * 7 + "|",
+        tables.markdown_table(
+            ["group", *(LABELS[c] for c in ("sb", *COLUMNS)), "+LR − LB", "+GBN − LB"], rows
+        ),
     ]
-    for group, row in table.items():
-        cells = [_fmt(row.get(c, {}).get("val")) for c in ("sb", *COLUMNS)]
-        cells += [_fmt(row.get(c, {}).get("vs_lb"), sign=True) for c in ("lb_lr", "lb_lr_gbn")]
-        lines.append(f"| {group} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Each switch alone against today's protocol (paired differences of validation "
-        "accuracy, group minus default, same column and seed):",
-        "",
-        "| switch | LB | +LR | +GBN |",
-        "|---|---|---|---|",
-    ]
+    rows = []
     for group in ("authors", *SWITCHES):
         row = table.get(group, {})
         cells = []
@@ -563,8 +490,16 @@ def markdown(table: dict[str, Any], results: dict) -> str:
             if cell and cell["same_as_default"]:
                 cells.append("(same run as default)")
             else:
-                cells.append(_fmt(cell.get("vs_default") if cell else None, sign=True))
-        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+                vs_default = cell.get("vs_default") if cell else None
+                cells.append(tables.stat_cell(vs_default, sign=True, count=True))
+        rows.append([group, *cells])
+    lines += [
+        "",
+        "Each switch alone against today's protocol (paired differences of validation "
+        "accuracy, group minus default, same column and seed):",
+        "",
+        tables.markdown_table(["switch", "LB", "+LR", "+GBN"], rows),
+    ]
     chosen = headline_group(results)
     if not chosen:
         lines += [
@@ -582,7 +517,7 @@ def markdown(table: dict[str, Any], results: dict) -> str:
             "",
             f"## Test accuracy under {title} `{group}`",
             "",
-            *_column_table(
+            column_table(
                 "test accuracy (%)",
                 head,
                 (
@@ -600,7 +535,7 @@ def markdown(table: dict[str, Any], results: dict) -> str:
             "",
             f"## {group}: `{config_file}` with `{arg}`",
             "",
-            *_column_table(
+            column_table(
                 "accuracy (%)",
                 row,
                 (
@@ -610,21 +545,21 @@ def markdown(table: dict[str, Any], results: dict) -> str:
                 ),
             ),
         ]
-    lines += [
-        "",
-        "## Runs",
-        "",
-        "| run | batch | steps | LR at step 0 | val | test | wall (s) | commit |",
+    rows = [
+        [
+            f"{g} {LABELS[c]} seed {s}",
+            r["regime"]["batch_size"],
+            r["regime"]["total_steps"],
+            f"{r['regime']['lr_boundaries'][0][1]:.4f}",
+            f"{accuracy(r):.2f}",
+            f"{accuracy(r, 'eval'):.2f}",
+            f"{r['wall_time_s'] or 0:.0f}",
+            (r["commit"] or "")[:12],
+        ]
+        for (g, c, s), r in sorted(results.items())
     ]
-    lines.append("|---" * 8 + "|")
-    for (g, c, s), r in sorted(results.items()):
-        reg = r["regime"]
-        lines.append(
-            f"| {g} {labels[c]} seed {s} | {reg['batch_size']} | {reg['total_steps']} | "
-            f"{reg['lr_boundaries'][0][1]:.4f} | {_accuracy(r):.2f} | "
-            f"{_accuracy(r, 'eval'):.2f} | {r['wall_time_s'] or 0:.0f} | "
-            f"{(r['commit'] or '')[:12]} |"
-        )
+    header = ["run", "batch", "steps", "LR at step 0", "val", "test", "wall (s)", "commit"]
+    lines += ["", "## Runs", "", tables.markdown_table(header, rows)]
     lines += ["", "Commands (from the repository root):", "", "```"]
     lines += [r["command"] for _, r in sorted(results.items())]
     lines += ["```", ""]
@@ -675,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--results_dir",
         default=str(RESULTS_DIR),
-        help="where ablation_f1/runs/*.json and the tables go (a GPU session: its $OUT)",
+        help="where ablation_f1/runs/*.json and the tables go",
     )
     parser.add_argument("--data_dir", default=None, help="passed to every run as --config.data_dir")
     args = parser.parse_args(argv)
@@ -704,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in todo:
                 if r not in resolved:
                     if r.config_file not in config_modules:
-                        module = reproduce_table._load_config_module(r.config_file)
+                        module = launch.load_config_module(r.config_file)
                         config_modules[r.config_file] = module
                     config = config_modules[r.config_file].get_config(r.arg)
                     resolved[r] = regimes.resolve(config, 60_000 - VALIDATION_SIZE)
@@ -729,8 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     *([f"--config.data_dir={args.data_dir}"] if args.data_dir else []),
                 ]
                 bar.set_description(run.name)
-                commit = git_commit()
-                rc, seconds = reproduce_table.run_one(
+                commit = provenance.git_commit()
+                rc, seconds = launch.run_one(
                     argv_run,
                     workdir,
                     total_steps=resolved[run].total_steps,
@@ -748,14 +683,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not args.record_only:
                     report(results_dir)
                 tqdm.tqdm.write(
-                    f"{run.name}: val {_accuracy(result):.2f} test {_accuracy(result, 'eval'):.2f} "
+                    f"{run.name}: val {accuracy(result):.2f} test {accuracy(result, 'eval'):.2f} "
                     f"in {seconds:.0f} s"
                 )
                 if args.commit:
                     tables = [results_dir / "ablation_f1.md", results_dir / "ablation_f1.json"]
-                    commit_files(
+                    launch.commit_files(
                         [result_path(run, results_dir), *([] if args.record_only else tables)],
-                        f"ablation_f1: {run.name} (val {_accuracy(result):.2f})",
+                        f"ablation_f1: {run.name} (val {accuracy(result):.2f})",
                     )
                 todo = pending()
                 bar.total = bar.n + images(todo)

@@ -20,9 +20,9 @@ Models:
   wrn16_4:  the model zoo's WRN-16-4, batch 64, ghost 16.
 
 Usage (from the repository root):
-  .venv/bin/python experiments/bench_ghost_norm.py            # full run, writes results
-  .venv/bin/python experiments/bench_ghost_norm.py --repeats 3 --no-write   # smoke run
-  .venv/bin/python experiments/bench_ghost_norm.py --models resnet44 --options trainer
+  .venv/bin/python -m experiments.bench.ghost_norm_overhead            # full run, writes results
+  .venv/bin/python -m experiments.bench.ghost_norm_overhead --repeats 3 --no-write   # smoke run
+  .venv/bin/python -m experiments.bench.ghost_norm_overhead --models resnet44 --options trainer
 
 Writes experiments/results/bench_ghost_norm.{md,json}.
 
@@ -37,13 +37,10 @@ import argparse
 import functools
 import json
 import os
-import platform
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import flax
 import flax.linen as nn
@@ -53,10 +50,12 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.harness import provenance, timing
+from experiments.harness.provenance import RESULTS_DIR
 from gbn_jax.ghost_norm import GhostBatchNorm
 
-RESULTS = Path(__file__).resolve().parent / "results"
+MODULE = "experiments.bench.ghost_norm_overhead"
+RESULTS = RESULTS_DIR
 
 NOTES = """\
 ## Reading the numbers
@@ -208,13 +207,6 @@ def options_sets() -> dict[str, dict]:
     return {"default": {}, "trainer": dict(train.XLA_CPU_FAST_OPTIONS)}
 
 
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:  # A smoke run of one repeat has no spread.
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return q1, q3
-
-
 def bench(name: str, options_name: str, options: dict, repeats: int, warmup: int) -> dict:
     build, batch, ghost, shape = MODELS[name]
     rng = np.random.default_rng(0)
@@ -249,10 +241,10 @@ def bench(name: str, options_name: str, options: dict, repeats: int, warmup: int
         "gbn_ms": gbn_ms,
         "ratio": gbn_ms / bn_ms,
         "median_paired_ratio": statistics.median(paired),
-        "paired_ratio_quartiles": quartiles(paired),
+        "paired_ratio_quartiles": timing.quartiles(paired),
         "cpu_ratio": statistics.median(cpu_times["gbn"]) / statistics.median(cpu_times["bn"]),
         "median_paired_cpu_ratio": statistics.median(paired_cpu),
-        "paired_cpu_ratio_quartiles": quartiles(paired_cpu),
+        "paired_cpu_ratio_quartiles": timing.quartiles(paired_cpu),
         "repeats": repeats,
         "load_average_1min": (load_before, os.getloadavg()[0]),
         "hlo": {kind: hlo_summary(r.hlo) for kind, r in runners.items()},
@@ -298,20 +290,10 @@ def main() -> None:
     if args.no_write:
         return
     meta = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **provenance.provenance(),
+        "command": provenance.module_command(MODULE),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-        "hardware": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "jax_devices": [str(d) for d in jax.devices()],
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "flax": flax.__version__,
-            "optax": optax.__version__,
-        },
+        "jax_devices": [str(d) for d in jax.devices()],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_ghost_norm.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
@@ -319,7 +301,7 @@ def main() -> None:
         "# GhostBatchNorm vs nn.BatchNorm: train-step time",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Hardware: {meta['hardware']['processor']}, {meta['hardware']['cpu_count']} CPU cores "
+        f"Hardware: {meta['hardware']['cpu']}, {meta['hardware']['cpu_count']} CPU cores "
         f"({meta['hardware']['platform']}); jax {jax.__version__}, flax {flax.__version__}.",
         "",
         "Median wall time of one jitted train step (forward, backward, SGD update, donated "

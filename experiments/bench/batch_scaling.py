@@ -16,7 +16,7 @@ same step as in the SB run. Reported: steps, examples seen and training wall tim
 the wall-time cap ``--max-seconds``. Test accuracy is measured every quarter epoch.
 
 Usage (the README numbers; ~12 minutes on the 2-core CPU machine):
-  .venv/bin/python experiments/bench_scaling.py
+  .venv/bin/python -m experiments.bench.batch_scaling
 
 References:
   Hoffer, Hubara & Soudry (2017), sections 4-5; Shallue et al. (2019), "Measuring
@@ -26,18 +26,19 @@ References:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+from experiments.harness import provenance, timing
+from experiments.harness.provenance import RESULTS_DIR
+
 BATCHES_A = (128, 256, 512, 1024, 2048, 4096, 8192)
 BATCHES_B = (128, 512, 2048, 8192)
 BASE_REGIME = dict(
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-a", action="store_true")
     p.add_argument("--skip-b", action="store_true")
-    p.add_argument("--out", default=os.path.join(RESULTS, "bench_scaling"))
+    p.add_argument("--out", default=str(RESULTS_DIR / "bench_scaling"))
     return p.parse_args(argv)
 
 
@@ -145,17 +146,20 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
                 },
                 times=[],
             )
-    keys = list(runners)
-    for r in tqdm(range(args.repeats), desc="part A timing"):
-        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            run = runners[k]
-            for _ in range(args.steps):
-                t = time.perf_counter()
-                run["holder"]["state"], m = run["compiled"](
-                    run["holder"]["state"], run["data"], run["key"]
-                )
-                jax.block_until_ready(m["loss"])
-                run["times"].append(time.perf_counter() - t)
+
+    def step(run: dict[str, Any]) -> None:
+        run["holder"]["state"], m = run["compiled"](run["holder"]["state"], run["data"], run["key"])
+        jax.block_until_ready(m["loss"])
+
+    variants = [
+        timing.Variant(
+            str(k), functools.partial(timing.time_calls, functools.partial(step, run)), {}
+        )
+        for k, run in runners.items()
+    ]
+    times = timing.interleave(variants, args.repeats, args.steps, "part A timing")
+    for k, run in runners.items():
+        run["times"] = [t for round_times in times[str(k)] for t in round_times]
     rows = []
     for (norm, batch), run in runners.items():
         med = statistics.median(run["times"])
@@ -373,10 +377,7 @@ def markdown(record: dict[str, Any], env: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path[:0] = [HERE, os.path.dirname(HERE)]
-    import bench_train
-
-    env = bench_train.environment(args)
+    env = provenance.environment("experiments.bench.batch_scaling", args)
     record: dict[str, Any] = {}
     if not args.skip_a:
         record["a"] = part_a(args)

@@ -1,7 +1,7 @@
 """Reading finished runs and drawing the paper's figures from them.
 
-Shared by `experiments/reproduce_table.py` (Figure 1, the early-stopping figure) and
-`experiments/diffusion.py` (the weight-distance figure). Everything here reads what
+Shared by `experiments/paper/reproduce_table.py` (Figure 1, the early-stopping figure) and
+`experiments/paper/diffusion.py` (the weight-distance figure). Everything here reads what
 the trainer writes into a workdir and nothing else:
 
 * ``metrics.jsonl``: one JSON object per line with ``step`` and, as they apply,
@@ -33,10 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from gbn_jax import analysis
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-REGIME_FILE = "regime.json"
+from gbn_jax.run_files import REGIME_FILE, SUMMARY_FILE
 
 # Display names of the paper's cumulative columns.
 COLUMN_LABELS = {
@@ -47,7 +44,7 @@ COLUMN_LABELS = {
     "lb_lr_gbn_ra": "+RA",
 }
 # Figure 1 stresses SB, the non-adapted LB and the adapted LB; the rest are drawn thin.
-_COLUMN_STYLE = {
+COLUMN_STYLE = {
     "sb": dict(color="tab:blue", lw=2.0),
     "lb": dict(color="tab:red", lw=2.0),
     "lb_lr": dict(color="tab:orange", lw=1.0, alpha=0.7),
@@ -206,7 +203,7 @@ def plot_validation_error(
         if not runs:
             continue
         steps, epochs, mean, low, high = _mean_curve(runs, "eval_accuracy")
-        style = _COLUMN_STYLE.get(column, {})
+        style = COLUMN_STYLE.get(column, {})
         label = COLUMN_LABELS.get(column, column)
         for ax, x in ((ax_epochs, epochs), (ax_steps, steps)):
             ax.plot(x, 100 * (1 - mean), label=label, **style)
@@ -225,7 +222,7 @@ def plot_validation_error(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
 def _clip_error_axis(ax: Any) -> None:
@@ -279,7 +276,7 @@ def plot_early_stopping(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_weight_distance(
@@ -294,7 +291,7 @@ def plot_weight_distance(
     Args:
       curves: batch size -> (steps, epochs, weight distances).
       fits: batch size -> {"log": (a, b), "fit_range": (t_lo, t_hi)} (as written by
-        `experiments/diffusion.py`); the fitted a + b*log t is drawn dashed over the
+        `experiments/paper/diffusion.py`); the fitted a + b*log t is drawn dashed over the
         fitted range on the iterations panel.
       path: where to write the PNG.
       title: a figure title.
@@ -325,10 +322,10 @@ def plot_weight_distance(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
-def _save(fig: Any, path: str) -> None:
+def save(fig: Any, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,9 +1,9 @@
 """The README's main job: re-run part of the headline table and print it beside the rest.
 
 The headline table (F1 on Fashion-MNIST, the uncompressed regime, the protocol chosen on
-validation by ``experiments/ablation.py``) takes hours of CPU: 3 seeds of SB, LB, +LR
+validation by ``experiments/paper/ablation.py``) takes hours of CPU: 3 seeds of SB, LB, +LR
 and +GBN plus one +RA run of ~40M images. No compressed regime reproduces its ordering
-honestly (the compressed presets of ``experiments/reproduce_table.py`` put +LR and +GBN
+honestly (the compressed presets of ``experiments/paper/reproduce_table.py`` put +LR and +GBN
 6 points below LB: too few updates at the high LR), so this job re-runs the rows that a
 2-core CPU can afford in under 15 minutes, seed 0 of LB and +GBN (``--columns`` picks
 others), with exactly the commands recorded in the committed results, and prints:
@@ -17,8 +17,8 @@ A finished re-run is not trained again: delete runs/headline_rerun to start over
 
 Usage (from the repository root; ~10 minutes on an idle 2-core CPU):
 
-  .venv/bin/python -m experiments.headline
-  .venv/bin/python -m experiments.headline --columns lb,lb_lr,lb_lr_gbn   # three rows
+  .venv/bin/python -m experiments.paper.headline
+  .venv/bin/python -m experiments.paper.headline --columns lb,lb_lr,lb_lr_gbn   # three rows
 
 References:
   Hoffer, Hubara & Soudry (2017), table 1 (F1 row).
@@ -35,11 +35,9 @@ from pathlib import Path
 
 import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO_ROOT))
-
-from experiments import ablation, plots, reproduce_table  # noqa: E402
+from experiments.harness import launch, tables
+from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
+from experiments.paper import ablation, plots, reproduce_table
 
 # Two rows fit the main job's 15 minutes on 2 cores (with the install): plain LB and the
 # paper's +GBN, ~5.2M images under the authors' protocol; --columns picks others.
@@ -51,13 +49,13 @@ PAPER_GAP_TO_SB = {
 
 def committed_headline() -> tuple[str, dict]:
     """(protocol group, headline dict) from experiments/results/ablation_f1.json."""
-    path = ablation.RESULTS_DIR / "ablation_f1.json"
+    path = RESULTS_DIR / "ablation_f1.json"
     if not path.exists():
         raise SystemExit(f"{path} is missing: the headline runs are not committed yet.")
     result = json.loads(path.read_text())
     if not result.get("headline_group"):
         raise SystemExit(
-            f"{path} has no headline protocol yet: experiments/ablation.py chooses it once "
+            f"{path} has no headline protocol yet: experiments/paper/ablation.py chooses it once "
             "seeds 0-2 of +LR and +GBN are committed under both protocols."
         )
     return result["headline_group"], result
@@ -76,7 +74,7 @@ def rerun(record: dict, runs_dir: Path, bar: tqdm.tqdm) -> dict:
     argv[0] = sys.executable
     workdir = runs_dir / column
     argv = [a for a in argv if not a.startswith("--workdir=")] + [f"--workdir={workdir}"]
-    rc, seconds = reproduce_table.run_one(
+    rc, seconds = launch.run_one(
         argv,
         workdir,
         total_steps=record["regime"]["total_steps"],
@@ -106,10 +104,10 @@ def table(group: str, result: dict, reruns: Sequence[dict]) -> str:
         "| | " + " | ".join(ablation.LABELS[c] for c in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
         "| ours (committed) | "
-        + " | ".join(ablation._fmt(head[c]["test"]) for c in columns)
+        + " | ".join(tables.stat_cell(head[c]["test"], count=True) for c in columns)
         + " |",
         "| gap to SB | "
-        + " | ".join(ablation._fmt(head[c]["gap_to_sb"], sign=True) for c in columns)
+        + " | ".join(tables.stat_cell(head[c]["gap_to_sb"], sign=True, count=True) for c in columns)
         + " |",
         "| paper (MNIST), gap to SB | "
         + " | ".join(f"{PAPER_GAP_TO_SB[c]:+.2f}" for c in columns)

@@ -4,12 +4,12 @@
 # files travel in .fmnist/ and the missing Python packages as wheels in .whl/ (see
 # run_gpu_bench.sh). Each run's summary.json lands in OUTDIR as <variant>.json.
 #
-#   bash experiments/run_gpu_f1_unscaled.sh [OUTDIR]    (default: experiments/results/f1_unscaled_gpu)
+#   bash experiments/gpu/f1_unscaled.sh [OUTDIR]    (default: experiments/results/f1_unscaled_gpu)
 # CONFIG_OPTIONS (e.g. ",epochs_scale=0.01") is appended to each column's config argument.
 set -uo pipefail
 out=${1:-${OUT:-experiments/results/f1_unscaled_gpu}}
 mkdir -p "$out"
-source experiments/gpu_wheels.sh
+source experiments/gpu/setup.sh
 data_dir=${DATA_DIR:-.fmnist}
 runs=${RUNS_DIR:-/tmp/runs}  # the runs' workdirs (a workdir that exists is resumed)
 for variant in ${VARIANTS:-sb lb lb_lr lb_lr_gbn lb_lr_gbn_ra}; do

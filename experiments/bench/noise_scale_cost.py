@@ -14,12 +14,12 @@ the squared norms of each device's gradient next to the all-reduced one. This ti
   an estimate at every step, inside it. The trainer does not do this: its
   ``config.noise_scale`` measures every N steps in a program of its own so that the
   training stays bit-identical (``gbn_jax.steps.make_noise_scale_measurement``); its
-  cost is timed by ``experiments/bench_trainer.py --noise-scale-rounds``.
+  cost is timed by ``experiments/bench/trainer_throughput.py --noise-scale-rounds``.
 
 Before timing, one step of each variant from the same state and batch is compared: the
 parameters and running statistics must agree to float32 rounding (recorded).
 
-Protocol (as experiments/bench_train.py): each variant is compiled and warmed up
+Protocol (as experiments/bench/step_speed.py): each variant is compiled and warmed up
 first; then ``--repeats`` rounds of ``--steps`` steps of each variant, the variants
 alternating step by step in an order that rotates every round (blocking on each
 step). Each step is timed
@@ -32,8 +32,8 @@ CPU time counts the step's own work and is the steadier measure of the overhead.
 load average is recorded at the start and end.
 
 Usage (CPU, the trainer's single device; F1 +GBN at |B_L| = 4096, ghost 128):
-  .venv/bin/python experiments/bench_noise_scale.py
-  .venv/bin/python experiments/bench_noise_scale.py --micro_batches 2,4
+  .venv/bin/python -m experiments.bench.noise_scale_cost
+  .venv/bin/python -m experiments.bench.noise_scale_cost --micro_batches 2,4
 
 Writes experiments/results/bench_noise_scale.{json,md}.
 
@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,13 +54,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):  # Run as a file: make `experiments` and `gbn_jax` importable.
-    sys.path.insert(0, REPO_ROOT)
+from experiments.bench import step_speed
+from experiments.harness import provenance, tables
+from experiments.harness.provenance import RESULTS_DIR
 
-from experiments import bench_train  # noqa: E402
-
-RESULTS = os.path.join(REPO_ROOT, "experiments", "results")
+MODULE = "experiments.bench.noise_scale_cost"
 INPUT_SHAPE = {"f1": (28, 28, 1), "resnet44": (32, 32, 3)}
 
 
@@ -178,7 +175,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], Any, Any, Any,
         ghost_batch_size=args.ghost,
         running_update=args.running_update,
     )
-    regime = bench_train.paper_regime(args.ghost, args.batch)
+    regime = step_speed.paper_regime(args.ghost, args.batch)
     tx = regime.optimizer()
     shape = INPUT_SHAPE[args.model]
     state = jax.jit(
@@ -206,7 +203,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], Any, Any, Any,
             running_update=args.running_update,
             batch_size=args.batch,
         )
-    options = bench_train.XLA_PRESETS["fast"]  # == train.XLA_CPU_FAST_OPTIONS on the CPU
+    options = step_speed.XLA_PRESETS["fast"]  # == train.XLA_CPU_FAST_OPTIONS on the CPU
     options = options if jax.default_backend() == "cpu" else {}
     compiled, info = {}, {}
     for name, step in steps.items():
@@ -275,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         ).strip()
     import jax
 
-    env = bench_train.environment(args)
+    env = provenance.environment(MODULE, args)
     compiled, state, batch, key, info = build(args)
     agreement = check_agreement(compiled, state, batch, key)
     holders = {name: jax.tree.map(lambda x: x.copy(), state) for name in compiled}
@@ -354,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                 "-" if name == "plain" else f"{agreement[name]['max_abs_diff_params']:.1e}",
             ]
         )
-    table = bench_train.markdown_table(
+    table = tables.markdown_table(
         [
             "variant",
             "B_small / B_big",
@@ -394,9 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     record = {"environment": env, "results": results}
-    bench_train.write_outputs(
-        args.out or os.path.join(RESULTS, "bench_noise_scale"), record, markdown
-    )
+    tables.write_outputs(args.out or str(RESULTS_DIR / "bench_noise_scale"), record, markdown)
 
 
 if __name__ == "__main__":

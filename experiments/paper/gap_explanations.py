@@ -5,10 +5,10 @@ minima; Hoffer et al. (2017) by the large batch's fewer updates, which regime ad
 (+RA) restores. McCandlish et al. (2018) put the critical batch size, past which a larger
 batch stops saving steps, at the gradient noise scale B_simple = tr(Sigma) / |G|^2.
 
-For every run of the README's headline table (``experiments/ablation.py``: the F1 regime
+For every run of the README's headline table (``experiments/paper/ablation.py``: the F1 regime
 on Fashion-MNIST, uncompressed, the protocol ``ablation.headline_group()``) whose trainer
 workdir is on this machine, this measures the final weights with
-``experiments/sharpness.py`` (one subprocess per run, its command recorded so that each
+``experiments/paper/sharpness.py`` (one subprocess per run, its command recorded so that each
 measurement re-runs on its own): the top Hessian eigenvalue of the training loss and
 Keskar's epsilon-sharpness at epsilon 1e-3 and 5e-4, on a fixed subset of 1,024 training
 images, batch norm in eval mode; and B_simple at the end of training on 8,192 images.
@@ -27,8 +27,8 @@ sharpness and test accuracy over runs.
 
 Usage (from the repository root, after the headline runs):
 
-  .venv/bin/python -m experiments.gap_explanations --commit
-  .venv/bin/python -m experiments.gap_explanations --report_only
+  .venv/bin/python -m experiments.paper.gap_explanations --commit
+  .venv/bin/python -m experiments.paper.gap_explanations --report_only
 
 References:
   Keskar, Mudigere, Nocedal, Smelyanskiy & Tang, ICLR 2017, section 2.2.2;
@@ -49,15 +49,13 @@ from typing import Any
 import numpy as np
 import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO_ROOT))
-
-from experiments import ablation, plots  # noqa: E402
-from gbn_jax import noise_scale  # noqa: E402
+from experiments.harness import launch, provenance, tables
+from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
+from experiments.paper import ablation, plots
+from gbn_jax import noise_scale
 
 OUT = "gap_explanations"
-MEASURED = ablation.RESULTS_DIR / OUT
+MEASURED = RESULTS_DIR / OUT
 EPSILONS = ("1e-3", "5e-4")
 # The critical batch sizes the paper's F1 row spans: |B_S| and |B_L|.
 PAPER_BATCHES = (128, 4096)
@@ -78,7 +76,7 @@ def measure_command(run: ablation.Planned, runs_dir: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "experiments.sharpness",
+        "experiments.paper.sharpness",
         str(path),
         "--epsilon",
         *EPSILONS,
@@ -104,13 +102,13 @@ def noise_rerun(run: ablation.Planned, rerun_dir: Path, commit: bool) -> bool:
         f"--config={ablation.CONFIG_FILE}:{arg}",
         f"--workdir={workdir}",
     ]
-    config = ablation.reproduce_table._load_config_module().get_config(arg)
+    config = launch.load_config_module(ablation.CONFIG_FILE).get_config(arg)
     resolved = regimes.resolve(config, 60_000 - ablation.VALIDATION_SIZE)
     with tqdm.tqdm(
         total=resolved.total_steps * resolved.batch_size, unit="img", unit_scale=True
     ) as bar:
         bar.set_description(f"{run.name} + B_simple")
-        rc, _ = ablation.reproduce_table.run_one(
+        rc, _ = launch.run_one(
             argv,
             workdir,
             total_steps=resolved.total_steps,
@@ -121,13 +119,13 @@ def noise_rerun(run: ablation.Planned, rerun_dir: Path, commit: bool) -> bool:
     if rc != 0 or not finished.finished:
         tqdm.tqdm.write(f"{run.name}: the re-run failed (exit {rc}); see {workdir}/train.log")
         return False
-    out = ablation.record(run, workdir, argv, ablation.git_commit())
+    out = ablation.record(run, workdir, argv, provenance.git_commit())
     keys = ("final_val_accuracy", "final_eval_accuracy", "final_train_loss")
     out["same_as_committed"] = {k: out["summary"][k] == record["summary"][k] for k in keys}
     path = MEASURED / f"{run.name}__noise.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     if commit:
-        ablation.commit_files([path], f"gap_explanations: {run.name} re-run with B_simple")
+        launch.commit_files([path], f"gap_explanations: {run.name} re-run with B_simple")
     return True
 
 
@@ -166,7 +164,7 @@ def measure(group: str, runs_dir: Path, commit: bool) -> int:
             continue
         if commit:
             paths = [MEASURED / f"{run.name}.{ext}" for ext in ("json", "md")]
-            ablation.commit_files(paths, f"gap_explanations: {run.name}")
+            launch.commit_files(paths, f"gap_explanations: {run.name}")
     return failed
 
 
@@ -174,7 +172,7 @@ def measure(group: str, runs_dir: Path, commit: bool) -> int:
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
-    mean, std, n = ablation._stats(list(values))
+    mean, std, n = tables.mean_std_n(list(values))
     return dict(mean=mean, std=std, n=n)
 
 
@@ -289,13 +287,6 @@ def collect(group: str) -> dict[str, Any]:
     )
 
 
-def _fmt(stat: dict, digits: int = 2, sign: bool = False) -> str:
-    if stat["mean"] is None:
-        return "-"
-    text = f"{stat['mean']:+.{digits}f}" if sign else f"{stat['mean']:.{digits}f}"
-    return text + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
-
-
 def markdown(report: dict[str, Any]) -> str:
     table = report["table"]
     columns = list(table)
@@ -323,13 +314,15 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     empty = dict(mean=None, std=None, n=0)
     for name, key, digits, sign in rows:
-        cells = [_fmt(table[c].get(key, empty), digits, sign) for c in columns]
+        cells = [tables.stat_cell(table[c].get(key, empty), sign, digits) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for phase in NOISE_PHASES:
         cells = []
         for c in columns:
             stat = table[c].get("noise", {}).get(phase, empty)
-            cells.append(_fmt(stat, 0) + (f" (n={stat['n']})" if stat["n"] else ""))
+            cells.append(
+                tables.stat_cell(stat, digits=0) + (f" (n={stat['n']})" if stat["n"] else "")
+            )
         lines.append(f"| B_simple through training, {phase} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -384,7 +377,7 @@ def figure(report: dict[str, Any], path: Path) -> None:
     fig, (ax_sharp, ax_noise) = plt.subplots(1, 2, figsize=(11, 4.2))
     for column, label in plots.COLUMN_LABELS.items():
         rows = [r for r in report["runs"] if r["column"] == column]
-        style = plots._COLUMN_STYLE.get(column, {})
+        style = plots.COLUMN_STYLE.get(column, {})
         if rows:
             ax_sharp.scatter(
                 [r["lambda_max"] for r in rows],
@@ -402,7 +395,7 @@ def figure(report: dict[str, Any], path: Path) -> None:
         curve = noise_curve(result)
         if curve is None:
             continue
-        style = plots._COLUMN_STYLE.get(column, {})
+        style = plots.COLUMN_STYLE.get(column, {})
         label = None if column in drawn else plots.COLUMN_LABELS.get(column, column)
         drawn.add(column)
         # +RA's epochs on the regime's axis (its LR phases are EPOCHS_SCALE times longer).
@@ -422,7 +415,7 @@ def figure(report: dict[str, Any], path: Path) -> None:
         ax_noise.legend()
     fig.suptitle("F1 on Fashion-MNIST: sharpness of the final weights and the noise scale")
     fig.tight_layout()
-    plots._save(fig, str(path))
+    plots.save(fig, str(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -446,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if group not in ablation.PROTOCOLS:
         raise SystemExit(
             f"--group={group} : pass one of {ablation.PROTOCOLS}; by default the headline "
-            "protocol, which experiments/ablation.py chooses once its seeds are committed."
+            "protocol, which experiments/paper/ablation.py chooses once its seeds are committed."
         )
     failed = 0
     if args.noise_reruns and not args.report_only:
@@ -460,10 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         failed += measure(group, Path(args.runs_dir).resolve(), args.commit)
     report = collect(group)
-    (ablation.RESULTS_DIR / f"{OUT}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (ablation.RESULTS_DIR / f"{OUT}.md").write_text(markdown(report))
+    (RESULTS_DIR / f"{OUT}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS_DIR / f"{OUT}.md").write_text(markdown(report))
     if report["runs"]:
-        figure(report, ablation.RESULTS_DIR / f"{OUT}.png")
+        figure(report, RESULTS_DIR / f"{OUT}.png")
     print(markdown(report))
     return 1 if failed else 0
 

@@ -27,7 +27,7 @@ The markdown also extrapolates to a TPU pod (ResNet-50, 256 chips, global batch 
 latency and bandwidth assumptions.
 
 Usage:
-  .venv/bin/python experiments/comm_analysis.py            # writes results/comm_analysis.*
+  .venv/bin/python -m experiments.bench.comm_analysis            # writes results/comm_analysis.*
 
 References:
   Hoffer, Hubara & Soudry (2017), section 4 ("... reduces communication bandwidth").
@@ -35,25 +35,18 @@ References:
 
 from __future__ import annotations
 
-import os
-
-# Eight fake CPU devices; must precede the first jax import.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import argparse
 import collections
 import dataclasses
 import json
 import math
+import os
 import re
-import sys
 from typing import Any
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from experiments.harness import provenance
+from experiments.harness.provenance import RESULTS_DIR
+
 COLLECTIVES = (
     "all-reduce",
     "all-gather",
@@ -283,13 +276,13 @@ def summarize(found: list[Collective]) -> dict[str, Any]:
 
 def compiled_step_hlo(model_name: str, norm: str, global_batch: int, ghost: int) -> str:
     """Optimized HLO of the project's train step, data-parallel over every device."""
-    import bench_train  # a sibling script: experiments/ is on sys.path
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from experiments.bench import step_speed
     from gbn_jax import models, train
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -301,7 +294,7 @@ def compiled_step_hlo(model_name: str, norm: str, global_batch: int, ghost: int)
         norm=norm,
         ghost_batch_size=ghost if norm == "ghost" else None,
     )
-    regime = bench_train.paper_regime(ghost, global_batch)
+    regime = step_speed.paper_regime(ghost, global_batch)
     tx = regime.optimizer()
     abstract = jax.eval_shape(
         lambda rng: train.create_train_state(rng, model, tx, shape), jax.random.key(0)
@@ -407,11 +400,16 @@ def fmt_bytes(n: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.path.join(RESULTS, "comm_analysis"))
+    parser.add_argument("--out", default=str(RESULTS_DIR / "comm_analysis"))
     args = parser.parse_args(argv)
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:0] = [os.path.dirname(here)]
+    # Eight fake CPU devices: set before JAX starts its backend.
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        ).strip()
     import jax
+
+    jax.config.update("jax_platforms", "cpu")
     from tqdm import tqdm
 
     devices = jax.device_count()
@@ -432,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     pod = pod_extrapolation()
     record = {"devices": devices, "jax": jax.__version__, "cases": results, "pod": pod}
+    record.update(provenance.provenance())
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(record, f, indent=1)
@@ -466,7 +465,7 @@ def report(record: dict[str, Any]) -> str:
         "",
         f"Optimized HLO of the project's `make_train_step`, jitted over {record['devices']} "
         f"fake CPU devices (jax {record['jax']}; batch sharded on `data`, state replicated). "
-        "Command: `.venv/bin/python experiments/comm_analysis.py`. Bytes are the payload "
+        "Command: `.venv/bin/python -m experiments.bench.comm_analysis`. Bytes are the payload "
         "each device contributes (a ring all-reduce sends about twice that per device). "
         "*Blocking*: a matmul/convolution of the step depends on the result (on the "
         "forward/backward critical path). *Trailing*: only the optimizer update and the "

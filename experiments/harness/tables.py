@@ -1,0 +1,55 @@
+"""Markdown tables and the JSON + markdown pair every result is written as."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table: header, rule, one line a row."""
+    lines = ["| " + " | ".join(str(c) for c in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_std_n(values: Sequence[float]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (ddof=1; None for fewer than two values) and count."""
+    if not len(values):
+        return None, None, 0
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else None), int(a.size)
+
+
+def cell(value: float | None, std: float | None = None, sign: bool = False, digits: int = 2) -> str:
+    """A table cell: ``12.34 ± 0.56`` (``+12.34`` with `sign`; ``-`` for no value; no
+    ``±`` without a standard deviation)."""
+    if value is None:
+        return "-"
+    text = f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def stat_cell(
+    stat: dict[str, Any] | None, sign: bool = False, digits: int = 2, count: bool = False
+) -> str:
+    """`cell` of a ``{mean, std, n}`` dict; with `count`, `` (n=k)`` unless k is 1."""
+    if not stat or stat["mean"] is None:
+        return "-"
+    text = cell(stat["mean"], stat["std"], sign, digits)
+    return text + (f" (n={stat['n']})" if count and stat["n"] != 1 else "")
+
+
+def write_outputs(stem: str, record: dict[str, Any], markdown: str) -> None:
+    """Writes ``stem.json`` and ``stem.md`` and prints the markdown."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    print(markdown)
+    print(f"wrote {stem}.md and {stem}.json")
