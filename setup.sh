@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fresh-machine set-up: Debian's Fashion-MNIST package and a virtualenv in .venv.
-# Usage: ./setup.sh [EXTRAS]     e.g. ./setup.sh test
+# Usage: ./setup.sh [EXTRAS]   the extras to install, "train,research" by default (the
+# experiments); ./setup.sh test for the test suite (pytest, ruff, train and research).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
@@ -10,4 +11,4 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 [ -x .venv/bin/python ] || python3.11 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".${1:+[$1]}"
+.venv/bin/python -m pip install -q -e ".[${1:-train,research}]"
