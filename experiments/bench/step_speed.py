@@ -760,25 +760,15 @@ def xla_sweep(args: argparse.Namespace) -> None:
         )
         rows.append([name, f"{med * 1e3:.0f}", f"{batch / med:.0f}", f"{ratio:.2f}"])
     env["load_average_end"] = os.getloadavg()
-    md = "\n".join(
-        [
-            f"# XLA:{args.platform.upper()} options and layouts against the conv-net gap "
-            f"({model_name}, batch {batch}, {args.dtype})",
-            "",
-            f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
-            f"jax {env['jax']}, torch "
-            f"{env.get('torch')}. Load average at start "
-            f"{tuple(round(x, 1) for x in env['load_average_start'])}, at end "
-            f"{tuple(round(x, 1) for x in env['load_average_end'])}.",
-            "",
-            f"Command: `{env['command']}`. {args.repeats} interleaved rounds x {args.steps} "
-            "steps. Speed-up: median over rounds of (reference time / variant time); the "
-            f"reference is `{base}` for the project's step and `probe NHWC float32` for "
-            "the probe conv net rows (6 conv3x3 layers, lax.conv, no flax).",
-            "",
-            tables.markdown_table(["variant", "step (ms)", "examples/s", "speed-up"], rows),
-            "",
-        ]
+    md = tables.document(
+        f"# XLA:{args.platform.upper()} options and layouts against the conv-net gap "
+        f"({model_name}, batch {batch}, {args.dtype})",
+        tables.environment_line(env),
+        f"Command: `{env['command']}`. {args.repeats} interleaved rounds x {args.steps} "
+        "steps. Speed-up: median over rounds of (reference time / variant time); the "
+        f"reference is `{base}` for the project's step and `probe NHWC float32` for "
+        "the probe conv net rows (6 conv3x3 layers, lax.conv, no flax).",
+        tables.markdown_table(["variant", "step (ms)", "examples/s", "speed-up"], rows),
     )
     tables.write_outputs(stem, {"environment": env, "times": times}, md)
 

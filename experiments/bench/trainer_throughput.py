@@ -101,16 +101,6 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
 NOISE_SCALE_EVERY = {"f1_b128": 100, "f1_b4096": 25, "resnet44_b128": 10}
 
 
-def _hardware_line(env: dict[str, Any]) -> str:
-    """The machine and its load at the start and end, for a results file."""
-    start = tuple(round(x, 1) for x in env["load_average_start"])
-    end = tuple(round(x, 1) for x in env["load_average_end"])
-    return (
-        f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
-        f"jax {env['jax']}. Load average (1/5/15 min) at start {start}, at end {end}."
-    )
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
@@ -163,7 +153,24 @@ def load_config(spec: str) -> Any:
     return launch.load_config_module(path).get_config(arg or None)
 
 
-class IsolatedStep:
+class _Rate:
+    """Examples/s of ``_time(n)``, n steps of ``batch_size`` examples, sized to last about
+    `seconds` from the last measurement's time per step."""
+
+    batch_size: int
+    per_step: float
+
+    def _time(self, n: int) -> float:
+        raise NotImplementedError
+
+    def rate(self, seconds: float) -> float:
+        n = max(3, round(seconds / self.per_step))
+        elapsed = self._time(n)
+        self.per_step = elapsed / n
+        return n * self.batch_size / elapsed
+
+
+class IsolatedStep(_Rate):
     """The case's step alone, compiled once; ``rate(seconds)`` times it back to back."""
 
     def __init__(self, config: Any):
@@ -195,14 +202,8 @@ class IsolatedStep:
         self.state = state
         return time.perf_counter() - start
 
-    def rate(self, seconds: float) -> float:
-        n = max(3, round(seconds / self.per_step))
-        elapsed = self._time(n)
-        self.per_step = elapsed / n
-        return n * self.batch_size / elapsed
 
-
-class TrainerLoop:
+class TrainerLoop(_Rate):
     """The trainer's loop program alone; ``rate(seconds)`` dispatches it as the trainer."""
 
     def __init__(self, config: Any):
@@ -281,12 +282,6 @@ class TrainerLoop:
             previous, done_steps = done, done_steps + n
         self._jax.block_until_ready(previous)
         return time.perf_counter() - start
-
-    def rate(self, seconds: float) -> float:
-        n = max(3, round(seconds / self.per_step))
-        elapsed = self._time(n)
-        self.per_step = elapsed / n
-        return n * self.batch_size / elapsed
 
 
 def run_trainer(
@@ -528,7 +523,7 @@ def allocator_markdown(records: list[dict[str, Any]]) -> str:
     rows, runs = [], []
     for rec in records:
         env = rec["environment"]
-        runs.append(f"- {rec['case']}: `{env['command']}`. {_hardware_line(env)}")
+        runs.append(f"- {rec['case']}: `{env['command']}`. {tables.environment_line(env)}")
         label = f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)"
         for ratio_label, ratio in rec["ratios"].items():
             rows.append(
@@ -569,7 +564,8 @@ def allocator_markdown(records: list[dict[str, Any]]) -> str:
 
 def noise_scale_markdown(records: list[dict[str, Any]]) -> str:
     runs = [
-        f"- {rec['case']}: `{rec['environment']['command']}`. " + _hardware_line(rec["environment"])
+        f"- {rec['case']}: `{rec['environment']['command']}`. "
+        + tables.environment_line(rec["environment"])
         for rec in records
     ]
     rows = [
@@ -649,7 +645,7 @@ def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
         [
             "# Trainer throughput over its isolated step",
             "",
-            _hardware_line(env),
+            tables.environment_line(env),
             "",
             f"Command: `{env['command']}`. Ratio: examples/s over the isolated step's "
             "(`make_train_step` of the same network, optimizer and batch, one fixed device "
@@ -709,16 +705,11 @@ def table_walls(run_dir: str, out_stem: str) -> None:
     done = [c for c in TABLE_COLUMNS if None not in record[c].values()]
     total = [sum(record[c][k] for c in done) for k in ("committed_s", "now_s")]
     rows.append(["all finished in both", f"{total[0]:.0f}", f"{total[1]:.0f}", "-"])
-    text = "\n".join(
-        [
-            "# The unscaled F1 table (seed 0): wall time per column",
-            "",
-            f"Runs in `{run_dir}` against `{os.path.relpath(COMMITTED_TABLE, ROOT)}` "
-            "(summary.json wall_time_sec, start-up and compilation included).",
-            "",
-            tables.markdown_table(["column", "committed (s)", "now (s)", "x faster"], rows),
-            "",
-        ]
+    text = tables.document(
+        "# The unscaled F1 table (seed 0): wall time per column",
+        f"Runs in `{run_dir}` against `{os.path.relpath(COMMITTED_TABLE, ROOT)}` "
+        "(summary.json wall_time_sec, start-up and compilation included).",
+        tables.markdown_table(["column", "committed (s)", "now (s)", "x faster"], rows),
     )
     tables.write_outputs(out_stem, {"run_dir": run_dir, "columns": record}, text)
 

@@ -44,6 +44,23 @@ def stat_cell(
     return text + (f" (n={stat['n']})" if count and stat["n"] != 1 else "")
 
 
+def environment_line(env: dict[str, Any]) -> str:
+    """The machine of a benchmark's record (``provenance.environment``) and its load
+    average at the start and the end, in one line."""
+    start = tuple(round(x, 1) for x in env["load_average_start"])
+    end = tuple(round(x, 1) for x in env["load_average_end"])
+    return (
+        f"Hardware: {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}; "
+        f"jax {env['jax']}, torch {env.get('torch')}. Load average (1/5/15 min) at start "
+        f"{start}, at end {end}."
+    )
+
+
+def document(*blocks: str) -> str:
+    """Markdown blocks (a title, paragraphs, tables) separated by blank lines."""
+    return "\n\n".join(blocks) + "\n"
+
+
 def write_outputs(stem: str, record: dict[str, Any], markdown: str) -> None:
     """Writes ``stem.json`` and ``stem.md`` and prints the markdown."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)

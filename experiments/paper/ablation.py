@@ -442,6 +442,20 @@ def other_models(results: dict[tuple[str, str, int], dict]) -> dict[str, Any]:
     return out
 
 
+# The rows of the per-column tables: (statistic, row name, signed).
+HEADLINE_ROWS = (
+    ("test", "final", False),
+    ("gap_to_sb", "final, gap to SB (paired)", True),
+    ("best_test", "best over epochs (authors' best_prec1)", False),
+    ("test_at_best_val", "at the best validation epoch", False),
+)
+OTHER_MODEL_ROWS = (
+    ("val", "final validation", False),
+    ("eval", "final test", False),
+    ("eval_vs_lb", "test minus LB (paired)", True),
+)
+
+
 def column_table(corner: str, cells: dict[str, dict], rows: Sequence[tuple]) -> str:
     """A markdown table with one column per paper column: a row per (key, name, signed)
     statistic, then the batch size and the number of steps."""
@@ -513,38 +527,13 @@ def markdown(table: dict[str, Any], results: dict) -> str:
         if not head:
             continue
         title = "the headline protocol" if chosen else "candidate protocol"
-        lines += [
-            "",
-            f"## Test accuracy under {title} `{group}`",
-            "",
-            column_table(
-                "test accuracy (%)",
-                head,
-                (
-                    ("test", "final", False),
-                    ("gap_to_sb", "final, gap to SB (paired)", True),
-                    ("best_test", "best over epochs (authors' best_prec1)", False),
-                    ("test_at_best_val", "at the best validation epoch", False),
-                ),
-            ),
-        ]
+        heading = f"## Test accuracy under {title} `{group}`"
+        lines += ["", heading, "", column_table("test accuracy (%)", head, HEADLINE_ROWS)]
     for group, row in other_models(results).items():
         config_file, options = OTHER_MODELS[group]
         arg = ",".join(f"{k}={v}" for k, v in options.items())
-        lines += [
-            "",
-            f"## {group}: `{config_file}` with `{arg}`",
-            "",
-            column_table(
-                "accuracy (%)",
-                row,
-                (
-                    ("val", "final validation", False),
-                    ("eval", "final test", False),
-                    ("eval_vs_lb", "test minus LB (paired)", True),
-                ),
-            ),
-        ]
+        heading = f"## {group}: `{config_file}` with `{arg}`"
+        lines += ["", heading, "", column_table("accuracy (%)", row, OTHER_MODEL_ROWS)]
     rows = [
         [
             f"{g} {LABELS[c]} seed {s}",
