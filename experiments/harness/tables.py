@@ -11,10 +11,12 @@ import numpy as np
 
 
 def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table: header, rule, one line a row."""
-    lines = ["| " + " | ".join(str(c) for c in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A GitHub markdown table: header, rule, one line a row (an empty cell as ``| |``)."""
+
+    def line(cells: Sequence[Any]) -> str:
+        return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(row) for row in rows)])
 
 
 def mean_std_n(values: Sequence[float]) -> tuple[float | None, float | None, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from experiments.harness import tables
 from experiments.harness.provenance import RESULTS_DIR
 from experiments.paper import ablation, verdicts
 
@@ -234,40 +236,39 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
         "effect; undetermined: otherwise). Accuracies in %; `val` is the 10,000 held-out "
         "training images, `eval` the test split.",
     ]
-    section = None
-    for e in evaluated:
-        if e["section"] != section:
-            section = e["section"]
-            lines += [
-                "",
-                f"## {section}",
-                "",
-                "| claim | split | n | difference | 95% CI | verdict |",
-                "|---|---|---|---|---|---|",
+    for section, claims_in_section in itertools.groupby(evaluated, key=lambda e: e["section"]):
+        rows = [
+            [
+                e["claim"],
+                e["split"],
+                e["n"],
+                tables.cell(e["mean"], e["std"], sign=True),
+                _interval(e["ci_low"], e["ci_high"]),
+                e["verdict"],
             ]
-        diff = (
-            "-"
-            if e["mean"] is None
-            else f"{e['mean']:+.2f}" + (f" ± {e['std']:.2f}" if e["std"] is not None else "")
-        )
-        lines.append(
-            f"| {e['claim']} | {e['split']} | {e['n']} | {diff} | "
-            f"{_interval(e['ci_low'], e['ci_high'])} | {e['verdict']} |"
-        )
+            for e in claims_in_section
+        ]
+        header = ["claim", "split", "n", "difference", "95% CI", "verdict"]
+        lines += ["", f"## {section}", "", tables.markdown_table(header, rows)]
+    rows = [
+        [
+            c["group"],
+            ablation.LABELS[c["column"]],
+            c["val"]["n"],
+            f"{c['val']['mean']:.2f}",
+            _interval(c["val"]["ci_low"], c["val"]["ci_high"], False),
+            f"{c['eval']['mean']:.2f}",
+            _interval(c["eval"]["ci_low"], c["eval"]["ci_high"], False),
+        ]
+        for c in column_stats
+    ]
+    header = ["group", "column", "n", "val", "val 95% CI", "test", "test 95% CI"]
     lines += [
         "",
         "## Every group and column: mean and 95% interval",
         "",
-        "| group | column | n | val | val 95% CI | test | test 95% CI |",
-        "|---|---|---|---|---|---|---|",
+        tables.markdown_table(header, rows),
     ]
-    for c in column_stats:
-        v, t = c["val"], c["eval"]
-        lines.append(
-            f"| {c['group']} | {ablation.LABELS[c['column']]} | {v['n']} | {v['mean']:.2f} | "
-            f"{_interval(v['ci_low'], v['ci_high'], False)} | {t['mean']:.2f} | "
-            f"{_interval(t['ci_low'], t['ci_high'], False)} |"
-        )
     return "\n".join(lines) + "\n"
 
 

@@ -300,11 +300,8 @@ def markdown(report: dict[str, Any]) -> str:
         "eval mode). phi: Keskar's epsilon-sharpness (%, projected ascent, a lower "
         "bound). B_simple at the end: tr(Sigma)/|G|^2 from B_small = 128 and B_big = "
         "8,192 (one subset; noisy where |G|^2 is small).",
-        "",
-        "| | " + " | ".join(plots.COLUMN_LABELS[c] for c in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
     ]
-    rows = [
+    stats = [
         ("test accuracy (%)", "test", 2, False),
         ("gap to SB (paired, points)", "gap_to_sb", 2, True),
         ("lambda_max", "lambda_max", 1, False),
@@ -313,9 +310,10 @@ def markdown(report: dict[str, Any]) -> str:
         ("B_simple at the end", "b_simple_end", 0, False),
     ]
     empty = dict(mean=None, std=None, n=0)
-    for name, key, digits, sign in rows:
-        cells = [tables.stat_cell(table[c].get(key, empty), sign, digits) for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = [
+        [name, *(tables.stat_cell(table[c].get(key, empty), sign, digits) for c in columns)]
+        for name, key, digits, sign in stats
+    ]
     for phase in NOISE_PHASES:
         cells = []
         for c in columns:
@@ -323,8 +321,10 @@ def markdown(report: dict[str, Any]) -> str:
             cells.append(
                 tables.stat_cell(stat, digits=0) + (f" (n={stat['n']})" if stat["n"] else "")
             )
-        lines.append(f"| B_simple through training, {phase} | " + " | ".join(cells) + " |")
+        rows.append([f"B_simple through training, {phase}", *cells])
     lines += [
+        "",
+        tables.markdown_table(["", *(plots.COLUMN_LABELS[c] for c in columns)], rows),
         "",
         "B_simple through training: the measurements of each run pooled over the F1 "
         "regime's LR phases (ratio of summed tr(Sigma) to summed |G|^2; +RA's epochs "
@@ -352,19 +352,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"Spearman rank correlation of lambda_max and test accuracy over the {corr['n']} "
             f"runs: rho = {corr['spearman_rho']:+.2f} (p = {corr['p_value']:.2g}).",
         ]
-    lines += [
-        "",
-        "| run | test (%) | lambda_max | "
-        + " | ".join(f"phi {e}" for e in EPSILONS)
-        + " | B_simple end | seconds |",
-        "|---" * (5 + len(EPSILONS)) + "|",
+    header = ["run", "test (%)", "lambda_max", *(f"phi {e}" for e in EPSILONS)]
+    rows = [
+        [
+            r["run"],
+            f"{r['test']:.2f}",
+            f"{r['lambda_max']:.2f}",
+            *(f"{v:.2f}" for v in r["phi"].values()),
+            f"{r['b_simple_end']:.0f}",
+            f"{r['seconds']:.0f}",
+        ]
+        for r in report["runs"]
     ]
-    for r in report["runs"]:
-        phis = " | ".join(f"{v:.2f}" for v in r["phi"].values())
-        lines.append(
-            f"| {r['run']} | {r['test']:.2f} | {r['lambda_max']:.2f} | {phis} | "
-            f"{r['b_simple_end']:.0f} | {r['seconds']:.0f} |"
-        )
+    lines += ["", tables.markdown_table([*header, "B_simple end", "seconds"], rows)]
     lines += ["", "Commands (from the repository root, each re-runs one row):", "", "```"]
     lines += [r["command"] for r in report["runs"]]
     lines += ["```", ""]

@@ -204,13 +204,28 @@ def markdown(result: dict[str, Any]) -> str:
     """The table as markdown: ours next to the paper's F1/MNIST row, then details."""
     table, columns = result["columns"], [c for c in COLUMNS if c in result["columns"]]
     n = max((table[c]["num_seeds"] for c in columns), default=0)
-    header = "| | " + " | ".join(plots.COLUMN_LABELS[c] for c in columns) + " |"
-    rule = "|---" * (len(columns) + 1) + "|"
+    header = ["", *(plots.COLUMN_LABELS[c] for c in columns)]
     sb_paper = PAPER_F1_MNIST["sb"]
-
-    def row(name: str, cells: Sequence[str]) -> str:
-        return f"| {name} | " + " | ".join(cells) + " |"
-
+    rows = [
+        ["ours: accuracy"]
+        + [tables.cell(table[c]["accuracy_mean"], table[c]["accuracy_std"]) for c in columns],
+        ["ours: gap to SB"]
+        + [
+            tables.cell(table[c]["gap_to_sb_mean"], table[c]["gap_to_sb_std"], True)
+            for c in columns
+        ],
+        ["paper (MNIST): accuracy", *(f"{PAPER_F1_MNIST[c]:.2f}" for c in columns)],
+        ["paper (MNIST): gap to SB", *(f"{PAPER_F1_MNIST[c] - sb_paper:+.2f}" for c in columns)],
+        ["batch size", *(table[c]["batch_size"] for c in columns)],
+        ["steps", *(table[c]["steps"] for c in columns)],
+        ["epochs", *(tables.cell(table[c]["epochs"]) for c in columns)],
+        ["wall time per run (s)", *(tables.cell(table[c]["wall_time_s_mean"]) for c in columns)],
+    ]
+    seeds = sorted({s for c in columns for s in table[c]["accuracy_per_seed"]}, key=int)
+    per_seed = [
+        [f"seed {s}", *(tables.cell(table[c]["accuracy_per_seed"].get(s)) for c in columns)]
+        for s in seeds
+    ]
     lines = [
         f"# Table 1, F1 row: Fashion-MNIST on this machine ({result['preset']} preset, "
         f"regime COMPRESSED x{result['setting']['epochs_scale']})",
@@ -222,35 +237,12 @@ def markdown(result: dict[str, Any]) -> str:
         "minus SB, paired by seed. The paper's row is MNIST with |B_L| = 4096: compare "
         "gaps, not absolute accuracies.",
         "",
-        header,
-        rule,
-        row(
-            "ours: accuracy",
-            [tables.cell(table[c]["accuracy_mean"], table[c]["accuracy_std"]) for c in columns],
-        ),
-        row(
-            "ours: gap to SB",
-            [
-                tables.cell(table[c]["gap_to_sb_mean"], table[c]["gap_to_sb_std"], True)
-                for c in columns
-            ],
-        ),
-        row("paper (MNIST): accuracy", [f"{PAPER_F1_MNIST[c]:.2f}" for c in columns]),
-        row("paper (MNIST): gap to SB", [f"{PAPER_F1_MNIST[c] - sb_paper:+.2f}" for c in columns]),
-        row("batch size", [str(table[c]["batch_size"]) for c in columns]),
-        row("steps", [str(table[c]["steps"]) for c in columns]),
-        row("epochs", [tables.cell(table[c]["epochs"]) for c in columns]),
-        row("wall time per run (s)", [tables.cell(table[c]["wall_time_s_mean"]) for c in columns]),
+        tables.markdown_table(header, rows),
         "",
         "Per seed (accuracy %):",
         "",
-        header,
-        rule,
+        tables.markdown_table(header, per_seed),
     ]
-    seeds = sorted({s for c in columns for s in table[c]["accuracy_per_seed"]}, key=int)
-    for s in seeds:
-        cells = [tables.cell(table[c]["accuracy_per_seed"].get(s)) for c in columns]
-        lines.append(row(f"seed {s}", cells))
     setting = result["setting"]
     lines += [
         "",
