@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from experiments.harness import launch, provenance
+from experiments.harness import launch, provenance, tables
 from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
 from experiments.paper import plots
 from gbn_jax import analysis
@@ -156,6 +156,12 @@ def analyze(
     return rows, curves
 
 
+FIT_HEADER = (
+    *("B", "lr", "epochs", "steps", "fit range t", "final d", "a + b log t: b", "R^2 (log)"),
+    *("a + b sqrt t: b", "R^2 (sqrt)", "c t^alpha: alpha", "wall (s)"),
+)
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The fit table as markdown."""
     lines = [
@@ -166,11 +172,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"t >= {result['t_min']} updates to the end of each run (OLS; the standard errors "
         "assume independent residuals, which points of one curve are not: read them as "
         "lower bounds).",
-        "",
-        "| B | lr | epochs | steps | fit range t | final d | a + b log t: b | R^2 (log) "
-        "| a + b sqrt t: b | R^2 (sqrt) | c t^alpha: alpha | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for row in result["rows"].values():
         log, sqrt, power = row["log"], row["sqrt"], row["power_law"]
         wall = row["wall_time_s"]
@@ -193,7 +196,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{power['params']['alpha']:.3f} ± {power['stderr']['alpha']:.3f}",
             ]
         cells.append("-" if wall is None else f"{wall:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines += ["", tables.markdown_table(FIT_HEADER, rows)]
     fitted = [row for row in result["rows"].values() if row["log"] is not None]
     wins = sum(row["log_beats_sqrt"] for row in fitted)
     hw = result["hardware"]

@@ -56,7 +56,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from experiments.harness import provenance
+from experiments.harness import provenance, tables
 from experiments.harness.provenance import RESULTS_DIR
 from gbn_jax import analysis
 
@@ -496,11 +496,12 @@ def _hardware() -> str:
 
 def _markdown(record: dict) -> str:
     low, high = record["fit_range"]
-    lines = [
-        "| potential | gamma = H (measured) | predicted nu = 1/gamma | fitted nu: d ~ (log t)^nu "
-        "| alpha: d ~ t^alpha | d^gamma = a + b log t: R^2, log t0 | d at t_max | max excursion |",
-        "|---|---|---|---|---|---|---|---|",
+    header = [
+        *("potential", "gamma = H (measured)", "predicted nu = 1/gamma"),
+        *("fitted nu: d ~ (log t)^nu", "alpha: d ~ t^alpha"),
+        *("d^gamma = a + b log t: R^2, log t0", "d at t_max", "max excursion"),
     ]
+    rows = []
     for row in record["rows"]:
         if row["hurst"] is None:
             gamma, predicted = "free diffusion", "none (alpha = 1/2)"
@@ -514,12 +515,19 @@ def _markdown(record: dict) -> str:
         linear = "-"
         if "log_t0" in row:
             linear = f"{row['linear_in_log_t_r_squared']:.4f}, {row['log_t0']:.2f}"
-        lines.append(
-            f"| {row['case']} | {gamma} | {predicted} "
-            f"| {row['nu']['estimate']:.3f} ± {row['nu']['bootstrap_std']:.3f} "
-            f"| {row['alpha']['estimate']:.3f} ± {row['alpha']['bootstrap_std']:.3f} "
-            f"| {linear} | {row['final_distance']:.1f} | {row['max_excursion']} |"
+        rows.append(
+            [
+                row["case"],
+                gamma,
+                predicted,
+                f"{row['nu']['estimate']:.3f} ± {row['nu']['bootstrap_std']:.3f}",
+                f"{row['alpha']['estimate']:.3f} ± {row['alpha']['bootstrap_std']:.3f}",
+                linear,
+                f"{row['final_distance']:.1f}",
+                row["max_excursion"],
+            ]
         )
+    lines = [tables.markdown_table(header, rows)]
     free = next((row for row in record["rows"] if row["hurst"] is None), None)
     lines += [
         "",
