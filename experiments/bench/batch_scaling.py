@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from experiments.harness import provenance, timing
+from experiments.harness import provenance, tables, timing
 from experiments.harness.provenance import RESULTS_DIR
 
 BATCHES_A = (128, 256, 512, 1024, 2048, 4096, 8192)
@@ -320,18 +320,21 @@ def markdown(record: dict[str, Any], env: dict[str, Any]) -> str:
             "median. Footprint = arguments + outputs - donated aliases + temporaries "
             "(`compiled.memory_analysis()`).",
             "",
-            "| norm | batch | step (ms) | examples/s | us/example | footprint (MiB) "
-            "| temps (MiB) |",
-            "|---|---|---|---|---|---|---|",
         ]
-        for r in record["a"]["rows"]:
-            lines.append(
-                f"| {'GBN' if r['norm'] == 'ghost' else 'BN'} | {r['batch']} | "
-                f"{r['median_step_s'] * 1e3:.1f} | {r['examples_per_s']:.0f} | "
-                f"{r['us_per_example']:.0f} | {r['peak_bytes'] / 2**20:.1f} | "
-                f"{r['temp_bytes'] / 2**20:.1f} |"
-            )
-        lines.append("")
+        rows = [
+            [
+                "GBN" if r["norm"] == "ghost" else "BN",
+                r["batch"],
+                f"{r['median_step_s'] * 1e3:.1f}",
+                f"{r['examples_per_s']:.0f}",
+                f"{r['us_per_example']:.0f}",
+                f"{r['peak_bytes'] / 2**20:.1f}",
+                f"{r['temp_bytes'] / 2**20:.1f}",
+            ]
+            for r in record["a"]["rows"]
+        ]
+        header = ["norm", "batch", "step (ms)", "examples/s", "us/example", "footprint (MiB)"]
+        lines += [tables.markdown_table([*header, "temps (MiB)"], rows), ""]
     if "b" in record:
         b = record["b"]
         lines += [
@@ -342,10 +345,8 @@ def markdown(record: dict[str, Any], env: dict[str, Any]) -> str:
             "the epochs. Test accuracy every quarter epoch; wall time counts training "
             f"steps only; each run capped at {env['args']['max_seconds']:.0f} s of training.",
             "",
-            "| batch | RA | LR | step budget | steps to target | examples to target | "
-            "train s to target | best/last test acc. |",
-            "|---|---|---|---|---|---|---|---|",
         ]
+        rows = []
         for r in b["runs"]:
             hit = r["reached"]
             if hit:
@@ -369,8 +370,12 @@ def markdown(record: dict[str, Any], env: dict[str, Any]) -> str:
                 *to_target,
                 f"{best:.4f} / {r['final_accuracy'] or float('nan'):.4f}",
             ]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+            rows.append(cells)
+        header = [
+            *("batch", "RA", "LR", "step budget", "steps to target", "examples to target"),
+            *("train s to target", "best/last test acc."),
+        ]
+        lines += [tables.markdown_table(header, rows), ""]
     return "\n".join(lines)
 
 

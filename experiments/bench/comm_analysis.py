@@ -44,7 +44,7 @@ import os
 import re
 from typing import Any
 
-from experiments.harness import provenance
+from experiments.harness import provenance, tables
 from experiments.harness.provenance import RESULTS_DIR
 
 COLLECTIVES = (
@@ -449,13 +449,17 @@ def report(record: dict[str, Any]) -> str:
         label = f"{case['model']} {'GBN' if case['norm'] == 'ghost' else 'BN'}"
         ops = ", ".join(f"{k} x{v['count']}" for k, v in sorted(s["by_opcode"].items()))
         rows.append(
-            f"| {label} | {case['global_batch']} ({case['per_device_batch']}/device) | "
-            f"{s['collectives']} ({ops or 'none'}) | {fmt_bytes(s['bytes'])} | "
-            f"{s['blocking']['count']} ({fmt_bytes(s['blocking']['bytes'])}) | "
-            f"{s['trailing']['count']} ({fmt_bytes(s['trailing']['bytes'])}) |"
+            [
+                label,
+                f"{case['global_batch']} ({case['per_device_batch']}/device)",
+                f"{s['collectives']} ({ops or 'none'})",
+                fmt_bytes(s["bytes"]),
+                f"{s['blocking']['count']} ({fmt_bytes(s['blocking']['bytes'])})",
+                f"{s['trailing']['count']} ({fmt_bytes(s['trailing']['bytes'])})",
+            ]
         )
         for cat, v in sorted(s["by_category"].items()):
-            cats.append(f"| {label} | {cat} | {v['operands']} | {fmt_bytes(v['bytes'])} |")
+            cats.append([label, cat, v["operands"], fmt_bytes(v["bytes"])])
     pod = record["pod"]
     a = pod["assumptions"]
     ring, torus = pod["ring"], pod["2d_torus"]
@@ -471,16 +475,14 @@ def report(record: dict[str, Any]) -> str:
         "forward/backward critical path). *Trailing*: only the optimizer update and the "
         "outputs depend on it (overlappable with the backward pass).",
         "",
-        "| step | global batch | collectives (by op) | bytes | blocking | trailing |",
-        "|---|---|---|---|---|---|",
-        *rows,
+        tables.markdown_table(
+            ["step", "global batch", "collectives (by op)", "bytes", "blocking", "trailing"], rows
+        ),
         "",
         "Per-operand classification (from each operand's metadata op_name; combined "
         "collectives list one name per operand):",
         "",
-        "| step | category | operands | bytes |",
-        "|---|---|---|---|",
-        *cats,
+        tables.markdown_table(["step", "category", "operands", "bytes"], cats),
         "",
         "## On paper: a TPU pod",
         "",
@@ -497,21 +499,44 @@ def report(record: dict[str, Any]) -> str:
         "dimension, bidirectional): T = sum_d [2(d-1) alpha + 2(d-1)/d (n_d / 2) / B], "
         "n_d the data left after the previous dimensions.",
         "",
-        "| per step | BN (global statistics) | GBN (ghost 32, per chip) |",
-        "|---|---|---|",
-        f"| blocking collectives, forward | {ring['bn_forward_blocking_collectives']} (one "
-        "per BN layer: sum, sum of squares) | 0 |",
-        f"| blocking collectives, backward | {ring['bn_backward_blocking_collectives']} "
-        "(sum dy, sum dy*x_hat per BN layer) | 0 |",
-        f"| statistics volume | {fmt_bytes(ring['bn_stat_bytes_per_step'])} | 0 (running "
-        "averages need none: each chip's own or one trailing all-reduce) |",
-        f"| gradient all-reduce (overlappable) | {fmt_bytes(ring['gradient_bytes'])} | "
-        f"{fmt_bytes(ring['gradient_bytes'])} |",
-        f"| critical-path latency of statistics, ring | {ms(ring['bn_blocking_latency_s'])} | 0 |",
-        f"| critical-path latency of statistics, 2-D torus | "
-        f"{ms(torus['bn_blocking_latency_s'])} | 0 |",
-        f"| gradient all-reduce time, ring / 2-D torus | {ms(ring['gradient_allreduce_s'])}"
-        f" / {ms(torus['gradient_allreduce_s'])} | same |",
+        tables.markdown_table(
+            ["per step", "BN (global statistics)", "GBN (ghost 32, per chip)"],
+            [
+                [
+                    "blocking collectives, forward",
+                    f"{ring['bn_forward_blocking_collectives']} (one per BN layer: sum, sum "
+                    "of squares)",
+                    0,
+                ],
+                [
+                    "blocking collectives, backward",
+                    f"{ring['bn_backward_blocking_collectives']} (sum dy, sum dy*x_hat per "
+                    "BN layer)",
+                    0,
+                ],
+                [
+                    "statistics volume",
+                    fmt_bytes(ring["bn_stat_bytes_per_step"]),
+                    "0 (running averages need none: each chip's own or one trailing all-reduce)",
+                ],
+                [
+                    "gradient all-reduce (overlappable)",
+                    fmt_bytes(ring["gradient_bytes"]),
+                    fmt_bytes(ring["gradient_bytes"]),
+                ],
+                ["critical-path latency of statistics, ring", ms(ring["bn_blocking_latency_s"]), 0],
+                [
+                    "critical-path latency of statistics, 2-D torus",
+                    ms(torus["bn_blocking_latency_s"]),
+                    0,
+                ],
+                [
+                    "gradient all-reduce time, ring / 2-D torus",
+                    f"{ms(ring['gradient_allreduce_s'])} / {ms(torus['gradient_allreduce_s'])}",
+                    "same",
+                ],
+            ],
+        ),
         "",
         "Reading: the statistics are tiny in bytes (KB per layer) but each of the "
         f"{2 * ring['bn_forward_blocking_collectives']} BN all-reduces is a synchronization "

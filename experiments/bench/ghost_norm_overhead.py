@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from experiments.harness import provenance, timing
+from experiments.harness import provenance, tables, timing
 from experiments.harness.provenance import RESULTS_DIR
 from gbn_jax.ghost_norm import GhostBatchNorm
 
@@ -270,23 +270,29 @@ def main() -> None:
         for name in args.models.split(",")
         for opt in args.options.split(",")
     ]
-    table = [
-        "| model | batch | ghost | XLA options | BN ms | GBN ms | GBN/BN | paired median "
-        "[quartiles] | CPU-time GBN/BN, paired [quartiles] | load avg | repeats |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    cells = []
     for r in rows:
         q1, q3 = r["paired_ratio_quartiles"]
         c1, c3 = r["paired_cpu_ratio_quartiles"]
-        load = "-".join(f"{v:.1f}" for v in sorted(r["load_average_1min"]))
-        table.append(
-            f"| {r['model']} | {r['batch']} | {r['ghost']} | {r['options']} | "
-            f"{r['bn_ms']:.1f} | {r['gbn_ms']:.1f} | {r['ratio']:.3f} | "
-            f"{r['median_paired_ratio']:.3f} [{q1:.3f}, {q3:.3f}] | "
-            f"{r['cpu_ratio']:.3f}, {r['median_paired_cpu_ratio']:.3f} [{c1:.3f}, {c3:.3f}] | "
-            f"{load} | {r['repeats']} |"
+        cells.append(
+            [
+                *(r["model"], r["batch"], r["ghost"], r["options"]),
+                f"{r['bn_ms']:.1f}",
+                f"{r['gbn_ms']:.1f}",
+                f"{r['ratio']:.3f}",
+                f"{r['median_paired_ratio']:.3f} [{q1:.3f}, {q3:.3f}]",
+                f"{r['cpu_ratio']:.3f}, {r['median_paired_cpu_ratio']:.3f} [{c1:.3f}, {c3:.3f}]",
+                "-".join(f"{v:.1f}" for v in sorted(r["load_average_1min"])),
+                r["repeats"],
+            ]
         )
-    print("\n".join(table))
+    header = [
+        *("model", "batch", "ghost", "XLA options", "BN ms", "GBN ms", "GBN/BN"),
+        *("paired median [quartiles]", "CPU-time GBN/BN, paired [quartiles]", "load avg"),
+        "repeats",
+    ]
+    table = tables.markdown_table(header, cells)
+    print(table)
     if args.no_write:
         return
     meta = {
@@ -311,7 +317,7 @@ def main() -> None:
         "inflate; 'load avg' is the 1-minute load average before and after the timed "
         "repeats (the machine is shared with other jobs).",
         "",
-        *table,
+        table,
         "",
         NOTES,
     ]

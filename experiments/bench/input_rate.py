@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from experiments.harness import provenance, timing
+from experiments.harness import provenance, tables, timing
 from experiments.harness.provenance import RESULTS_DIR
 from gbn_jax import input_pipeline
 from gbn_jax.data import augment, sources
@@ -201,6 +201,10 @@ def main() -> None:
     write(results, args)
 
 
+def _alternative(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:,.0f}"
+
+
 def write(results, args) -> None:
     meta = {
         **provenance.provenance(packages=(*provenance.PACKAGES, "grain")),
@@ -219,18 +223,24 @@ def write(results, args) -> None:
         f"cores; {', '.join(meta['jax_devices'])}), jax {jax.__version__}; medians of "
         f"{args.rounds} interleaved rounds, examples/s.",
         "",
-        "| case | batch | pipeline | train step | pipeline / train step | "
-        "grain host crop+flip, 1 thread (alternative) |",
-        "|---|---|---|---|---|---|",
+        tables.markdown_table(
+            [
+                *("case", "batch", "pipeline", "train step", "pipeline / train step"),
+                "grain host crop+flip, 1 thread (alternative)",
+            ],
+            [
+                [
+                    r["case"],
+                    r["batch_size"],
+                    f"{r['median_examples_per_s']['pipeline']:,.0f}",
+                    f"{r['median_examples_per_s']['train_step']:,.0f}",
+                    f"{r['pipeline_over_train_step']:,.1f}x",
+                    _alternative(r["median_examples_per_s"].get("grain_host_crop_flip")),
+                ]
+                for r in results
+            ],
+        ),
     ]
-    for r in results:
-        m = r["median_examples_per_s"]
-        alt = m.get("grain_host_crop_flip")
-        lines.append(
-            f"| {r['case']} | {r['batch_size']} | {m['pipeline']:,.0f} | {m['train_step']:,.0f} "
-            f"| {r['pipeline_over_train_step']:,.1f}x | "
-            f"{'-' if alt is None else f'{alt:,.0f}'} |"
-        )
     lines += [
         "",
         f"Train step: {results[0]['train_step_source']}, SGD momentum 0.9, weight decay "

@@ -97,36 +97,43 @@ def rerun(record: dict, runs_dir: Path, bar: tqdm.tqdm) -> dict:
 def table(group: str, result: dict, reruns: Sequence[dict]) -> str:
     head = result["headline"][group]
     columns = [c for c in ablation.LABELS if c in head]
-    lines = [
-        f"Committed headline (experiments/results/ablation_f1.md, protocol '{group}'): F1 on "
-        "Fashion-MNIST, uncompressed regime, final test accuracy (%), mean ± std over seeds.",
-        "",
-        "| | " + " | ".join(ablation.LABELS[c] for c in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
-        "| ours (committed) | "
-        + " | ".join(tables.stat_cell(head[c]["test"], count=True) for c in columns)
-        + " |",
-        "| gap to SB | "
-        + " | ".join(tables.stat_cell(head[c]["gap_to_sb"], sign=True, count=True) for c in columns)
-        + " |",
-        "| paper (MNIST), gap to SB | "
-        + " | ".join(f"{PAPER_GAP_TO_SB[c]:+.2f}" for c in columns)
-        + " |",
-        "",
-        "Re-run here (seed 0, the recorded commands):",
-        "",
-        "| row | val (re-run) | val (committed) | test (re-run) | test (committed) | Δ test | s |",
-        "|---|---|---|---|---|---|---|",
+    committed = [
+        ["ours (committed)", *(tables.stat_cell(head[c]["test"], count=True) for c in columns)],
+        [
+            "gap to SB",
+            *(tables.stat_cell(head[c]["gap_to_sb"], sign=True, count=True) for c in columns),
+        ],
+        ["paper (MNIST), gap to SB", *(f"{PAPER_GAP_TO_SB[c]:+.2f}" for c in columns)],
     ]
-    for r in reruns:
-        lines.append(
-            f"| {ablation.LABELS[r['column']]} | {r['val']:.2f} | {r['committed_val']:.2f} | "
-            f"{r['test']:.2f} | {r['committed_test']:.2f} | "
-            f"{r['test'] - r['committed_test']:+.2f} | {r['seconds']:.0f} |"
-        )
+    rerun_rows = [
+        [
+            ablation.LABELS[r["column"]],
+            f"{r['val']:.2f}",
+            f"{r['committed_val']:.2f}",
+            f"{r['test']:.2f}",
+            f"{r['committed_test']:.2f}",
+            f"{r['test'] - r['committed_test']:+.2f}",
+            f"{r['seconds']:.0f}",
+        ]
+        for r in reruns
+    ]
+    header = ["row", "val (re-run)", "val (committed)", "test (re-run)", "test (committed)"]
     rest = [ablation.LABELS[c] for c in columns if c not in {r["column"] for r in reruns}]
-    lines += ["", f"Not re-run (committed numbers only): {', '.join(rest) or 'none'}."]
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            f"Committed headline (experiments/results/ablation_f1.md, protocol '{group}'): F1 "
+            "on Fashion-MNIST, uncompressed regime, final test accuracy (%), mean ± std over "
+            "seeds.",
+            "",
+            tables.markdown_table(["", *(ablation.LABELS[c] for c in columns)], committed),
+            "",
+            "Re-run here (seed 0, the recorded commands):",
+            "",
+            tables.markdown_table([*header, "Δ test", "s"], rerun_rows),
+            "",
+            f"Not re-run (committed numbers only): {', '.join(rest) or 'none'}.",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
