@@ -369,3 +369,36 @@ def test_every_experiments_module_imports_without_side_effects():
         assert sys.path == path, name
         assert dict(os.environ) == environ, name
     assert sorted(p.stat().st_mtime_ns for p in results.glob("*") if p.is_file()) == before
+
+
+def test_provenance_dirty_flag_covers_the_whole_tree(tmp_path, monkeypatch):
+    """A change anywhere in the checkout marks the record dirty, and the record carries
+    the commit, the config, the CPU model, the package versions and the date."""
+    import importlib.metadata
+    import re
+    import subprocess
+
+    from experiments.harness import provenance
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("a\n")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    sha = git("rev-parse", "HEAD")
+    assert provenance.git_commit(tmp_path) == sha
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "new.txt").write_text("untracked\n")
+    assert provenance.git_commit(tmp_path) == sha + "+dirty"
+
+    monkeypatch.setattr(provenance, "git_commit", lambda: sha + "+dirty")
+    record = provenance.provenance({"batch_size": 128})
+    assert list(record) == ["commit", "dirty", "config", "hardware", "date"]
+    assert (record["commit"], record["dirty"], record["config"]) == (sha, True, {"batch_size": 128})
+    assert record["hardware"]["cpu"] == provenance.cpu_model() != ""
+    assert record["hardware"]["versions"]["jax"] == importlib.metadata.version("jax")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", record["date"])

@@ -21,7 +21,7 @@ from typing import Any
 import tqdm
 
 from experiments.harness.provenance import REPO_ROOT
-from gbn_jax.run_files import METRICS_FILE
+from gbn_jax.run_files import CONFIG_FILE, METRICS_FILE
 
 # One line per launch of a run (JSON: seconds, exit_status), written by `run_one`.
 WALL_TIME_FILE = "driver_wall_time.jsonl"
@@ -134,6 +134,12 @@ def wall_time(workdir: str | Path, summary: dict[str, Any] | None) -> float | No
         return float(sum(line["seconds"] for line in lines))
     value = (summary or {}).get("wall_time_sec")
     return float(value) if isinstance(value, int | float) else None
+
+
+def resolved_config(workdir: str | Path) -> dict[str, Any] | None:
+    """The config a run resolved and wrote to its workdir (config.json), or None."""
+    path = Path(workdir) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def commit_files(paths: Sequence[Path], message: str) -> None:

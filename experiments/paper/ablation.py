@@ -311,12 +311,7 @@ def record(run: Planned, workdir: Path, argv: Sequence[str], commit: str | None)
             )
         },
         wall_time_s=launch.wall_time(finished.workdir, finished.summary),
-        **provenance.provenance(
-            json.loads((workdir / "config.json").read_text())
-            if (workdir / "config.json").exists()
-            else None,
-            commit=commit,
-        ),
+        **provenance.provenance(launch.resolved_config(workdir), commit=commit),
     )
 
 

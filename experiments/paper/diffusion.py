@@ -293,8 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t_min=args.t_min,
         rows={str(b): row for b, row in rows.items()},
         commands=commands,
-        hardware=provenance.hardware(),
-        date=provenance.utc_date(),
+        **provenance.provenance(
+            {str(b): launch.resolved_config(r.workdir) for b, r in runs.items()}
+        ),
         total_wall_time_s=float(sum(row["wall_time_s"] or 0.0 for row in rows.values())),
     )
     out_dir.mkdir(parents=True, exist_ok=True)

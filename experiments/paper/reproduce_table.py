@@ -337,8 +337,13 @@ def report(runs_dir: Path, preset_name: str, preset: Preset, out_dir: Path) -> d
         columns=table,
         early_stopping=early_stopping,
         commands=commands,
-        hardware=provenance.hardware(),
-        date=provenance.utc_date(),
+        **provenance.provenance(
+            {
+                f"{column}/seed{seed}": launch.resolved_config(run.workdir)
+                for column, by_seed in runs.items()
+                for seed, run in by_seed.items()
+            }
+        ),
         total_wall_time_s=total_wall,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
