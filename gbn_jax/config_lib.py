@@ -17,7 +17,8 @@ variant            batch      norm    lr_scaling  RA     warmup  optimizer
 =================  =========  ======  ==========  =====  ======  ==========
 
 Every variant clips gradients at global L2 norm 5, as the authors' code does. The
-ghost batch size defaults to the reference batch |B_S|. ``epochs_scale=`` multiplies
+ghost batch size defaults to the reference batch |B_S|; ``ghost=`` is an error for a
+variant without ghost batches. ``epochs_scale=`` multiplies
 the epochs, every learning-rate and weight-decay boundary and the warm-up, so a quick
 run keeps the regime's shape. ``epochs=`` is the authors' ``--epochs``: the base regime
 cut to that many epochs, its drops where they were (those at or past the end dropped).
@@ -370,6 +371,12 @@ def apply_variant(
     # norm= and lr_scaling= change one ingredient of a column and nothing else: the LR
     # reference of lr_rule=authors and the regime adaptation stay the variant's.
     config.model.norm = options.get("norm", v.norm)
+    if "ghost" in options and config.model.norm != "ghost":
+        raise ConfigArgError(
+            f"config option ghost={options['ghost']} does nothing for variant {variant!r}, "
+            "which normalizes over the whole batch. Ghost batches are used by lb_lr_gbn and "
+            "lb_lr_gbn_ra (or any variant with norm=ghost): drop ghost= or add norm=ghost."
+        )
     # Ghost batches reproduce the small-batch normalization noise: |B_S| by default.
     config.model.ghost_batch_size = options.get("ghost", reference_batch_size)
     config.model.dtype = options.get("dtype", config.model.get("dtype", "float32"))

@@ -195,8 +195,15 @@ def test_gpu_plan_runs_the_headline_commands_then_resnet44_into_its_own_dir(tmp_
             ablation.VALIDATION_SIZE,
         )
         assert config.model.name == "resnet_cifar" and config.model.depth == 44
-        assert config.model.ghost_batch_size == 256 and config.protocol == "authors"
+        assert config.protocol == "authors"
+        assert config.model.norm == ("ghost" if run.column == "lb_lr_gbn" else "batch")
+        if run.column == "lb_lr_gbn":
+            assert config.model.ghost_batch_size == 256
         resolved = regimes.resolve(config, 60_000 - ablation.VALIDATION_SIZE)
+        # The authors' LR rule: x sqrt(2048 / 256) for +LR (main_normal.py) and
+        # x sqrt(2048 / ghost 256) for +GBN (main_gbn.py); LB keeps 0.1.
+        lr0 = 0.1 * (1.0 if run.column == "lb" else math.sqrt(2048 / 256))
+        assert resolved.lr_boundaries[0][1] == pytest.approx(lr0)
         steps_per_epoch = math.ceil(50_000 / 2048)  # the authors keep the partial batch
         assert resolved.total_steps == 100 * steps_per_epoch
         assert [b for b, _ in resolved.lr_boundaries] == [0, 81 * steps_per_epoch]

@@ -233,3 +233,12 @@ def test_protocol_switches_are_off_by_default_and_override_one_by_one(modules):
 def test_bad_protocol_options_raise(arg, message, modules):
     with pytest.raises(config_lib.ConfigArgError, match=message):
         modules["fashion_mnist_f1"].get_config(arg)
+
+
+@pytest.mark.parametrize("variant", ["sb", "lb", "lb_lr", "goyal", "lars"])
+def test_ghost_option_without_ghost_batches_is_an_error(variant, modules):
+    module = modules["fashion_mnist_f1"]
+    with pytest.raises(config_lib.ConfigArgError, match=rf"ghost=100 does nothing for .*{variant}"):
+        module.get_config(f"{variant},ghost=100")
+    # With ghost batches switched on, the same option sets their size.
+    assert module.get_config(f"{variant},norm=ghost,ghost=64").model.ghost_batch_size == 64

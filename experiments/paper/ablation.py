@@ -147,6 +147,8 @@ class Planned:
     def arg(self) -> str:
         if self.group in OTHER_MODELS:
             options = dict(OTHER_MODELS[self.group][1])
+            if self.column not in ("lb_lr_gbn", "lb_lr_gbn_ra"):
+                options.pop("ghost", None)  # Plain batch norm has no ghost size.
             options["validation"] = str(VALIDATION_SIZE)
             options["seed"] = str(self.seed)
             return ",".join([self.column, *(f"{k}={v}" for k, v in options.items())])
