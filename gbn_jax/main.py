@@ -3,6 +3,10 @@
   python -m gbn_jax.main --config=configs/fashion_mnist_f1.py:lb_lr_gbn_ra,batch=2048 \\
       --workdir=runs/f1_lb_lr_gbn_ra --config.max_steps=100
 
+A workdir holds one run (docs/workdir.md): rerunning with another config stops before
+any compute; ``--allow_config_change`` continues the run with changes that leave its
+updates as they were (more steps, cadences, paths: ``gbn_jax.workdir.ALLOWED_CHANGES``).
+
 Multi-process (one process per host, or several on one machine): set
 ``--coordinator_address=host:port --num_processes=N --process_id=i`` (or the
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables);
@@ -32,6 +36,13 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", int(os.environ.get("JAX_PROCESS_ID", -1)), "This process's index."
 )
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Continue the run in --workdir with a config that differs from its own only in "
+    "fields that leave its updates as they were (gbn_jax.workdir.ALLOWED_CHANGES: "
+    "max_steps, cadences, data_dir, ...); the change is recorded in the workdir.",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU, SLURM)."
 )
@@ -44,7 +55,7 @@ def main(argv: list[str]) -> int:
     # at the top, every command would import them twice (2-5 s on 2 cores).
     import jax
 
-    from gbn_jax import train
+    from gbn_jax import checkpointing, train
 
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO; the trainer prints what a user needs.
@@ -71,9 +82,12 @@ def main(argv: list[str]) -> int:
     try:
         # After a preemption notice (SIGTERM) this returns early, its checkpoint saved:
         # a clean exit, and rerunning the command continues the run.
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, train.NonFiniteLossError) as e:
-        # Bad configurations and diverged runs: the message says what to do.
+        train.train_and_evaluate(
+            _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+        )
+    except (ValueError, train.NonFiniteLossError, checkpointing.CheckpointError) as e:
+        # Bad or changed configurations, diverged runs, checkpoints that cannot be
+        # written or read: the message says what to do.
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -38,8 +38,14 @@ jitted programs are built in ``gbn_jax.steps``, the device-side data in
   state and writes nothing back: the training is the same bit for bit with it or without.
   A measurement whose batch would be an epoch's padded last batch (keep_last_batch) is
   skipped. Cost: one more forward and backward pass of one batch per N steps, ~1/N of the time.
-* Outputs in ``workdir``: config.json, regime.json, metrics.jsonl (one JSON object per
-  logged step, process 0), tb/ (TensorBoard), checkpoints/ (orbax), summary.json.
+* A workdir holds one run (``gbn_jax.workdir``): a restart whose config differs from the
+  run's stops before any compute, unless each change is one that may continue a run
+  (``workdir.ALLOWED_CHANGES``) and ``allow_config_change`` is set; those are recorded.
+  A checkpoint that cannot be read is moved aside and the one before it restored.
+* Outputs in ``workdir`` (docs/workdir.md): config.json (the config that started the
+  run), config_changes.jsonl (changes since), regime.json, metrics.jsonl (one JSON
+  object per logged step, process 0), tb/ (TensorBoard), checkpoints/ (orbax),
+  summary.json.
 
 References:
   Hoffer, Hubara & Soudry (2017): section 3 (||w_t - w_0||, logged as
@@ -62,6 +68,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gbn_jax import checkpointing, input_pipeline, models, regimes, steps
+from gbn_jax import workdir as workdir_lib
 from gbn_jax.data import feed
 
 # Re-exported: the pieces benchmarks and tests build steps from (gbn_jax/steps.py).
@@ -330,6 +337,13 @@ def _config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def _schedule(config: dict, num_train_examples: int) -> tuple:
+    """The steps at which the learning rate and weight decay change: what a change of
+    ``regime.epochs`` within a run must leave as they were."""
+    regime = regimes.resolve(config, num_train_examples)
+    return regime.lr_boundaries, regime.weight_decay_boundaries
+
+
 class _TrainingRate:
     """Examples per second between two logs, evaluations and checkpoint saves left out.
 
@@ -354,12 +368,17 @@ class _TrainingRate:
         return steps * self.batch_size / max(until - self.start - self.paused, 1e-9)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict:
     """Trains and evaluates one experiment; resumes from workdir/checkpoints if present.
 
     Args:
       config: an experiment config (``configs/*.py``).
       workdir: output directory (created); rerunning with the same workdir resumes.
+      allow_config_change: continue the run in ``workdir`` with a config that differs
+        from its own in fields of ``workdir.ALLOWED_CHANGES`` only (recorded in
+        workdir/config_changes.jsonl).
 
     Returns:
       The summary written to workdir/summary.json; after a preemption notice (SIGTERM),
@@ -367,9 +386,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       is written: rerun to finish).
 
     Raises:
-      ValueError: a bad config or a missing dataset, before any compute.
+      ValueError: a bad config, a missing dataset, or a config that differs from the
+        run's in ``workdir`` (``workdir.ConfigChangeError``), before any compute.
       NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint
         is kept.
+      checkpointing.CheckpointError: a checkpoint could not be written (the ones
+        before are intact), or none of the run's checkpoints can be read.
 
     References:
       Hoffer, Hubara & Soudry (2017), sections 3-5.
@@ -377,11 +399,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Watching for SIGTERM from the start: a notice during compilation stops the run at
     # its first step with that step saved.
     with checkpointing.PreemptionWatch() as preemption:
-        return _train_and_evaluate(config, workdir, preemption)
+        return _train_and_evaluate(config, workdir, preemption, allow_config_change)
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, preemption: checkpointing.PreemptionWatch
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    preemption: checkpointing.PreemptionWatch,
+    allow_config_change: bool,
 ) -> dict:
     start_time = time.time()
     is_main = jax.process_index() == 0
@@ -414,9 +439,16 @@ def _train_and_evaluate(
         num_classes=info.num_classes,
         **{k: v for k, v in config.model.to_dict().items() if k != "name"},
     )
+    # A restart continues the run in workdir only with its config (or allowed changes).
+    config_changes = workdir_lib.check_restart(
+        workdir,
+        _config_to_dict(config),
+        allow_change=allow_config_change,
+        fixed=functools.partial(_schedule, num_train_examples=regime_examples),
+    )
     os.makedirs(workdir, exist_ok=True)
     if is_main:
-        _write_json(os.path.join(workdir, "config.json"), _config_to_dict(config))
+        workdir_lib.write_config(workdir, _config_to_dict(config))
         _write_json(os.path.join(workdir, "regime.json"), regime.to_dict())
         print("regime:", json.dumps(regime.to_dict(), indent=2), flush=True)
     # A partial batch is spread over the ghost batches as the authors' torch.chunk does.
@@ -576,6 +608,7 @@ def _train_and_evaluate(
         acc = p_zero_accumulator()
     if is_main:
         _truncate_metrics(metrics_path, start_step)
+        workdir_lib.record_changes(workdir, start_step, config_changes)
 
     # ---- Loop. -----------------------------------------------------------------------------
     log_steps = log_spaced_steps(total_steps) if config.log_schedule == "log" else set()
@@ -771,8 +804,11 @@ def _train_and_evaluate(
             bar.close()
         if writer is not None:
             writer.close()
-        manager.wait_until_finished()
-        manager.close()
+        try:
+            # A background write that failed raises here (once), naming its step.
+            checkpointing.wait_until_finished(manager)
+        finally:
+            manager.close()
     if preempted:
         if is_main:
             print(
