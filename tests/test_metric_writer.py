@@ -85,6 +85,17 @@ def test_resume_cuts_metrics_back_to_the_restored_step(tmp_path):
     assert run_files.read_metrics(tmp_path / run_files.METRICS_FILE) == records[:5]
 
 
+def test_a_run_that_trains_on_removes_its_summary(tmp_path):
+    summary = tmp_path / run_files.SUMMARY_FILE
+    writer = open_writer(tmp_path)
+    writer.write_json(run_files.SUMMARY_FILE, {"final": 1.0})
+    writer.close()
+    open_writer(tmp_path, start_step=10).close()  # restarted at its last step: finished
+    assert summary.exists()
+    open_writer(tmp_path, start_step=6).close()  # from an older checkpoint: trains on
+    assert not summary.exists()
+
+
 def test_fresh_run_starts_an_empty_metrics_file(tmp_path):
     open_writer(tmp_path).close()
     assert (tmp_path / run_files.METRICS_FILE).read_text() == ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -69,7 +70,9 @@ class MetricWriter:
 
     Opening it cuts metrics.jsonl back to `start_step` (a resumed run appends where
     the restored checkpoint left off; the TensorBoard files are kept, a resumed run
-    starts a new event file).
+    starts a new event file) and, when the run trains on, removes summary.json: a
+    summary is a finished run's, and this one finishes anew (it resumed from an older
+    checkpoint than the last, or goes on to more steps).
 
     Args:
       workdir: the run's directory.
@@ -97,6 +100,9 @@ class MetricWriter:
         self._tensorboard = self._bar = None
         if enabled:
             truncate_metrics(self.metrics_path, start_step)
+            summary_path = run_files.path(workdir, run_files.SUMMARY_FILE)
+            if start_step < total_steps and os.path.exists(summary_path):
+                os.remove(summary_path)
             import tensorboardX
             import tqdm
 
