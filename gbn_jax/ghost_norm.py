@@ -21,6 +21,10 @@ are interchangeable with ``nn.BatchNorm``. ``running_update="mean"`` instead mak
 update with the average of the ghost means and the average of the ghost variances (the
 semantics of tf.keras ``virtual_batch_size``, but with contiguous groups).
 
+A batch that is not a multiple of the ghost size is an error by default;
+``remainder="own_ghost_batch"`` makes its last ``batch % ghost_batch_size`` examples a
+smaller ghost batch of their own (see :class:`GhostOptions`).
+
 References:
   Hoffer, Hubara & Soudry, "Train longer, generalize better", NeurIPS 2017, Section 4
   ("Ghost Batch Normalization"), Algorithm 1.
@@ -28,8 +32,10 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -40,7 +46,120 @@ from flax.typing import Array, Dtype, Initializer
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-RUNNING_UPDATES = ("sequential", "mean")
+RunningUpdate = Literal["sequential", "mean"]
+Remainder = Literal["error", "own_ghost_batch"]
+RUNNING_UPDATES: tuple[str, ...] = get_args(RunningUpdate)
+REMAINDERS: tuple[str, ...] = get_args(Remainder)
+# A remainder of fewer examples than this joins the ghost batch before it: one example
+# alone has variance 0 and would normalize to the bias.
+MIN_REMAINDER = 2
+
+# What each field of the layer means: the one description used by the docstrings of the
+# linen and NNX modules and of GhostOptions. Fields named as in flax's BatchNorm mean
+# what they mean there; the notes say what ghost batches add.
+FIELD_DOCS = {
+    "use_running_average": "normalize with the running statistics (inference); may "
+    "also be given per call.",
+    "axis": "the feature axis (or axes) of the input.",
+    "momentum": "EMA decay m of the running statistics, Flax convention "
+    "(new = m * old + (1 - m) * stat), in [0, 1]; 1 keeps them fixed.",
+    "epsilon": "added to the variance to avoid dividing by zero.",
+    "dtype": "the dtype of the result (default: inferred from input and params).",
+    "param_dtype": "the dtype of scale and bias.",
+    "use_bias": "add a learned bias (beta).",
+    "use_scale": "multiply by a learned scale (gamma).",
+    "bias_init": "initializer for the bias.",
+    "scale_init": "initializer for the scale.",
+    "axis_name": "named axis (shard_map) whose devices hold consecutive slices of one "
+    "global batch; ghost batches are taken along that global batch.",
+    "axis_index_groups": "device subgroups for axis_name (only with one ghost batch).",
+    "use_fast_variance": "one-pass variance E[x^2] - E[x]^2.",
+    "force_float32_reductions": "statistics in at least float32.",
+    "ghost_batch_size": "examples per ghost batch, |B_S| in the paper; None, or a size "
+    ">= the batch, is ordinary batch norm over the whole batch.",
+    "running_update": '"sequential" (Algorithm 1: one EMA step per ghost batch, in '
+    'order) or "mean" (one EMA step with the averaged ghost statistics).',
+    "remainder": "what a training batch that is not a multiple of ghost_batch_size "
+    'does: "error" (the default) raises; "own_ghost_batch" normalizes its last examples '
+    "(the remainder) as one more, smaller ghost batch, which the running update counts "
+    f"like any other; a remainder of fewer than {MIN_REMAINDER} examples joins the ghost "
+    "batch before it instead. Not with axis_name or a batch sharded over an explicit "
+    "mesh.",
+}
+
+
+def field_docs(names: Iterable[str], indent: int = 6) -> str:
+    """Google-style ``name: description`` lines for the given fields of FIELD_DOCS."""
+    lines = []
+    for name in names:
+        words, line = FIELD_DOCS[name].split(), " " * indent + f"{name}:"
+        for word in words:
+            if len(line) + 1 + len(word) > 88:
+                lines.append(line)
+                line = " " * (indent + 2) + word
+            else:
+                line += " " + word
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def check_momentum(momentum: float) -> None:
+    """Raises ValueError unless ``momentum`` lies in [0, 1] (Flax's convention)."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"{momentum=} must lie in [0, 1]: the running statistics update as "
+            "m * old + (1 - m) * stat (0.9 is PyTorch's momentum 0.1)."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostOptions:
+    """The fields Ghost Batch Normalization adds to BatchNorm's, checked on creation.
+
+    One value of this class carries them from the linen module, the NNX module and
+    :mod:`gbn_jax.ghostify` to :func:`ghost_batch_norm`.
+
+    Attributes:
+      {fields}
+
+    Raises:
+      ValueError: for a value outside the rules above, naming the value and the fix.
+    """
+
+    ghost_batch_size: int | None = None
+    running_update: RunningUpdate = "sequential"
+    remainder: Remainder = "error"
+
+    def __post_init__(self) -> None:
+        ghost_batch_size = self.ghost_batch_size
+        if ghost_batch_size is not None and (
+            isinstance(ghost_batch_size, bool)
+            or not isinstance(ghost_batch_size, numbers.Integral)
+            or ghost_batch_size < 1
+        ):
+            raise ValueError(
+                f"{ghost_batch_size=} must be None or a positive integer; pass e.g. "
+                "ghost_batch_size=128, or None for ordinary batch norm."
+            )
+        if self.running_update not in RUNNING_UPDATES:
+            running_update = self.running_update
+            raise ValueError(
+                f"Unknown {running_update=}; use one of "
+                f"{RUNNING_UPDATES} ('sequential' is Algorithm 1 of the paper, 'mean' "
+                "averages the ghost statistics)."
+            )
+        if self.remainder not in REMAINDERS:
+            remainder = self.remainder
+            raise ValueError(
+                f"Unknown {remainder=}; use one of {REMAINDERS} ('error' "
+                "rejects a batch that is not a multiple of ghost_batch_size, "
+                "'own_ghost_batch' normalizes its last examples as a smaller ghost batch)."
+            )
+
+
+GhostOptions.__doc__ = GhostOptions.__doc__.replace(
+    "      {fields}", field_docs(dataclasses.asdict(GhostOptions()))
+)
 
 
 def _canonicalize_axes(rank: int, axes: int | Iterable[int]) -> tuple[int, ...]:
@@ -66,42 +185,51 @@ def _abs_sq(v: Array) -> Array:
     return lax.square(v)
 
 
-def _check_config(ghost_batch_size: Any, running_update: Any, momentum: float) -> None:
-    if ghost_batch_size is not None and (
-        isinstance(ghost_batch_size, bool)
-        or not isinstance(ghost_batch_size, int | np.integer)
-        or ghost_batch_size < 1
-    ):
-        raise ValueError(
-            f"ghost_batch_size must be None or a positive integer, got {ghost_batch_size=}; "
-            "pass e.g. ghost_batch_size=128, or None for ordinary batch norm."
-        )
-    if running_update not in RUNNING_UPDATES:
-        raise ValueError(
-            f"Unknown {running_update=}; use one of {RUNNING_UPDATES} ('sequential' is "
-            "Algorithm 1 of the paper, 'mean' averages the ghost statistics)."
-        )
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1], got {momentum=}.")
-
-
 def _num_groups(batch: int, ghost_batch_size: int | None, where: str) -> int:
     """Number of contiguous ghost batches in a batch of ``batch`` examples."""
     if ghost_batch_size is None or ghost_batch_size >= batch:
         return 1
     if batch % ghost_batch_size:
+        own = "" if where == "batch size" else " (not available with axis_name)"
         raise ValueError(
             f"The {where} ({batch}) is not a multiple of ghost_batch_size "
             f"({ghost_batch_size}). Pad the batch to a multiple of {ghost_batch_size} "
             f"(e.g. {-(-batch // ghost_batch_size) * ghost_batch_size} examples) and pass "
-            "`mask` marking the padding False, or choose a ghost_batch_size that divides "
-            f"{batch}."
+            "`mask` marking the padding False, choose a ghost_batch_size that divides "
+            f"{batch}, or set remainder='own_ghost_batch'{own} to normalize the last "
+            f"{batch % ghost_batch_size} examples as a smaller ghost batch."
         )
     return batch // ghost_batch_size
 
 
-def _grouped_mask(mask: Array | None, x_shape: tuple[int, ...], groups: int) -> Array | None:
-    """Reshapes ``mask`` (broadcastable to x) to broadcast against the grouped input."""
+def _pack_with_remainder(v: Array, ghost_batch_size: int, fill: Any) -> Array:
+    """Lays a batch with a remainder out as ghost batches of equal length (axis 0, 1).
+
+    The last ``batch % ghost_batch_size`` examples are a ghost batch of their own, or,
+    when fewer than MIN_REMAINDER, the end of the ghost batch before them. Shorter ghost
+    batches are padded with ``fill`` at their end (mask the padding out).
+    """
+    full, rest = divmod(v.shape[0], ghost_batch_size)
+    rows = [(0, 0)] * (v.ndim - 1)
+    if rest >= MIN_REMAINDER:
+        padded = jnp.pad(v, [(0, ghost_batch_size - rest), *rows], constant_values=fill)
+        return padded.reshape(full + 1, ghost_batch_size, *v.shape[1:])
+    head = v[: (full - 1) * ghost_batch_size].reshape(full - 1, ghost_batch_size, *v.shape[1:])
+    head = jnp.pad(head, [(0, 0), (0, rest), *rows], constant_values=fill)
+    last = v[(full - 1) * ghost_batch_size :][None]
+    return jnp.concatenate([head, last])
+
+
+def _unpack_with_remainder(y: Array, batch: int, ghost_batch_size: int) -> Array:
+    """The inverse of :func:`_pack_with_remainder`: the batch without the padding."""
+    if batch % ghost_batch_size >= MIN_REMAINDER:
+        return y.reshape(-1, *y.shape[2:])[:batch]
+    head = y[:-1, :ghost_batch_size].reshape(-1, *y.shape[2:])
+    return jnp.concatenate([head, y[-1]])
+
+
+def _checked_mask(mask: Array | None, x_shape: tuple[int, ...]) -> Array | None:
+    """``mask`` as a boolean array of the input's rank, after checking it broadcasts."""
     if mask is None:
         return None
     mask = jnp.asarray(mask, bool)
@@ -115,10 +243,29 @@ def _grouped_mask(mask: Array | None, x_shape: tuple[int, ...], groups: int) -> 
             "give it the input's rank with size-1 axes, e.g. mask[:, None] for a dense "
             "input or mask[:, None, None, None] for NHWC."
         )
-    mask = mask.reshape((1,) * (len(x_shape) - mask.ndim) + mask.shape)
+    return mask.reshape((1,) * (len(x_shape) - mask.ndim) + mask.shape)
+
+
+def _grouped_mask(mask: Array | None, x_shape: tuple[int, ...], groups: int) -> Array | None:
+    """Reshapes ``mask`` (broadcastable to x) to broadcast against the grouped input."""
+    mask = _checked_mask(mask, x_shape)
+    if mask is None:
+        return None
     if mask.shape[0] == 1:
         return mask[None]
     return mask.reshape((groups, x_shape[0] // groups, *mask.shape[1:]))
+
+
+def _packed_mask(mask: Array | None, x_shape: tuple[int, ...], ghost_batch_size: int) -> Array:
+    """The mask of :func:`_pack_with_remainder`'s layout: padding and masked entries False."""
+    rows = np.ones((x_shape[0],) + (1,) * (len(x_shape) - 1), bool)
+    packed = _pack_with_remainder(jnp.asarray(rows), ghost_batch_size, False)
+    mask = _checked_mask(mask, x_shape)
+    if mask is None:
+        return packed
+    if mask.shape[0] == 1:
+        return packed & mask[None]
+    return packed & _pack_with_remainder(mask, ghost_batch_size, False)
 
 
 def _sequential_weights(
@@ -133,10 +280,10 @@ def _sequential_weights(
         weights = (1.0 - momentum) * momentum**after
         decay = momentum**groups
         return jnp.asarray(decay, dtype), jnp.asarray(weights, dtype).reshape(groups, 1)
-    e = nonempty.astype(dtype)
-    total = e.sum(0)
-    after = total - jnp.cumsum(e, axis=0)
-    return momentum**total, e * (1.0 - momentum) * momentum**after
+    seen = nonempty.astype(dtype)
+    total = seen.sum(0)
+    after = total - jnp.cumsum(seen, axis=0)
+    return momentum**total, seen * (1.0 - momentum) * momentum**after
 
 
 def _update_running(
@@ -144,7 +291,7 @@ def _update_running(
     stats: Array,
     nonempty: Array | None,
     momentum: float,
-    running_update: str,
+    running_update: RunningUpdate,
 ) -> Array:
     """One running-statistics update from per-ghost-batch statistics of shape (k, F).
 
@@ -160,33 +307,40 @@ def _update_running(
     elif nonempty is None:
         new = momentum * flat_old + (1.0 - momentum) * jnp.mean(stats, axis=0)
     else:
-        e = nonempty.astype(real)
-        seen = e.sum(0)
-        avg = jnp.sum(e * stats, axis=0) / jnp.maximum(seen, 1.0)
-        new = jnp.where(seen > 0, momentum * flat_old + (1.0 - momentum) * avg, flat_old)
+        seen = nonempty.astype(real)
+        total = seen.sum(0)
+        avg = jnp.sum(seen * stats, axis=0) / jnp.maximum(total, 1.0)
+        new = jnp.where(total > 0, momentum * flat_old + (1.0 - momentum) * avg, flat_old)
     return new.reshape(old.shape).astype(jnp.result_type(old.dtype, stats.dtype))
 
 
 def _cross_device(
-    sums: tuple[Array, ...], axis_name: str | None, span: int, axis_index_groups: Any
+    sums: tuple[Array, ...],
+    axis_name: str | None,
+    devices_per_ghost_batch: int,
+    axis_index_groups: Any,
 ) -> tuple[Array, ...]:
     """Adds up per-device sums (ghost batches on axis 0) over the devices sharing one.
 
-    ``span`` is the number of consecutive devices per ghost batch: 1 means every ghost
-    batch is local (nothing to do), 0 means one ghost batch over all devices.
+    ``devices_per_ghost_batch`` consecutive devices hold each ghost batch: 1 when every
+    ghost batch is local (nothing to do), the number of devices when one ghost batch
+    covers them all (ordinary distributed batch norm).
     """
-    if axis_name is None or span == 1:
+    if axis_name is None or devices_per_ghost_batch == 1:
         return sums
     if len({v.dtype for v in sums}) > 1:  # complex sums next to real ones
         return tuple(
-            out for v in sums for out in _cross_device((v,), axis_name, span, axis_index_groups)
+            out
+            for v in sums
+            for out in _cross_device((v,), axis_name, devices_per_ghost_batch, axis_index_groups)
         )
     stacked = jnp.stack(sums)  # one collective for all statistics
-    if span == 0:  # one ghost batch over every device: ordinary distributed batch norm
+    if devices_per_ghost_batch == lax.axis_size(axis_name):
         return tuple(lax.psum(stacked, axis_name, axis_index_groups=axis_index_groups))
     every = lax.all_gather(stacked, axis_name, axis=1, tiled=True)
-    every = every.reshape(every.shape[0], -1, span, *every.shape[2:]).sum(2)
-    own = lax.dynamic_slice_in_dim(every, lax.axis_index(axis_name) // span, 1, axis=1)
+    every = every.reshape(every.shape[0], -1, devices_per_ghost_batch, *every.shape[2:]).sum(2)
+    own_ghost_batch = lax.axis_index(axis_name) // devices_per_ghost_batch
+    own = lax.dynamic_slice_in_dim(every, own_ghost_batch, 1, axis=1)
     return tuple(own)
 
 
@@ -204,21 +358,22 @@ def _explicit_batch_shards(x: Array) -> tuple[int, tuple[str, ...]]:
     return int(np.prod([sharding.mesh.shape[n] for n in names])), names
 
 
-def _sum_consecutive(sums: tuple[Array, ...], per: int) -> tuple[Array, ...]:
-    """Sums of ``per`` consecutive pieces (axis 0), repeated for each of them.
+def _sum_consecutive(sums: tuple[Array, ...], shards_per_ghost_batch: int) -> tuple[Array, ...]:
+    """Sums of ``shards_per_ghost_batch`` consecutive pieces (axis 0), repeated for each.
 
-    For a ghost batch spread over ``per`` shards of an explicit mesh: the small per-shard
-    sums are gathered (replicated), added up per ghost batch and broadcast back.
+    For a ghost batch spread over several shards of an explicit mesh: the small
+    per-shard sums are gathered (replicated), added up per ghost batch and broadcast back.
     """
     out = []
     for v in sums:
         full = jax.sharding.reshard(v, P())
-        total = full.reshape(-1, per, *full.shape[1:]).sum(1, keepdims=True)
-        out.append(jnp.broadcast_to(total, (total.shape[0], per, *full.shape[1:])).reshape(v.shape))
+        total = full.reshape(-1, shards_per_ghost_batch, *full.shape[1:]).sum(1, keepdims=True)
+        shape = (total.shape[0], shards_per_ghost_batch, *full.shape[1:])
+        out.append(jnp.broadcast_to(total, shape).reshape(v.shape))
     return tuple(out)
 
 
-def _global_ghost_batches(stats: Array, axis_name: str, span: int) -> Array:
+def _global_ghost_batches(stats: Array, axis_name: str, devices_per_ghost_batch: int) -> Array:
     """Per-ghost-batch statistics (axis 1) of the whole global batch, in device order.
 
     Each device writes its own ghost batches into a zero buffer at their global position
@@ -226,11 +381,12 @@ def _global_ghost_batches(stats: Array, axis_name: str, span: int) -> Array:
     """
     device = lax.axis_index(axis_name)
     local = stats.shape[1]
-    if span == 1:
+    if devices_per_ghost_batch == 1:
         rows, start = lax.axis_size(axis_name) * local, device * local
-    else:  # `span` devices share each ghost batch: the first of them writes it
-        rows, start = lax.axis_size(axis_name) // span, device // span
-        stats = jnp.where(device % span == 0, stats, 0)
+    else:  # several devices share each ghost batch: the first of them writes it
+        rows = lax.axis_size(axis_name) // devices_per_ghost_batch
+        start = device // devices_per_ghost_batch
+        stats = jnp.where(device % devices_per_ghost_batch == 0, stats, 0)
     buffer = jnp.zeros((stats.shape[0], rows, *stats.shape[2:]), stats.dtype)
     return lax.psum(lax.dynamic_update_slice_in_dim(buffer, stats, start, axis=1), axis_name)
 
@@ -252,7 +408,7 @@ def _varying_axes(v: Array) -> frozenset:
 
 
 def _group_normalizer(
-    red: tuple[int, ...],
+    reduce_axes: tuple[int, ...],
     epsilon: float,
     use_fast_variance: bool,
     stat_dtype: Dtype,
@@ -261,10 +417,10 @@ def _group_normalizer(
 ) -> Callable[..., tuple[Array, Array, Array, Array]]:
     """Builds ``normalize(xg, scale, bias, mask) -> (y, mean, var, count)`` per group.
 
-    ``xg`` has the ghost batches on axis 0; ``red`` are the axes reduced for statistics;
-    ``scale``, ``bias`` broadcast against ``xg`` (or are None); ``mask`` is None or a
-    boolean array broadcastable to ``xg``; ``combine`` adds up sums of a ghost batch that
-    is spread over several devices.
+    ``xg`` has the ghost batches on axis 0; ``reduce_axes`` are the axes reduced for
+    statistics; ``scale``, ``bias`` broadcast against ``xg`` (or are None); ``mask`` is
+    None or a boolean array broadcastable to ``xg``; ``combine`` adds up sums of a ghost
+    batch that is spread over several devices.
 
     The derivative is a hand-written JVP rule (``jax.custom_jvp``), so forward mode
     (``jax.jvp``, ``jax.jacfwd``, Hessian-vector products) works. Reverse mode is JAX's
@@ -280,17 +436,17 @@ def _group_normalizer(
         return v if mask is None else jnp.where(mask, v, 0)
 
     def group_sum(v: Array, mask: Array | None = None) -> Array:
-        return masked(v, mask).sum(red, keepdims=True)
+        return masked(v, mask).sum(reduce_axes, keepdims=True)
 
     def forward(xg, scale, bias, mask):
         """Outputs and the values the tangent rule needs."""
         xf = xg.astype(stat_dtype)
         s1 = group_sum(xf, mask)
         if mask is None:
-            local_count = float(np.prod([xg.shape[a] for a in red]))
+            local_count = float(np.prod([xg.shape[a] for a in reduce_axes]))
             count = jnp.full(s1.shape, local_count, real_dtype)
         else:
-            missing = np.prod([xg.shape[a] for a in red if mask.shape[a] == 1])
+            missing = np.prod([xg.shape[a] for a in reduce_axes if mask.shape[a] == 1])
             count = group_sum(mask.astype(real_dtype)) * missing
             count = jnp.broadcast_to(count, s1.shape)
         if use_fast_variance:
@@ -363,8 +519,9 @@ def ghost_batch_norm(
     running_var: Array,
     *,
     use_running_average: bool,
-    ghost_batch_size: int | None = None,
-    running_update: str = "sequential",
+    ghost_batch_size: int | None = GhostOptions.ghost_batch_size,
+    running_update: RunningUpdate = GhostOptions.running_update,
+    remainder: Remainder = GhostOptions.remainder,
     axis: int | Iterable[int] = -1,
     momentum: float = 0.99,
     epsilon: float = 1e-5,
@@ -390,19 +547,7 @@ def ghost_batch_norm(
       running_mean: running mean, shape of the feature axes.
       running_var: running (biased) variance, shape of the feature axes.
       use_running_average: normalize with the running statistics (inference).
-      ghost_batch_size: examples per ghost batch; None, or a size >= the batch, is
-        ordinary batch norm over the whole batch. A larger batch must be a multiple.
-      running_update: "sequential" (Algorithm 1: one EMA step per ghost batch, in
-        order) or "mean" (one EMA step with the averaged ghost statistics).
-      axis: feature axis or axes (not the leading axis when the batch is split).
-      momentum: EMA decay m of the running statistics (Flax convention).
-      epsilon: added to the variance before the square root.
-      dtype: output dtype (default: inferred from x, scale and bias, as nn.BatchNorm).
-      axis_name: named mapped axis (shard_map) whose devices hold consecutive slices of
-        one global batch; ghost batches are taken along that global batch.
-      axis_index_groups: device groups for ``axis_name``; only with one ghost batch.
-      use_fast_variance: variance as E[x^2] - E[x]^2 in one pass over x.
-      force_float32_reductions: compute statistics in at least float32.
+      {fields}
       mask: boolean array broadcastable to x; False entries are left out of their
         ghost batch's statistics. A ghost batch with nothing unmasked is skipped by the
         running update.
@@ -412,13 +557,15 @@ def ghost_batch_norm(
       running statistics come back unchanged.
 
     Raises:
-      ValueError: for a batch that is not a multiple of ``ghost_batch_size``, an
-        unknown ``running_update`` or an invalid mask, ghost size, axis or momentum.
+      ValueError: for a batch that is not a multiple of ``ghost_batch_size`` (with
+        ``remainder="error"``), an invalid field (see :class:`GhostOptions`) or an
+        invalid mask, axis or momentum.
 
     References:
       Hoffer et al. 2017, Section 4, Algorithm 1 (Ghost Batch Normalization).
     """
-    _check_config(ghost_batch_size, running_update, momentum)
+    GhostOptions(ghost_batch_size, running_update, remainder)
+    check_momentum(momentum)
     x = jnp.asarray(x)
     ndim = x.ndim
     feature_axes = _canonicalize_axes(ndim, axis)
@@ -447,10 +594,10 @@ def ghost_batch_norm(
         return y
 
     if use_running_average:
-        rm, rv = running_mean, running_var
+        mean, var = running_mean, running_var
         if not force_float32_reductions and scale is not None:
-            rm, rv = rm.astype(scale.dtype), rv.astype(scale.dtype)
-        y = affine(x, as_features(rm, ndim), as_features(rv, ndim))
+            mean, var = mean.astype(scale.dtype), var.astype(scale.dtype)
+        y = affine(x, as_features(mean, ndim), as_features(var, ndim))
         return y.astype(out_dtype), running_mean, running_var
 
     batch = x.shape[0]
@@ -467,13 +614,27 @@ def ghost_batch_norm(
             "Put the batch first with the features elsewhere (e.g. axis=-1), or use "
             "ghost_batch_size=None for ordinary batch norm."
         )
-    # `span`: devices sharing one ghost batch (0: all of them, 1: ghost batches local).
+    # With a remainder (remainder="own_ghost_batch") the ghost batches differ in size:
+    # they are padded to one length and the padding is masked out.
+    with_remainder = (
+        remainder == "own_ghost_batch"
+        and axis_name is None
+        and ghost_batch_size is not None
+        and ghost_batch_size < batch
+        and batch % ghost_batch_size != 0
+    )
     if axis_name is None:
-        groups, span = _num_groups(batch, ghost_batch_size, "batch size"), 1
+        devices_per_ghost_batch = 1
+        if with_remainder:  # the full ghost batches, and the remainder on its own
+            full, rest = divmod(batch, ghost_batch_size)
+            groups = full + 1 if rest >= MIN_REMAINDER else full
+        else:
+            groups = _num_groups(batch, ghost_batch_size, "batch size")
     elif ghost_batch_size is None or ghost_batch_size >= batch * devices:
-        groups, span = 1, 0
+        groups, devices_per_ghost_batch = 1, devices
     elif ghost_batch_size <= batch:
-        groups, span = _num_groups(batch, ghost_batch_size, "per-device batch size"), 1
+        groups = _num_groups(batch, ghost_batch_size, "per-device batch size")
+        devices_per_ghost_batch = 1
     else:
         _num_groups(batch * devices, ghost_batch_size, "global batch size")
         if ghost_batch_size % batch:
@@ -482,14 +643,23 @@ def ghost_batch_norm(
                 f"multiple of the per-device batch size ({batch}); use a ghost size that "
                 "is a multiple or a divisor of the per-device batch."
             )
-        groups, span = 1, ghost_batch_size // batch
-    combine = lambda *sums: _cross_device(sums, axis_name, span, axis_index_groups)
+        groups, devices_per_ghost_batch = 1, ghost_batch_size // batch
+    combine = lambda *sums: _cross_device(
+        sums, axis_name, devices_per_ghost_batch, axis_index_groups
+    )
 
     # Under an explicit mesh a reshape must keep the batch sharding expressible: a
-    # ghost batch spread over `per` shards is cut into one piece per shard, and the
+    # ghost batch spread over several shards is cut into one piece per shard, and the
     # pieces' (small) sums are added up across shards.
-    pieces, per = groups, 1
+    pieces, shards_per_ghost_batch = groups, 1
     shards, mesh_axes = _explicit_batch_shards(x) if axis_name is None else (1, ())
+    if with_remainder and shards > 1:
+        raise ValueError(
+            f"The batch ({batch}) is sharded over {shards} devices (explicit mesh axes "
+            f"{mesh_axes}), and {remainder=} would need ghost batches of unequal size "
+            f"across them; pad the batch to a multiple of {ghost_batch_size} and pass "
+            "`mask` marking the padding False."
+        )
     if groups > 1 and groups % shards and shards % groups:
         raise ValueError(
             f"The batch ({batch}) is sharded over {shards} devices (explicit mesh axes "
@@ -498,28 +668,38 @@ def ghost_batch_norm(
             f"divides {batch // shards} or is a multiple of it."
         )
     if 1 < groups < shards:
-        pieces, per = shards, shards // groups
-        combine = lambda *sums: _sum_consecutive(sums, per)
+        pieces, shards_per_ghost_batch = shards, shards // groups
+        combine = lambda *sums: _sum_consecutive(sums, shards_per_ghost_batch)
 
-    xg = x.reshape(pieces, batch // pieces, *x.shape[1:])
-    # Statistics reduce the examples of a ghost batch (axis 1 of xg, unless the leading
-    # axis holds features) and every other non-feature axis.
-    red = tuple(a + 1 for a in range(ndim) if a not in feature_axes)
-    normalize = _group_normalizer(red, epsilon, use_fast_variance, stat_dtype, out_dtype, combine)
+    if with_remainder:
+        grouped = _pack_with_remainder(x, ghost_batch_size, 0)
+        grouped_mask = _packed_mask(mask, x.shape, ghost_batch_size)
+    else:
+        grouped = x.reshape(pieces, batch // pieces, *x.shape[1:])
+        grouped_mask = _grouped_mask(mask, x.shape, pieces)
+    # Statistics reduce the examples of a ghost batch (axis 1 of `grouped`, unless the
+    # leading axis holds features) and every other non-feature axis.
+    reduce_axes = tuple(a + 1 for a in range(ndim) if a not in feature_axes)
+    normalize = _group_normalizer(
+        reduce_axes, epsilon, use_fast_variance, stat_dtype, out_dtype, combine
+    )
     y, mean, var, count = normalize(
-        xg,
+        grouped,
         None if scale is None else _varying_like(as_features(scale, ndim + 1), x),
         None if bias is None else _varying_like(as_features(bias, ndim + 1), x),
-        _grouped_mask(mask, x.shape, pieces),
+        grouped_mask,
     )
-    y = y.reshape(x.shape)
-    if per > 1:  # one copy of each ghost batch's statistics
-        mean, var, count = mean[::per], var[::per], count[::per]
+    y = _unpack_with_remainder(y, batch, ghost_batch_size) if with_remainder else y.reshape(x.shape)
+    if shards_per_ghost_batch > 1:  # one copy of each ghost batch's statistics
+        step = shards_per_ghost_batch
+        mean, var, count = mean[::step], var[::step], count[::step]
 
     # The running update follows the global order of ghost batches, so under a named
     # axis it needs every device's ghost-batch statistics (small arrays, one psum).
-    if axis_name is not None and span != 0:
-        mean, var, count = _global_ghost_batches(jnp.stack([mean, var, count]), axis_name, span)
+    if axis_name is not None and devices_per_ghost_batch < devices:
+        mean, var, count = _global_ghost_batches(
+            jnp.stack([mean, var, count]), axis_name, devices_per_ghost_batch
+        )
     k = mean.shape[0]
     nonempty = None if mask is None else (count > 0).reshape(k, -1)
     new_mean = _update_running(
@@ -527,6 +707,24 @@ def ghost_batch_norm(
     )
     new_var = _update_running(running_var, var.reshape(k, -1), nonempty, momentum, running_update)
     return y, new_mean, new_var
+
+
+_FUNCTION_FIELDS = (
+    "ghost_batch_size",
+    "running_update",
+    "remainder",
+    "axis",
+    "momentum",
+    "epsilon",
+    "dtype",
+    "axis_name",
+    "axis_index_groups",
+    "use_fast_variance",
+    "force_float32_reductions",
+)
+ghost_batch_norm.__doc__ = ghost_batch_norm.__doc__.replace(
+    "      {fields}", field_docs(_FUNCTION_FIELDS)
+)
 
 
 class GhostBatchNorm(nn.Module):
@@ -558,24 +756,7 @@ class GhostBatchNorm(nn.Module):
       >>> y_eval = gbn.apply({**variables, **updates}, x[:5], use_running_average=True)
 
     Attributes:
-      use_running_average: normalize with the running statistics (inference); may
-        also be given per call.
-      axis: the feature axis (or axes) of the input.
-      momentum: EMA decay of the running statistics, Flax convention.
-      epsilon: added to the variance to avoid dividing by zero.
-      dtype: the dtype of the result (default: infer from input and params).
-      param_dtype: the dtype of scale and bias.
-      use_bias: add a learned bias (beta).
-      use_scale: multiply by a learned scale (gamma).
-      bias_init: initializer for the bias.
-      scale_init: initializer for the scale.
-      axis_name: named axis (shard_map) holding consecutive slices of the global batch.
-      axis_index_groups: device subgroups for axis_name (only with one ghost batch).
-      use_fast_variance: one-pass variance E[x^2] - E[x]^2.
-      force_float32_reductions: statistics in at least float32.
-      ghost_batch_size: examples per ghost batch; None (or >= the batch) is ordinary
-        batch norm; otherwise the training batch must be a multiple of it.
-      running_update: "sequential" (Algorithm 1, default) or "mean".
+      {fields}
 
     References:
       Hoffer et al. 2017, Section 4, Algorithm 1 (Ghost Batch Normalization).
@@ -595,8 +776,19 @@ class GhostBatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
-    ghost_batch_size: int | None = None
-    running_update: str = "sequential"
+    ghost_batch_size: int | None = GhostOptions.ghost_batch_size
+    running_update: RunningUpdate = GhostOptions.running_update
+    remainder: Remainder = GhostOptions.remainder
+
+    def __post_init__(self) -> None:
+        _ = self.ghost_options  # checks the fields when the module is created
+        check_momentum(self.momentum)
+        super().__post_init__()
+
+    @property
+    def ghost_options(self) -> GhostOptions:
+        """The ghost fields as one checked :class:`GhostOptions`."""
+        return GhostOptions(self.ghost_batch_size, self.running_update, self.remainder)
 
     @nn.compact
     def __call__(
@@ -612,14 +804,13 @@ class GhostBatchNorm(nn.Module):
         Returns:
           The normalized input, same shape as x.
         """
-        return linen_call(
-            self,
-            x,
-            use_running_average,
-            mask=mask,
-            ghost_batch_size=self.ghost_batch_size,
-            running_update=self.running_update,
-        )
+        return linen_call(self, x, use_running_average, mask=mask, options=self.ghost_options)
+
+
+GhostBatchNorm.__doc__ = GhostBatchNorm.__doc__.replace(
+    "      {fields}",
+    field_docs(f.name for f in dataclasses.fields(GhostBatchNorm) if f.name in FIELD_DOCS),
+)
 
 
 def linen_call(
@@ -628,8 +819,7 @@ def linen_call(
     use_running_average: bool | None = None,
     *,
     mask: Array | None = None,
-    ghost_batch_size: int | None,
-    running_update: str,
+    options: GhostOptions,
 ) -> Array:
     """The body of ``GhostBatchNorm.__call__`` for any linen module with BatchNorm's fields.
 
@@ -643,8 +833,7 @@ def linen_call(
       x: input, batch on the leading axis.
       use_running_average: merged with the module's field (``nn.merge_param``).
       mask: boolean, broadcastable to x; False entries are left out of statistics.
-      ghost_batch_size: examples per ghost batch (None: the whole batch).
-      running_update: "sequential" or "mean".
+      options: ghost batch size, running update and remainder rule.
 
     Returns:
       The normalized input, same shape as x.
@@ -677,8 +866,9 @@ def linen_call(
         ra_mean.value,
         ra_var.value,
         use_running_average=use_running_average,
-        ghost_batch_size=ghost_batch_size,
-        running_update=running_update,
+        ghost_batch_size=options.ghost_batch_size,
+        running_update=options.running_update,
+        remainder=options.remainder,
         axis=module.axis,
         momentum=module.momentum,
         epsilon=module.epsilon,

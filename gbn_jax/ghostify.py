@@ -22,6 +22,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 import flax.linen as nn
 from flax import nnx
 
-from gbn_jax.ghost_norm import _check_config, linen_call
+from gbn_jax.ghost_norm import GhostOptions, Remainder, RunningUpdate, field_docs, linen_call
 from gbn_jax.nnx import GhostBatchNorm
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,7 +42,10 @@ _BATCH_NORM_CALL = getattr(nn.BatchNorm.__call__, "__wrapped__", nn.BatchNorm.__
 
 @contextlib.contextmanager
 def ghost_batch_norm_scope(
-    ghost_batch_size: int | None, *, running_update: str = "sequential"
+    ghost_batch_size: int | None,
+    *,
+    running_update: RunningUpdate = GhostOptions.running_update,
+    remainder: Remainder = GhostOptions.remainder,
 ) -> Iterator[None]:
     """Makes every ``nn.BatchNorm`` called inside it normalize per ghost batch (linen).
 
@@ -68,20 +72,18 @@ def ghost_batch_norm_scope(
       True
 
     Args:
-      ghost_batch_size: examples per ghost batch; None is ordinary batch norm.
-      running_update: "sequential" (Algorithm 1) or "mean"; see
-        :func:`gbn_jax.ghost_norm.ghost_batch_norm`.
+      {fields}
 
     Yields:
       Nothing; the interception lasts until the block exits.
 
     Raises:
-      ValueError: for an invalid ``ghost_batch_size`` or ``running_update``.
+      ValueError: for an invalid field (see :class:`gbn_jax.ghost_norm.GhostOptions`).
 
     References:
       Hoffer et al. 2017, Section 4, Algorithm 1.
     """
-    _check_config(ghost_batch_size, running_update, 0.0)
+    options = GhostOptions(ghost_batch_size, running_update, remainder)
 
     def interceptor(next_fun, args, kwargs, context):
         method = getattr(context.orig_method, "func", None)
@@ -97,15 +99,20 @@ def ghost_batch_norm_scope(
             x,
             use_running_average,
             mask=kwargs.get("mask"),
-            ghost_batch_size=ghost_batch_size,
-            running_update=running_update,
+            options=options,
         )
 
     with nn.intercept_methods(interceptor):
         yield
 
 
-def ghostify(fn: F, ghost_batch_size: int | None, *, running_update: str = "sequential") -> F:
+def ghostify(
+    fn: F,
+    ghost_batch_size: int | None,
+    *,
+    running_update: RunningUpdate = GhostOptions.running_update,
+    remainder: Remainder = GhostOptions.remainder,
+) -> F:
     """Wraps ``fn`` (``model.apply``, a loss or a train step) to run in the scope.
 
     ``jax.jit(ghostify(model.apply, 128))`` traces the model inside
@@ -114,24 +121,32 @@ def ghostify(fn: F, ghost_batch_size: int | None, *, running_update: str = "sequ
 
     Args:
       fn: any function that applies linen models.
-      ghost_batch_size: examples per ghost batch; None is ordinary batch norm.
-      running_update: "sequential" (Algorithm 1) or "mean".
+      {fields}
 
     Returns:
       ``fn`` with every ``nn.BatchNorm`` it calls normalizing per ghost batch.
+
+    Raises:
+      ValueError: for an invalid field (see :class:`gbn_jax.ghost_norm.GhostOptions`).
     """
-    _check_config(ghost_batch_size, running_update, 0.0)
+    GhostOptions(ghost_batch_size, running_update, remainder)
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with ghost_batch_norm_scope(ghost_batch_size, running_update=running_update):
+        with ghost_batch_norm_scope(
+            ghost_batch_size, running_update=running_update, remainder=remainder
+        ):
             return fn(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
 
 
 def ghostify_nnx(
-    module: M, ghost_batch_size: int | None, *, running_update: str = "sequential"
+    module: M,
+    ghost_batch_size: int | None,
+    *,
+    running_update: RunningUpdate = GhostOptions.running_update,
+    remainder: Remainder = GhostOptions.remainder,
 ) -> M:
     """Returns ``module`` with every ``nnx.BatchNorm`` swapped for a ``GhostBatchNorm``.
 
@@ -154,34 +169,32 @@ def ghostify_nnx(
 
     Args:
       module: an NNX module graph (or any graph node holding modules).
-      ghost_batch_size: examples per ghost batch; None is ordinary batch norm.
-      running_update: "sequential" (Algorithm 1) or "mean".
+      {fields}
 
     Returns:
       The graph with ghost batch norms in place of the batch norms.
 
     Raises:
-      ValueError: for an invalid ``ghost_batch_size`` or ``running_update``.
+      ValueError: for an invalid field (see :class:`gbn_jax.ghost_norm.GhostOptions`).
 
     References:
       Hoffer et al. 2017, Section 4, Algorithm 1.
     """
-    _check_config(ghost_batch_size, running_update, 0.0)
+    options = GhostOptions(ghost_batch_size, running_update, remainder)
 
     def swap(path, node):
         if isinstance(node, nnx.BatchNorm) and type(node).__call__ is nnx.BatchNorm.__call__:
-            return _ghost_from(node, ghost_batch_size, running_update)
+            return _ghost_from(node, options)
         return node
 
     return nnx.recursive_map(swap, module)
 
 
-def _ghost_from(bn: nnx.BatchNorm, ghost_batch_size: int | None, running_update: str):
+def _ghost_from(bn: nnx.BatchNorm, options: GhostOptions) -> GhostBatchNorm:
     """A GhostBatchNorm with ``bn``'s settings, holding ``bn``'s Variables."""
     ghost = GhostBatchNorm(
         bn.num_features,
-        ghost_batch_size=ghost_batch_size,
-        running_update=running_update,
+        **dataclasses.asdict(options),
         use_running_average=bn.use_running_average,
         axis=bn.axis,
         momentum=bn.momentum,
@@ -202,3 +215,8 @@ def _ghost_from(bn: nnx.BatchNorm, ghost_batch_size: int | None, running_update:
     if bn.bias is not None:
         ghost.bias = bn.bias
     return ghost
+
+
+_GHOST_FIELDS = field_docs(dataclasses.asdict(GhostOptions()))
+for _function in (ghost_batch_norm_scope, ghostify, ghostify_nnx):
+    _function.__doc__ = _function.__doc__.replace("      {fields}", _GHOST_FIELDS)

@@ -7,6 +7,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -17,7 +18,15 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Array, Dtype, Initializer, PromoteDtypeFn
 
-from gbn_jax.ghost_norm import _check_config, ghost_batch_norm
+from gbn_jax.ghost_norm import (
+    FIELD_DOCS,
+    GhostOptions,
+    Remainder,
+    RunningUpdate,
+    check_momentum,
+    field_docs,
+    ghost_batch_norm,
+)
 
 
 class GhostBatchNorm(nnx.Module):
@@ -25,11 +34,12 @@ class GhostBatchNorm(nnx.Module):
 
     Every argument, the state (``scale``, ``bias`` params; ``mean``, ``var`` batch
     statistics) and ``.train()`` / ``.eval()`` switching of ``nnx.BatchNorm``, plus
-    ``ghost_batch_size``, ``running_update`` and linen's ``force_float32_reductions``;
-    the computation is :func:`gbn_jax.ghost_norm.ghost_batch_norm`, shared with the
-    linen module. As in ``nnx.BatchNorm``, ``promote_dtype`` first casts the input, the
-    statistics and the parameters to a common dtype (``dtype`` if given); statistics are
-    then reduced in at least float32. ``promote_dtype=lambda args, **kw: args`` keeps
+    ``ghost_batch_size``, ``running_update``, ``remainder`` and linen's
+    ``force_float32_reductions``; the computation is
+    :func:`gbn_jax.ghost_norm.ghost_batch_norm`, shared with the linen module. As in
+    ``nnx.BatchNorm``, ``promote_dtype`` first casts the input, the statistics and the
+    parameters to a common dtype (``dtype`` if given); statistics are then reduced in at
+    least float32. ``promote_dtype=lambda args, **kw: args`` keeps
     linen's dtype rules instead.
 
     Example:
@@ -47,24 +57,7 @@ class GhostBatchNorm(nnx.Module):
 
     Args:
       num_features: size of the feature axis.
-      ghost_batch_size: examples per ghost batch; None (or >= the batch) is ordinary
-        batch norm; otherwise the training batch must be a multiple of it.
-      running_update: "sequential" (Algorithm 1: one EMA step per ghost batch) or
-        "mean" (one step with the averaged ghost statistics).
-      use_running_average: normalize with the running statistics (inference).
-      axis: the feature axis.
-      momentum: EMA decay of the running statistics, Flax convention.
-      epsilon: added to the variance to avoid dividing by zero.
-      dtype: the dtype of the result (default: inferred from input and params).
-      param_dtype: the dtype of scale and bias.
-      use_bias: add a learned bias (beta).
-      use_scale: multiply by a learned scale (gamma).
-      bias_init: initializer for the bias.
-      scale_init: initializer for the scale.
-      axis_name: named axis (shard_map) holding consecutive slices of the global batch.
-      axis_index_groups: device subgroups for axis_name (only with one ghost batch).
-      use_fast_variance: one-pass variance E[x^2] - E[x]^2.
-      force_float32_reductions: statistics in at least float32.
+      {fields}
       promote_dtype: casts ``(x, mean, var, scale, bias)`` to a common dtype, called
         with ``dtype=dtype``; as in ``nnx.BatchNorm``.
       rngs: random number generators for the parameter initializers.
@@ -79,8 +72,9 @@ class GhostBatchNorm(nnx.Module):
         self,
         num_features: int,
         *,
-        ghost_batch_size: int | None = None,
-        running_update: str = "sequential",
+        ghost_batch_size: int | None = GhostOptions.ghost_batch_size,
+        running_update: RunningUpdate = GhostOptions.running_update,
+        remainder: Remainder = GhostOptions.remainder,
         use_running_average: bool | None = False,
         axis: int = -1,
         momentum: float = 0.99,
@@ -100,7 +94,8 @@ class GhostBatchNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     ):
-        _check_config(ghost_batch_size, running_update, momentum)
+        GhostOptions(ghost_batch_size, running_update, remainder)
+        check_momentum(momentum)
         feature_shape = (num_features,)
         stat_dtype = jnp.float32 if force_float32_reductions else param_dtype
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, stat_dtype))
@@ -122,6 +117,7 @@ class GhostBatchNorm(nnx.Module):
         self.num_features = num_features
         self.ghost_batch_size = ghost_batch_size
         self.running_update = running_update
+        self.remainder = remainder
         self.use_running_average = use_running_average
         self.axis = axis
         self.momentum = momentum
@@ -176,6 +172,7 @@ class GhostBatchNorm(nnx.Module):
             use_running_average=use_running_average,
             ghost_batch_size=self.ghost_batch_size,
             running_update=self.running_update,
+            remainder=self.remainder,
             axis=self.axis,
             momentum=self.momentum,
             epsilon=self.epsilon,
@@ -200,3 +197,11 @@ class GhostBatchNorm(nnx.Module):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+GhostBatchNorm.__doc__ = GhostBatchNorm.__doc__.replace(
+    "      {fields}",
+    field_docs(
+        name for name in inspect.signature(GhostBatchNorm.__init__).parameters if name in FIELD_DOCS
+    ),
+)

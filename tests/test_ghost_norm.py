@@ -741,3 +741,252 @@ def test_explicit_sharding_rejects_ghost_batches_straddling_devices(explicit_mes
             GhostBatchNorm(use_running_average=False, ghost_batch_size=ghost).init(
                 jax.random.key(0), x_s
             )
+
+
+# --------------------------------------------------------------------------------------
+# Batches that are not a multiple of the ghost size (remainder="own_ghost_batch").
+
+
+def remainder_sizes(batch, ghost):
+    """Ghost batch sizes by the documented rule: the last batch % ghost examples form a
+    ghost batch of their own, unless they are a single example, which joins the one
+    before."""
+    full, rest = divmod(batch, ghost)
+    if rest == 0:
+        return [ghost] * full
+    return [ghost] * full + [rest] if rest >= 2 else [ghost] * (full - 1) + [ghost + rest]
+
+
+def np_sized_ghost_bn(x, scale, bias, rm, rv, *, sizes, momentum=0.9, update, mask=None):
+    """Batch norm per contiguous group of the given sizes, float64, features last, with
+    one EMA step per group in order ("sequential") or one with the averages ("mean")."""
+    x = np.asarray(x, np.float64)
+    m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
+    reduce_axes = tuple(range(x.ndim - 1))
+    y, means, variances, seen, start = np.empty_like(x), [], [], [], 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        start += size
+        xs, ms = x[rows], m[rows]
+        count = ms.sum(reduce_axes)
+        mu = np.where(ms, xs, 0).sum(reduce_axes) / np.maximum(count, 1)
+        var = np.where(ms, (xs - mu) ** 2, 0).sum(reduce_axes) / np.maximum(count, 1)
+        y[rows] = (xs - mu) / np.sqrt(var + EPS) * scale + bias
+        means.append(mu), variances.append(var), seen.append(count > 0)
+    assert start == x.shape[0]
+    rm, rv = np.array(rm, np.float64), np.array(rv, np.float64)
+    if update == "sequential":
+        for mu, var, s in zip(means, variances, seen, strict=True):
+            rm = np.where(s, momentum * rm + (1 - momentum) * mu, rm)
+            rv = np.where(s, momentum * rv + (1 - momentum) * var, rv)
+    else:
+        n = np.maximum(np.sum(seen, 0), 1)
+        avg_m = np.sum([mu * s for mu, s in zip(means, seen, strict=True)], 0) / n
+        avg_v = np.sum([v * s for v, s in zip(variances, seen, strict=True)], 0) / n
+        rm = np.where(np.any(seen, 0), momentum * rm + (1 - momentum) * avg_m, rm)
+        rv = np.where(np.any(seen, 0), momentum * rv + (1 - momentum) * avg_v, rv)
+    return y, rm, rv
+
+
+def jnp_sized_ghost_bn(x, scale, bias, sizes, mask=None):
+    """The same normalization in plain jnp, features last, for jax.grad and jax.jvp."""
+    m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
+    reduce_axes = tuple(range(x.ndim - 1))
+    ys, start = [], 0
+    for size in sizes:
+        xs, ms = x[start : start + size], m[start : start + size]
+        start += size
+        count = jnp.maximum(ms.sum(reduce_axes), 1)
+        mu = jnp.where(ms, xs, 0).sum(reduce_axes) / count
+        var = jnp.where(ms, jnp.square(xs - mu), 0).sum(reduce_axes) / count
+        ys.append((xs - mu) / jnp.sqrt(var + EPS) * scale + bias)
+    return jnp.concatenate(ys)
+
+
+REMAINDER_CASES = [  # (shape, ghost): remainders of 2, 1 (joins), 3, 1 with one full ghost
+    ((10, 5), 4),
+    ((9, 5), 4),
+    ((11, 3, 3, 4), 4),  # conv NHWC
+    ((13, 2, 3), 3),
+    ((5, 6), 4),
+    ((7, 2, 2, 3), 2),
+]
+
+
+@pytest.mark.parametrize("shape,ghost", REMAINDER_CASES)
+@pytest.mark.parametrize("masked", [None, "examples", "entries", "features"])
+def test_remainder_matches_numpy_outputs_and_running_statistics(shape, ghost, masked):
+    """Outputs and running statistics (both updates, both variance formulas) equal the
+    numpy reference with the documented ghost batch sizes, with and without a mask."""
+    rng = np.random.default_rng(shape[0] * 10 + ghost + len(str(masked)))
+    x, scale, bias, rm, rv = random_inputs(rng, shape, shape[-1])
+    sizes = remainder_sizes(shape[0], ghost)
+    firsts = np.cumsum([0, *sizes[:-1]])
+    mask = None
+    if masked == "examples":  # per example; each ghost batch keeps its first two
+        mask = rng.random(shape[0]) < 0.6
+        mask[firsts] = mask[firsts + 1] = True
+        mask = mask.reshape(-1, *[1] * (len(shape) - 1))
+    elif masked == "entries":  # elementwise
+        mask = rng.random(shape) < 0.6
+        mask[firsts] = mask[firsts + 1] = True
+    elif masked == "features":  # broadcast over the batch: whole features left out
+        mask = rng.random(shape[-1]) < 0.6
+        mask[0] = True
+    for update, fast in (("sequential", True), ("mean", False)):
+        y, new_m, new_v = ghost_batch_norm(
+            jnp.asarray(x),
+            scale,
+            bias,
+            rm,
+            rv,
+            use_running_average=False,
+            ghost_batch_size=ghost,
+            remainder="own_ghost_batch",
+            running_update=update,
+            momentum=0.9,
+            use_fast_variance=fast,
+            mask=mask,
+        )
+        ry, rm2, rv2 = np_sized_ghost_bn(
+            x, scale, bias, rm, rv, sizes=sizes, update=update, mask=mask
+        )
+        np.testing.assert_allclose(y, ry, rtol=1e-4, atol=2e-4, err_msg=f"{update=}")
+        np.testing.assert_allclose(new_m, rm2, rtol=1e-5, atol=1e-5, err_msg=f"{update=}")
+        np.testing.assert_allclose(new_v, rv2, rtol=1e-5, atol=1e-5, err_msg=f"{update=}")
+
+
+def test_remainder_running_update_closed_form():
+    """k full ghost batches and one smaller: new = m**(k+1) old + sum_j (1-m) m**(k+1-j)
+    stat_j, each ghost batch's statistics from its own examples."""
+    rng = np.random.default_rng(41)
+    x = rng.normal(size=(14, 3)) * 2 + 1  # ghost 4: 4, 4, 4 and a remainder of 2
+    old = rng.normal(size=3)
+    _, new_mean, _ = ghost_batch_norm(
+        jnp.asarray(x, jnp.float32),
+        None,
+        None,
+        jnp.asarray(old, jnp.float32),
+        jnp.ones(3),
+        use_running_average=False,
+        ghost_batch_size=4,
+        remainder="own_ghost_batch",
+        momentum=0.8,
+    )
+    stats = [x[0:4].mean(0), x[4:8].mean(0), x[8:12].mean(0), x[12:14].mean(0)]
+    expected = 0.8**4 * old + sum(0.2 * 0.8 ** (3 - j) * s for j, s in enumerate(stats))
+    np.testing.assert_allclose(new_mean, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,ghost", [((10, 3), 4), ((9, 2, 2, 3), 4), ((7, 3), 3)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_remainder_gradients_and_forward_mode_match_plain_jnp(shape, ghost, masked):
+    """jax.grad (reverse mode through the custom rule) and jax.jvp equal those of the
+    plain-jnp reference differentiated by JAX itself."""
+    rng = np.random.default_rng(43 + shape[0] + masked)
+    x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
+    scale, bias = (jnp.asarray(rng.normal(size=shape[-1]), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    sizes = remainder_sizes(shape[0], ghost)
+    mask = None
+    if masked:
+        rows = rng.random(shape[0]) < 0.7
+        rows[np.cumsum([0, *sizes[:-1]])] = rows[np.cumsum([1, *sizes[:-1]])] = True
+        mask = jnp.asarray(rows.reshape(-1, *[1] * (len(shape) - 1)))
+    module = GhostBatchNorm(
+        ghost_batch_size=ghost, remainder="own_ghost_batch", use_running_average=False
+    )
+    variables = {
+        "params": {"scale": scale, "bias": bias},
+        "batch_stats": {"mean": jnp.zeros(shape[-1]), "var": jnp.ones(shape[-1])},
+    }
+
+    def ours(x, scale, bias):
+        v = {**variables, "params": {"scale": scale, "bias": bias}}
+        return module.apply(v, x, mutable=["batch_stats"], mask=mask)[0]
+
+    ref = lambda x, scale, bias: jnp_sized_ghost_bn(x, scale, bias, sizes, mask)
+    loss = lambda f: lambda *args: jnp.sum(jnp.tanh(f(*args)) * w)
+    grads = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(x, scale, bias)
+    assert_trees_close(grads, jax.grad(loss(ref), (0, 1, 2))(x, scale, bias), atol=1e-4)
+    tangents = tuple(jnp.asarray(rng.normal(size=a.shape), jnp.float32) for a in (x, scale, bias))
+    _, dy = jax.jvp(ours, (x, scale, bias), tangents)
+    _, ref_dy = jax.jvp(ref, (x, scale, bias), tangents)
+    np.testing.assert_allclose(dy, ref_dy, rtol=1e-4, atol=1e-4)
+
+
+def test_remainder_default_is_the_error_and_inference_ignores_it():
+    rng = np.random.default_rng(47)
+    x = jnp.asarray(rng.normal(size=(10, 3)), jnp.float32)
+    module = GhostBatchNorm(ghost_batch_size=4, momentum=0.9)
+    variables = module.init(jax.random.key(0), x, use_running_average=True)
+    with pytest.raises(ValueError, match=r"\(10\).*\(4\).*remainder='own_ghost_batch'"):
+        module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    # A batch that is a multiple is untouched by the mode: the same bits.
+    own = module.clone(remainder="own_ghost_batch")
+    for a, b in zip(
+        jax.tree.leaves(own.apply(variables, x[:8], use_running_average=False, mutable=True)),
+        jax.tree.leaves(module.apply(variables, x[:8], use_running_average=False, mutable=True)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        own.apply(variables, x, use_running_average=True),
+        module.apply(variables, x, use_running_average=True),
+    )
+    with pytest.raises(ValueError, match="remainder='pad'"):
+        GhostBatchNorm(ghost_batch_size=4, remainder="pad")
+    with pytest.raises(ValueError, match=r"momentum=1\.5"):
+        GhostBatchNorm(momentum=1.5)
+
+
+def test_remainder_under_axis_name_or_explicit_sharding_is_rejected(sharded_setup, explicit_mesh):
+    """Unequal ghost batches cannot be split over devices: a clear error instead."""
+    mesh = sharded_setup[0]
+    module = GhostBatchNorm(
+        ghost_batch_size=3, remainder="own_ghost_batch", axis_name="data", momentum=0.9
+    )
+    x = jnp.asarray(np.random.default_rng(53).normal(size=(64, 3)), jnp.float32)
+    variables = module.init(jax.random.key(0), x[:8], use_running_average=True)
+    local = lambda v, x: module.apply(v, x, use_running_average=False, mutable=True)[0]
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+    with pytest.raises(ValueError, match=r"per-device batch size \(8\).*not available"):
+        mapped(variables, x)
+    with jax.set_mesh(explicit_mesh):
+        x_s = jax.device_put(jnp.ones((40, 3)), P("data"))
+        with pytest.raises(ValueError, match=r"sharded over 8 devices.*mask"):
+            module.clone(axis_name=None).apply(variables, x_s, use_running_average=False)
+
+
+def test_one_definition_of_the_ghost_fields():
+    """The linen module, the NNX module, ghost_batch_norm and ghostify take the fields
+    of GhostOptions with its defaults, and every field has one description."""
+    import dataclasses
+    import inspect
+
+    from gbn_jax import ghostify as ghostify_function
+    from gbn_jax import nnx as gbn_nnx
+    from gbn_jax.ghost_norm import FIELD_DOCS, GhostOptions
+
+    ghostify_module = inspect.getmodule(ghostify_function)
+    defaults = {f.name: f.default for f in dataclasses.fields(GhostOptions)}
+    linen_fields = {f.name: f.default for f in dataclasses.fields(GhostBatchNorm)}
+    signatures = [
+        inspect.signature(f).parameters
+        for f in (
+            gbn_nnx.GhostBatchNorm.__init__,
+            ghost_batch_norm,
+            ghostify_module.ghost_batch_norm_scope,
+            ghostify_module.ghostify,
+            ghostify_module.ghostify_nnx,
+        )
+    ]
+    for name, default in defaults.items():
+        assert linen_fields[name] == default, name
+        assert name in FIELD_DOCS and name in GhostOptions.__doc__
+        for params in signatures:
+            if params[name].default is not inspect.Parameter.empty:
+                assert params[name].default == default, name
+    for name in linen_fields:
+        if name not in ("parent", "name"):
+            assert name in FIELD_DOCS and name in GhostBatchNorm.__doc__, name

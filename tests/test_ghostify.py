@@ -176,6 +176,32 @@ def test_scope_replaces_only_batchnorms_own_computation():
             pass
     with pytest.raises(ValueError, match="running_update"):
         ghostify(layer.apply, GHOST, running_update="ema")
+    with pytest.raises(ValueError, match="remainder='pad'"):
+        ghostify(layer.apply, GHOST, remainder="pad")
+
+
+def test_remainder_mode_reaches_batchnorms_in_linen_and_nnx():
+    """remainder="own_ghost_batch" through the linen scope and ghostify_nnx: the same
+    results as the layers written with it, on a batch of 10 with ghost batches of 4."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(10, 3)) * 2 + 1, jnp.float32)
+    kw = dict(use_running_average=False, momentum=0.9)
+    variables = nn.BatchNorm(**kw).init(jax.random.key(0), x)
+    with ghost_batch_norm_scope(GHOST, remainder="own_ghost_batch"):
+        got = nn.BatchNorm(**kw).apply(variables, x, mutable=["batch_stats"])
+    with pytest.raises(ValueError, match="not a multiple"), ghost_batch_norm_scope(GHOST):
+        nn.BatchNorm(**kw).apply(variables, x, mutable=["batch_stats"])
+    written = GhostBatchNorm(ghost_batch_size=GHOST, remainder="own_ghost_batch", **kw)
+    want = written.apply(variables, x, mutable=["batch_stats"])
+    assert_trees_close(got, want, rtol=0, atol=0)
+    model = ghostify_nnx(
+        nnx.Sequential(nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))),
+        GHOST,
+        remainder="own_ghost_batch",
+    )
+    assert model.layers[0].remainder == "own_ghost_batch"
+    np.testing.assert_allclose(model(x), want[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model.layers[0].mean[...], want[1]["batch_stats"]["mean"], atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------

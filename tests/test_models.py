@@ -361,6 +361,8 @@ def test_make_norm_returns_the_chosen_layer():
     assert ghost.keywords["ghost_batch_size"] == 32
     assert ghost.keywords["momentum"] == 0.95
     assert ghost.keywords["param_dtype"] == jnp.float32
+    # The layer's own rule for momentum: [0, 1], 1 keeping the running statistics fixed.
+    assert make_norm("ghost", ghost_batch_size=8, momentum=1.0).keywords["momentum"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -372,6 +374,7 @@ def test_make_norm_returns_the_chosen_layer():
         (lambda: make_norm("ghost", ghost_batch_size=0), "ghost_batch_size=0"),
         (lambda: make_norm("ghost", ghost_batch_size=8, running_update="x"), "'x'"),
         (lambda: make_norm("batch", momentum=1.5), "momentum=1.5"),
+        (lambda: make_norm("ghost", ghost_batch_size=True), "ghost_batch_size=True"),
         (lambda: get_model("c1", num_classes=10, dtype="int8"), "int8"),
         (lambda: get_model("c1", num_classes=10, dtype="float33"), "float33"),
         (lambda: get_model("resnet_cifar", num_classes=10, depth=45), "depth=45"),

@@ -219,3 +219,36 @@ def test_forward_mode_through_the_nnx_layer():
         jax.jvp(gbn, (x,), (t,))[1], jax.jvp(bn, (x,), (t,))[1], rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(jax.jacfwd(gbn)(x), jax.jacrev(bn)(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [10, 9])  # remainders of 2 (own ghost batch) and 1 (joins)
+def test_remainder_mode_same_bits_as_linen(batch):
+    """remainder="own_ghost_batch" in NNX: the linen module's outputs, running
+    statistics and input gradients, bit for bit (promote_dtype the identity)."""
+    rng = np.random.default_rng(6)
+    x, dy = _random(rng, (batch, 2, 2, 3)), _random(rng, (batch, 2, 2, 3))
+    kw = dict(ghost_batch_size=4, remainder="own_ghost_batch", momentum=0.9)
+    layer = GhostBatchNorm(3, promote_dtype=lambda args, **_: args, **kw, rngs=nnx.Rngs(0))
+    layer.scale[...], layer.bias[...] = _random(rng, (3,)), _random(rng, (3,))
+    variables = {
+        "params": {"scale": layer.scale[...], "bias": layer.bias[...]},
+        "batch_stats": {"mean": layer.mean[...], "var": layer.var[...]},
+    }
+    grad_x = jax.grad(lambda x: jnp.sum(nnx.merge(*nnx.split(layer), copy=True)(x) * dy))(x)
+    y = layer(x)
+
+    def linen_loss(x):
+        y, upd = LinenGhostBatchNorm(use_running_average=False, **kw).apply(
+            variables, x, mutable=["batch_stats"]
+        )
+        return jnp.sum(y * dy), (y, upd["batch_stats"])
+
+    ref_grad_x, (ref_y, stats) = jax.grad(linen_loss, has_aux=True)(x)
+    np.testing.assert_array_equal(y, ref_y)
+    np.testing.assert_array_equal(grad_x, ref_grad_x)
+    np.testing.assert_array_equal(layer.mean[...], stats["mean"])
+    np.testing.assert_array_equal(layer.var[...], stats["var"])
+    with pytest.raises(ValueError, match="remainder='drop'"):
+        GhostBatchNorm(3, remainder="drop", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"momentum=-0\.1"):
+        GhostBatchNorm(3, momentum=-0.1, rngs=nnx.Rngs(0))

@@ -10,7 +10,6 @@ References:
 
 import contextlib
 import functools
-import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,10 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gbn_jax.ghost_norm import GhostBatchNorm
+from gbn_jax.ghost_norm import GhostBatchNorm, GhostOptions, RunningUpdate, check_momentum
 
 NORMS = ("batch", "ghost")
-RUNNING_UPDATES = ("sequential", "mean")
 # Initial scale (gamma) of every normalization layer. "ones" is Flax's and PyTorch's
 # (>= 1.0) default; "uniform" draws U[0, 1) as PyTorch < 1.0 did (``reset_parameters``
 # of its _BatchNorm), which the authors' code ran with.
@@ -35,7 +33,7 @@ def make_norm(
     norm: str,
     *,
     ghost_batch_size: int | None = None,
-    running_update: str = "sequential",
+    running_update: RunningUpdate = "sequential",
     momentum: float = 0.9,
     dtype: Any = jnp.float32,
     scale_init: str = "ones",
@@ -72,9 +70,8 @@ def make_norm(
 
     Raises:
       ValueError: for an unknown ``norm``, ``running_update`` or ``scale_init``, for
-        ``norm="ghost"``
-        without a positive integer ``ghost_batch_size``, or for a momentum outside
-        [0, 1).
+        ``norm="ghost"`` without a positive integer ``ghost_batch_size``, or for a
+        momentum outside [0, 1].
 
     References:
       Hoffer, Hubara & Soudry (2017), section 4, Algorithm 1.
@@ -83,11 +80,7 @@ def make_norm(
         raise ValueError(f"Unknown normalization {norm=}; use one of {NORMS}.")
     if scale_init not in SCALE_INITS:
         raise ValueError(f"Unknown {scale_init=}; use one of {sorted(SCALE_INITS)}.")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(
-            f"Batch-norm {momentum=} must lie in [0, 1) (Flax convention: 0.9 is "
-            "PyTorch's momentum 0.1)."
-        )
+    check_momentum(momentum)
     common = dict(
         momentum=momentum,
         epsilon=BN_EPSILON,
@@ -102,14 +95,7 @@ def make_norm(
             "norm='ghost' needs ghost_batch_size=None replaced by the small-batch size "
             "|B_S|, e.g. get_model(..., norm='ghost', ghost_batch_size=128)."
         )
-    if (
-        isinstance(ghost_batch_size, bool)
-        or not isinstance(ghost_batch_size, numbers.Integral)
-        or ghost_batch_size < 1
-    ):
-        raise ValueError(f"{ghost_batch_size=} must be a positive int, e.g. 128.")
-    if running_update not in RUNNING_UPDATES:
-        raise ValueError(f"Unknown {running_update=}; use one of {RUNNING_UPDATES}.")
+    GhostOptions(ghost_batch_size, running_update)
     return functools.partial(
         GhostBatchNorm,
         ghost_batch_size=int(ghost_batch_size),
