@@ -158,8 +158,9 @@ def _save_failure(manager: ocp.CheckpointManager, step: int | None, error: Excep
     # Orbax renames a step's directory to its bare number only once every file is
     # written; the failed write stays a temporary directory, deleted at the next start.
     intact = _complete_steps(directory)
+    label = "step" if len(intact) == 1 else "steps"
     kept = (
-        f"The checkpoints written before (steps {', '.join(map(str, intact))}) are intact"
+        f"The checkpoints written before ({label} {', '.join(map(str, intact))}) are intact"
         if intact
         else "No checkpoint was written before"
     )

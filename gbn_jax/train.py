@@ -591,6 +591,7 @@ def _train_and_evaluate(
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
     checkpoint_dir = str(manager.directory)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    summary_path = os.path.join(workdir, "summary.json")
     restored = checkpointing.restore_latest(
         manager, abstract_state, state_sharding, abstract_acc, acc_sharding
     )
@@ -609,6 +610,10 @@ def _train_and_evaluate(
     if is_main:
         _truncate_metrics(metrics_path, start_step)
         workdir_lib.record_changes(workdir, start_step, config_changes)
+        if start_step < total_steps and os.path.exists(summary_path):
+            # A summary is a finished run's; this one trains on (from an older checkpoint
+            # than the last, or to more steps), so it goes until the run ends again.
+            os.remove(summary_path)
 
     # ---- Loop. -----------------------------------------------------------------------------
     log_steps = log_spaced_steps(total_steps) if config.log_schedule == "log" else set()
@@ -821,7 +826,7 @@ def _train_and_evaluate(
     # ---- Summary. ----------------------------------------------------------------------------
     summary = _summarize(metrics_path, config, start_step, total_steps, time.time() - start_time)
     if is_main:
-        _write_json(os.path.join(workdir, "summary.json"), summary)
+        _write_json(summary_path, summary)
         print("summary:", json.dumps({k: v for k, v in summary.items() if k != "config"}))
     return summary
 
