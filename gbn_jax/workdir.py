@@ -16,7 +16,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-CONFIG_FILE = "config.json"
+from gbn_jax import run_files
+
+CONFIG_FILE = run_files.CONFIG_FILE
 CHANGES_FILE = "config_changes.jsonl"
 
 # Fields a restart may change with --allow_config_change, and why each leaves the
@@ -82,11 +84,10 @@ def run_config(workdir: str) -> dict | None:
     Returns:
       config.json with the changes of config_changes.jsonl applied, as a nested dict.
     """
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    first = run_files.read_json(run_files.path(workdir, CONFIG_FILE))
+    if first is None:
         return None
-    with open(path) as f:
-        flat = flatten(json.load(f))
+    flat = flatten(first)
     for record in _read_changes(workdir):
         flat.update({name: change["new"] for name, change in record["changes"].items()})
     return unflatten(flat)
@@ -170,14 +171,9 @@ def check_restart(
 
 def write_config(workdir: str, config: dict) -> None:
     """Writes config.json at the first start of a run; a restart keeps the first one."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(path):
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    path = run_files.path(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        run_files.write_json(path, config)
 
 
 def record_changes(workdir: str, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
