@@ -116,8 +116,8 @@ def check_momentum(momentum: float) -> None:
 class GhostOptions:
     """The fields Ghost Batch Normalization adds to BatchNorm's, checked on creation.
 
-    One value of this class carries them from the linen module, the NNX module and
-    :mod:`gbn_jax.ghostify` to :func:`ghost_batch_norm`.
+    The linen and NNX modules, :mod:`gbn_jax.ghostify` and :func:`ghost_batch_norm`
+    take these fields with these defaults and check them by creating one.
 
     Attributes:
       {fields}
