@@ -24,6 +24,10 @@ import pytest
 
 from gbn_jax import checkpointing, train, workdir
 
+# Orbax's asynchronous tasks still queued when a read or write failed report "Event
+# loop is closed" once their loop is gone: noise of the failures these tests cause.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F1_CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_f1.py")
 ARG = "lb,batch=256,epochs_scale=0.002"
@@ -304,9 +308,6 @@ def test_no_checkpoint_restores_gives_a_short_error(reference, tmp_path):
 # ------------------------------------------------------------------ failed writes
 
 
-# Orbax's write tasks that were still queued when a write failed report "Event loop is
-# closed" once their loop is gone: noise of the failure under test.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_failed_write_stops_the_run_and_the_rerun_is_bit_exact(reference, tmp_path, monkeypatch):
     """An injected write error (ENOSPC) in the background write of checkpoint 6: the
     run stops with what failed and how to resume, checkpoint 4 stays, and the rerun
@@ -354,9 +355,6 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=False)
 
 
-# Orbax's write tasks that were still queued when a write failed report "Event loop is
-# closed" once their loop is gone: noise of the failure under test.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_full_disk_keeps_the_checkpoints_and_the_rerun_is_bit_exact(
     reference, tmp_path, small_disk
 ):
