@@ -10,7 +10,7 @@ goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
 
-Expected runtime: Not measured here; see cifar10_c1.py (same network size and regime).
+Expected runtime: not measured; same network and regime as cifar10_c1.py.
 
 Expected result: Paper (CIFAR-100, C3): SB 61.25%, LB 51.50%, +LR 57.38%, +GBN 57.5%, +RA 63.20%.
 

@@ -10,8 +10,8 @@ goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
 
-Expected runtime: Not measured here; about 1-2 GPU-hours per SB column, x8 with RA at
-batch 1024.
+Expected runtime: not measured. 200 epochs = 10M images per column (x8 with RA at
+batch 1024).
 
 Expected result: Paper (CIFAR-100, WResNet16-4): SB 73.70%, LB 68.15%, +LR 69.05%, +GBN 71.20%,
 +RA 73.57%. The authors' large batch for this row is 1024.

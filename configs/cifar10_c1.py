@@ -10,8 +10,8 @@ goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
 
-Expected runtime: Not measured here. The 200-epoch SB regime is ~10M images per column
-(x32 with RA at batch 4096); expect hours per column on one modern GPU.
+Expected runtime: not measured. 200 epochs = 10M images per column (x32 with RA at
+batch 4096).
 
 Expected result: Paper (CIFAR-10, C1): SB 87.80%, LB 83.95%, +LR 86.15%, +GBN 86.4%, +RA 88.20%.
 

@@ -10,8 +10,8 @@ goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
 
-Expected runtime: Not measured here. One SB run is ~9M images (about 1 GPU-hour on a modern
-GPU); RA at batch 2048 multiplies the epochs by 16.
+Expected runtime: not measured. 200 epochs = 10M images per column (x16 with RA at
+batch 2048).
 
 Expected result: Paper (CIFAR-10, ResNet44): SB 92.83%, LB 86.10%, +LR 89.30%, +GBN 90.50%,
 +RA 93.07%. The authors' large batch for this row is 2048 (one script uses ghost 256).

@@ -10,8 +10,8 @@ goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
 
-Expected runtime: Not measured here; about an hour per SB column on one modern GPU, x32 with
-RA at batch 4096.
+Expected runtime: not measured. 200 epochs = 10M images per column (x32 with RA at
+batch 4096).
 
 Expected result: Paper (CIFAR-10, VGG): SB 92.30%, LB 84.1%, +LR 88.6%, +GBN 91.50%, +RA 93.03%.
 The paper does not state this row's large batch with certainty; 4096 is assumed.

@@ -10,7 +10,7 @@ goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
 ``noise_scale_every=N`` logs the gradient noise scale B_simple every N steps (off by
-default; the training is unchanged bit for bit, the run ~1/N slower), e.g.
+default; the training is unchanged bit for bit), e.g.
 ``:lb_lr_gbn,noise_scale_every=25`` or ``:sb,noise_scale_every=100``.
 
 The authors' protocol (eladhoffer/bigBatch, see gbn_jax/config_lib.py):
@@ -20,12 +20,10 @@ batch and LR rule per column (AUTHORS_BATCH_SIZES below); each is also a switch 
 own (momentum_reset=1, bn_scale_init=uniform, augment=authors, keep_last_batch=1,
 lr_rule=authors). ``validation=10000`` holds 10k training images out for selection.
 
-Expected runtime: measured on this project's 2-core CPU machine (single device, idle):
-~12-15k images/s at batch 2048-4096, ~9k at batch 128. sb, lb, lb_lr, lb_lr_gbn: 50
-epochs = 3M images (2.5M with validation=10000), ~4-5 min each; lb_lr_gbn_ra at batch
-4096: 23,400 steps = 96M images, ~2 h (batch=2048: 48M images, ~1 h). epochs_scale=0.1
-divides all of these by 10. One H100 ran the five columns in 96 + 55 + 58 + 166 s (+LR
-not timed).
+Expected runtime: 50 epochs = 3M images per column (2.5M with validation=10000);
+lb_lr_gbn_ra at batch 4096 takes 23,400 steps = 96M images. Measured rates:
+experiments/results/bench_trainer.md (CPU) and experiments/results/f1_unscaled_gpu/
+(one GPU).
 
 Expected result: the paper's F1 row is MNIST (SB 98.27%, LB 97.05%, +LR 97.55%, +GBN
 97.60%, +RA 98.53%); there is no paper number for Fashion-MNIST. Here, with
@@ -43,9 +41,9 @@ from gbn_jax import config_lib, regimes
 
 # |B_L|: the large batch of this row in the authors' runs; |B_S| comes from the regime.
 LARGE_BATCH_SIZE = 4096
-# lr_rule=authors: the authors' run_experiments.sh ran the F1 LB and +LR columns with
-# main_normal.py at 2048 (LR x sqrt(2048/256) = 0.283 for +LR) and +GBN with main_gbn.py
-# at 4096, ghost 128 (LR x sqrt(4096/128) = 0.566). It has no F1 +RA run; ours keeps 4096.
+# lr_rule=authors: the authors' run script ran the F1 LB and +LR columns without ghost
+# batches at 2048 (LR x sqrt(2048/256) = 0.283 for +LR) and +GBN at 4096, ghost 128
+# (LR x sqrt(4096/128) = 0.566). It has no F1 +RA run; ours keeps 4096.
 AUTHORS_BATCH_SIZES = {"lb": 2048, "lb_lr": 2048, "lb_lr_gbn": 4096, "lb_lr_gbn_ra": 4096}
 
 

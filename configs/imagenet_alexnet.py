@@ -10,8 +10,8 @@ goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
 
-Expected runtime: Not measured here. Needs ImageNet prepared for TFDS (data_dir=...);
-plan for a TPU pod slice or a multi-GPU host: ~30M images per SB column.
+Expected runtime: not measured. Needs ImageNet prepared for TFDS (data_dir=...);
+30 epochs = 38M images per column (x16 with RA at batch 4096).
 
 Expected result: Paper (ImageNet top-1, AlexNet): SB 57.10%, LB 41.23%, +LR 53.25%, +GBN 54.92%
 (53.93% at LB 8192, use batch=8192), +RA 59.5%.

@@ -10,8 +10,8 @@ goyal (linear scaling + 5 warm-up epochs) and lars. Options: batch=, ghost=,
 epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 ``:lb_lr_gbn_ra,batch=2048,ghost=64``); any field also takes ``--config.x.y=...``.
 
-Expected runtime: Not measured here. ~115M images per SB column (90 epochs); a TPU v3-32
-or 8 modern GPUs take a few hours per column.
+Expected runtime: not measured. Needs ImageNet prepared for TFDS (data_dir=...);
+100 epochs = 128M images per SB column (x32 with RA at batch 8192).
 
 Expected result: No paper number: the paper's table has no ResNet-50 row. Goyal et al. report
 ~76.3% top-1 at batch 8192 with linear scaling and 5 warm-up epochs (variant goyal).

@@ -3,7 +3,7 @@
 The paper measures the distance d(t) = ||w_t - w_0|| against the number of updates t
 and finds d(t) ~ a + b log t ("ultra-slow diffusion") rather than the d ~ sqrt(t) of a
 free random walk. This module holds the small numpy fits used to test that claim on the
-trainer's logs and on the toy random-walk model (experiments/random_walk.py):
+trainer's logs and on the toy random-walk model (experiments/paper/random_walk.py):
 
 * `fit_log`: d = a + b log t
 * `fit_sqrt`: d = a + b sqrt(t)
@@ -114,9 +114,6 @@ def select_range(
     Raises:
       ValueError: On mismatched shapes, an empty or inverted range, or when both
         `t_min` and `last_decades` are given.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), Section 3 (the log t law is asymptotic).
     """
     t = _as_1d("t", t)
     curves = [_as_1d(f"ys[{i}]", y) for i, y in enumerate(ys)]
@@ -172,9 +169,6 @@ def fit_log(
 
     Raises:
       ValueError: If some t <= 0, values are not finite, or fewer than 3 points remain.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), Section 3 and Figure 2: ||w_t - w_0|| ~ log t.
     """
     t, d = _prepare(t, d, t_min, t_max, positive_t=True, positive_d=False)
     return _linear_fit("log", t, d, np.log, ("a", "b"))
@@ -200,9 +194,6 @@ def fit_sqrt(
 
     Raises:
       ValueError: If some t < 0, values are not finite, or fewer than 3 points remain.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), Section 3: a free random walk travels d ~ sqrt(t).
     """
     t, d = _prepare(t, d, t_min, t_max, positive_t=False, positive_d=False)
     if np.any(t < 0):
@@ -236,10 +227,6 @@ def fit_power_law(
     Raises:
       ValueError: If some x <= 0 or y <= 0, values are not finite, or fewer than 3
         points remain.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), Section 3: d ~ (log t)^(1/gamma) against
-      d ~ t^(1/2).
     """
     x, y = _prepare(x, y, x_min, x_max, positive_t=True, positive_d=True)
     line = _linear_fit("power_law", np.log(x), np.log(y), lambda u: u, ("log_c", "alpha"))
@@ -287,9 +274,6 @@ def fit_log_power(
     Raises:
       ValueError: If some t <= 1, values are not finite, the exponent or its bounds
         are not positive, or too few points remain (3 with p fixed, 4 with p free).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), Section 3: d ~ (log t)^(1/gamma).
     """
     t, d = _prepare(t, d, t_min, t_max, positive_t=True, positive_d=False)
     if np.any(t <= 1):
@@ -384,9 +368,6 @@ def read_metrics(
       FileNotFoundError: If there is no metrics.jsonl.
       run_files.CorruptRunFileError: If a line other than the last is not valid JSON.
       ValueError: If no line holds all of `keys`.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), Figure 2 (||w_t - w_0|| logged during training).
     """
     path = os.fspath(workdir)
     if os.path.isdir(path):

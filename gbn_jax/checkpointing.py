@@ -4,8 +4,8 @@ One orbax ``CheckpointManager`` under ``workdir/checkpoints``; each step directo
 holds the items ``state`` (the TrainState pytree: params, batch_stats, opt_state, step,
 params0), ``data`` (the train iterator's JSON position) and ``train_metrics`` (the on-device
 train-metrics sums since the last log, so that a run stopped between two logs still
-logs exactly what an uninterrupted one does; checkpoints written before this item
-existed restore with empty sums; orbax reserves the name ``metrics``).
+logs exactly what an uninterrupted one does; a checkpoint without it restores with
+empty sums; orbax reserves the name ``metrics``).
 
 Asynchronous: ``save`` returns once every array has been copied to host memory (orbax
 transfers all arrays before it returns unless told to defer some, which this module
@@ -31,10 +31,6 @@ GCE and Kubernetes send before they take a machine back), at the same step on ev
 process. It is the only caller of JAX's preemption sync point: the manager's own calls
 (orbax asks it at every save, with the checkpoint's step, also from its background
 thread) are turned off, since the protocol needs one caller that counts every step.
-
-References:
-  Hoffer, Hubara & Soudry (2017), section 5 (long "train longer" runs must survive
-  preemption without changing their result).
 """
 
 import json
@@ -59,9 +55,6 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
     Returns:
       An asynchronous CheckpointManager (see the module docstring).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5.
     """
     return _CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -111,9 +104,6 @@ def save(
     Raises:
       CheckpointError: this write or the one before failed (a full disk, say); the
         checkpoints already on disk are intact.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5.
     """
     wait_until_finished(manager)
     items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state)}
@@ -224,9 +214,6 @@ def restore_latest(
     Raises:
       CheckpointError: there are checkpoints and none can be read; the message names
         each with what was wrong with it.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5.
     """
     failures = []
     for step in sorted(manager.all_steps(), reverse=True):

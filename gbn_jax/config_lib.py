@@ -38,12 +38,12 @@ option                  authors' code                        default (off)
 ======================  ===================================  ======================
 
 ``lr_rule=authors`` takes each column's batch from the experiment family's
-``authors_batch_sizes`` (the authors' run_experiments.sh; F1: LB and +LR at 2048, +GBN
-at 4096) and scales the LR against 256 without ghost batches (``main_normal.py``) and
-against the ghost size with them (``main_gbn.py``). ``validation=N`` holds N training
-examples out as a validation split (metrics ``val_*``), on which protocols are chosen;
-the test split stays the reported one. Best and final accuracies are both in every
-run's summary.json (the authors report the best test accuracy over epochs).
+``authors_batch_sizes`` (the batches of the authors' run script) and scales the LR
+against 256 without ghost batches and against the ghost size with them, as their code
+does. ``validation=N`` holds N training examples out as a validation split (metrics
+``val_*``), on which protocols are chosen; the test split stays the reported one. Best
+and final accuracies are both in every run's summary.json (the authors report the best
+test accuracy over epochs).
 ``noise_scale_every=N`` logs the gradient noise scale B_simple every N steps
 (``config.noise_scale``, off by default; training unchanged bit for bit).
 ``norm=batch|ghost`` and ``lr_scaling=none|sqrt|linear`` replace one ingredient of a
@@ -51,8 +51,9 @@ column and leave the rest as the variant sets it (batch, LR reference, regime
 adaptation), e.g. ``lb_lr_gbn_ra,norm=batch`` is +RA with plain batch norm.
 
 References:
-  Hoffer, Hubara & Soudry (2017), sections 3-5 and table 1; Goyal et al. (2017) for
-  linear scaling with warm-up; You et al. (2017) for LARS.
+  Hoffer, Hubara & Soudry (2017), sections 4-5 and table 1 (the columns, sqrt LR
+  scaling); Goyal et al. (2017) for linear scaling with warm-up; You et al. (2017) for
+  LARS.
 """
 
 import dataclasses
@@ -96,7 +97,7 @@ VARIANTS: dict[str, Variant] = {
     "lars": Variant(large_batch=True, lr_scaling="sqrt", optimizer="lars"),
 }
 
-# The paper's code clips every run at this global L2 norm; it acts as a warm-up.
+# The authors' code clips every run at this global L2 norm.
 GRAD_CLIP_NORM = 5.0
 
 
@@ -152,7 +153,8 @@ AUTHORS_PROTOCOL = {
     "keep_last_batch": True,
     "lr_rule": "authors",
 }
-# The authors' main_normal.py scales the LR by sqrt(B / 256) (main_gbn.py: B / ghost).
+# Without ghost batches the authors' code scales the LR by sqrt(B / 256) (with them,
+# by sqrt(B / ghost)).
 AUTHORS_NORMAL_LR_REFERENCE = 256
 
 
@@ -173,9 +175,6 @@ def parse_arg(arg: str | None, default_variant: str = "lb_lr_gbn_ra") -> tuple[s
 
     Raises:
       ConfigArgError: an unknown variant or option, or a value of the wrong type.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), table 1 (the columns).
 
     >>> parse_arg("lb_lr,batch=2048,epochs_scale=0.5")
     ('lb_lr', {'batch': 2048, 'epochs_scale': 0.5})
@@ -247,9 +246,6 @@ def scale_epochs(regime: ml_collections.ConfigDict, factor: float) -> ml_collect
     Returns:
       A new ConfigDict with the scaled regime.
 
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5 (base regimes).
-
     >>> r = scale_epochs(ml_collections.ConfigDict(
     ...     {"epochs": 40, "lr_schedule": ((0, 0.1), (10, 0.01)), "weight_decay": 1e-4}), 0.5)
     >>> r.epochs, r.lr_schedule
@@ -271,10 +267,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     """The trainer fields every experiment config starts from.
 
     Returns:
-      A ConfigDict with data_dir, seed, eval/log/checkpoint cadences and max_steps.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 4 (the weight-distance logging).
+      A ConfigDict with data_dir, seed, eval/log/checkpoint cadences, max_steps,
+      execution settings, protocol switches and the noise-scale cadence.
     """
     config = ml_collections.ConfigDict()
     config.data_dir = config_dict.placeholder(str)
@@ -290,8 +284,7 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.max_steps = config_dict.placeholder(int)
     # Steps per dispatch; unset: the shortest of the log, eval, checkpoint and
-    # noise-scale cadences, each dispatch kept to ~1 s of work on one process. No effect
-    # on the results, bit for bit.
+    # noise-scale cadences. No effect on the results, bit for bit.
     config.steps_per_loop = config_dict.placeholder(int)
     # The K steps of a dispatch as one loop program on the device (True) or one program
     # per step, dispatched back to back (False); unset: True on accelerators, False on
@@ -300,10 +293,10 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     # Hold the uint8 splits on the devices (replicated) and gather batches there; unset:
     # when they are in host memory and take at most a quarter of a device's memory.
     config.device_resident_data = config_dict.placeholder(bool)
-    # CPU speed-ups, on by default (same training to float32 rounding; False gives
-    # XLA's defaults): Eigen dots and convolutions and kept optimization barriers
-    # (train.XLA_CPU_FAST_OPTIONS). Ignored off the CPU. (The CLI's huge pages for
-    # host memory are a process setting: gbn_jax.host_memory, GBN_JAX_HUGE_PAGES=0.)
+    # XLA compiler options for faster CPU steps, on by default (same training to float32
+    # rounding; False gives XLA's defaults): gbn_jax.steps.XLA_CPU_FAST_OPTIONS. Ignored
+    # off the CPU. (The CLI's huge pages for host memory are a process setting:
+    # gbn_jax.host_memory, GBN_JAX_HUGE_PAGES=0.)
     config.xla_cpu_fast_options = True
     # Protocol switches (apply_variant sets them from the config argument).
     config.augment = "default"
@@ -312,8 +305,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     # The gradient noise scale B_simple (gbn_jax/noise_scale.py), measured every
     # every_steps steps on the batch of the next step, in shards of small_batch_size
     # (unset: the regime's |B_S| = regime.reference_batch_size, or B / 4 when the batch
-    # is |B_S| itself). Off (unset) by default; on, it costs one more forward and
-    # backward pass per measurement and changes no training result, bit for bit.
+    # is |B_S| or smaller). Off (unset) by default; on, it costs extra forward and
+    # backward passes per measurement and changes no training result, bit for bit.
     config.noise_scale = ml_collections.ConfigDict(
         {
             "every_steps": config_dict.placeholder(int),
@@ -342,16 +335,11 @@ def apply_variant(
       variant: a key of ``VARIANTS``.
       options: parsed options (``parse_arg``).
       large_batch_size: |B_L| for this experiment family.
-      authors_batch_sizes: variant -> the batch the authors' run_experiments.sh used
-        for it (``lr_rule=authors``); variants not listed use ``large_batch_size``.
+      authors_batch_sizes: variant -> the batch the authors' run script used for it
+        (``lr_rule=authors``); variants not listed use ``large_batch_size``.
 
     Returns:
       ``config``, for chaining.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), sections 3 (+LR), 4 (+GBN) and 5 (+RA);
-      eladhoffer/bigBatch (main_normal.py, main_gbn.py, run_experiments.sh, utils.py,
-      preprocess.py) for the protocol switches.
     """
     v = VARIANTS[variant]
     protocol = options.get("protocol", "default")
@@ -434,9 +422,6 @@ def model_config(name: str, **kwargs: Any) -> ml_collections.ConfigDict:
     Returns:
       A ConfigDict with name, norm, ghost_batch_size, running_update, bn_momentum,
       dtype and the extra kwargs; ``apply_variant`` fills norm and ghost size.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 4 (Ghost Batch Normalization).
     """
     return ml_collections.ConfigDict(
         {

@@ -79,9 +79,6 @@ def ghost_batch_norm_scope(
 
     Raises:
       ValueError: for an invalid field (see :class:`gbn_jax.ghost_norm.GhostOptions`).
-
-    References:
-      Hoffer et al. 2017, Section 4, Algorithm 1.
     """
     options = GhostOptions(ghost_batch_size, running_update, remainder)
 
@@ -176,9 +173,6 @@ def ghostify_nnx(
 
     Raises:
       ValueError: for an invalid field (see :class:`gbn_jax.ghost_norm.GhostOptions`).
-
-    References:
-      Hoffer et al. 2017, Section 4, Algorithm 1.
     """
     options = GhostOptions(ghost_batch_size, running_update, remainder)
 

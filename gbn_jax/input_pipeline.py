@@ -14,31 +14,20 @@ Usage (the trainer's view):
 
 Design (details in gbn_jax/data/):
 
-- Small datasets (MNIST family, CIFAR: at most a few hundred MB of uint8) live in host
-  memory; each step gathers the process's slice of the epoch's permutation, assembles
-  the global uint8 batch and augments/normalizes it on the devices in one jitted
-  function keyed by (seed, global step).
-- ImageNet-sized datasets stream through grain from `tfds.data_source` (array_record),
-  with host-side random-resized crops in grain threads, seeded by (seed, epoch, index).
-- The trainer goes one step further for small datasets (gbn_jax/data/feed.py): the
-  uint8 split itself lives on the devices, replicated, and each step gathers its batch
-  there from the permutation rows these iterators compute, inside the jitted loop; the
-  batches are the same bit for bit.
-
-Why in memory + on-device augmentation for small datasets (measured by
-experiments/bench_input.py on this project's 2-core CPU machine; numbers in
-experiments/results/bench_input.md, medians of 3 interleaved rounds):
-
-- CIFAR-style pad-4 crop + flip done per example in numpy by grain runs at ~2,300
-  examples/s per host core; the same augmentation on the device, fed from memory,
-  delivers ~68,000 examples/s (batch 512), 29x more, and leaves the host cores free.
-  Host augmentation would be no faster than F1's train step here (~2,400 examples/s at
-  batch 4096), so it would miss the ">= 3x the train step" target even on a CPU.
-- The chosen path delivers ~351,000 examples/s for F1 / Fashion-MNIST (146x its train
-  step) and ~68,000 for ResNet-44 on 32x32 images (about 8,800x its CPU train step).
-- ImageNet does not fit in host memory and its crops need the full-resolution images,
-  so it streams through grain; batches are a pure function of (seed, epoch, step), so
-  the iterator state stays (epoch, step) and grain's reader is reopened at that step.
+- Small datasets (MNIST family, CIFAR) live in host memory; each step gathers the
+  process's slice of the epoch's permutation, assembles the global uint8 batch and
+  augments/normalizes it on the devices in one jitted function keyed by
+  (seed, global step). Per-example augmentation on the host would be slower than the
+  train step it feeds and would occupy the host cores.
+- The trainer goes one step further for these (gbn_jax/data/feed.py): when it fits,
+  the uint8 split itself lives on the devices and each step gathers its batch from the
+  permutation rows these iterators compute, inside the jitted loop; the batches are the
+  same bit for bit.
+- ImageNet-sized datasets do not fit in host memory and their crops need the
+  full-resolution images, so they stream through grain from `tfds.data_source`
+  (array_record), with random-resized crops in grain threads. Batches are a pure
+  function of (seed, epoch, step), so the iterator state is (epoch, step) and grain's
+  reader is reopened at that step.
 """
 
 from __future__ import annotations
@@ -88,7 +77,10 @@ def create_train_iterator(
     keep_last_batch: bool = False,
     batch_groups: int = 1,
 ) -> TrainIterator:
-    """Endless training stream, reshuffled every epoch, remainder of each epoch dropped.
+    """Endless training stream, reshuffled every epoch.
+
+    The examples left over after the last full batch of an epoch are dropped unless
+    `keep_last_batch` is set.
 
     Args:
       name: "mnist", "fashion_mnist" (or "mnist_32", "fashion_mnist_32", framed to
@@ -106,7 +98,7 @@ def create_train_iterator(
         unassembled B / process_count rows.
       num_threads: grain reader threads (streamed datasets only).
       augment: "default" (the dataset's own input, `sources.KNOWN_DATASETS`) or
-        "authors" (the authors' preprocess.py, `sources.authors_spec`).
+        "authors" (the authors' preprocessing, `sources.authors_spec`).
       validation_size: examples held out of the training split (0: none); the
         iterator trains on the rest.
       keep_last_batch: end every epoch with its partial batch, padded to
@@ -116,9 +108,6 @@ def create_train_iterator(
 
     Returns:
       A `TrainIterator` (`.steps_per_epoch`, `.get_state()`, `.set_state()`).
-
-    References: CIFAR pad-4 crop + flip augmentation of the paper's runs (paper-notes
-    section 5).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed=}")

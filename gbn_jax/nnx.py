@@ -63,9 +63,6 @@ class GhostBatchNorm(nnx.Module):
       rngs: random number generators for the parameter initializers.
       bias_metadata: metadata for the bias Param.
       scale_metadata: metadata for the scale Param.
-
-    References:
-      Hoffer et al. 2017, Section 4, Algorithm 1 (Ghost Batch Normalization).
     """
 
     def __init__(

@@ -221,9 +221,6 @@ def subset_noise_scale(
 
     Raises:
       ValueError: fewer than two chunks, or leaves of different shapes.
-
-    References:
-      McCandlish et al. (2018), appendix A.1.
     """
     start = time.perf_counter()
     leaves = jax.tree.leaves(batches)
@@ -311,8 +308,9 @@ def sharded_value_and_grad(
       axis_name: the mesh axis of the batch ("data" in the trainer).
       micro_batches: shards per device, >= 1; S = devices x micro_batches >= 2.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      unroll: ``lax.scan``'s unroll of the micro-batch loop. True (all) is fastest in a
-        train step; 1 (rolled) compiles one copy of the model, for a measurement taken
+      unroll: ``lax.scan``'s unroll of the micro-batch loop. True (all) lets XLA overlap
+        the micro-batches in a train step; 1 (rolled) compiles one copy of the model, for
+        a measurement taken
         now and then (`gbn_jax.steps.make_noise_scale_measurement`).
       vectorize: run the micro-batches side by side under ``jax.vmap`` instead (one
         gradient per micro-batch in memory): one pass of large kernels, where the loop
@@ -330,10 +328,6 @@ def sharded_value_and_grad(
     Raises:
       ValueError: an unknown axis, a bad ``micro_batches``, fewer than two shards, or
         (when called) a batch that does not split into S equal shards.
-
-    References:
-      McCandlish et al. (2018), appendix A.1 (small-batch norms from each device's
-      gradient, the big-batch norm from the all-reduced one).
     """
     if axis_name not in mesh.axis_names:
         raise ValueError(
@@ -382,9 +376,9 @@ def sharded_value_and_grad(
             )
             return carry, aux
 
-        # The micro-batches one after another, not side by side under vmap (whose
-        # batched matrix products cost the F1 step 3.5% more CPU time), and unrolled
-        # (the rolled loop cost 2%: XLA cannot overlap the two halves' work). Unless told.
+        # The micro-batches one after another, not side by side under vmap (batched
+        # matrix products are slower on the CPU), and unrolled by default so that XLA
+        # can overlap the micro-batches' work.
         zero = lax.pcast(jnp.zeros((), jnp.float32), axis_name, to="varying")
         init = (jax.tree.map(jnp.zeros_like, local), zero, zero)
         (grad_sum, sq_sum, loss_sum), aux = lax.scan(

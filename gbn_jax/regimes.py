@@ -20,13 +20,12 @@ step-indexed schedule and optax optimizer of one large-batch variant:
   of updates taken at |B_L|, not of the small-batch clock. The warm-up lies inside the
   run (it replaces the start of the first LR phase; total_steps does not change).
 * ``lr_scaling_reference``: the batch that ``r`` is taken against for the LR scaling
-  only (default |B_S|). The authors' code scales by sqrt(|B_L|/256) in
-  ``main_normal.py`` and by sqrt(|B_L|/ghost) in ``main_gbn.py``.
+  only (default |B_S|). The authors' code scales by sqrt(|B_L|/256) without ghost
+  batch norm and by sqrt(|B_L|/ghost) with it.
 * ``keep_last_batch``: an epoch is ceil(N/B) steps, the last one partial (PyTorch's
   DataLoader default, which the authors' code uses), instead of floor(N/B).
 * ``momentum_reset``: the momentum buffer is zeroed at the start of every epoch of the
-  run. The authors' ``adjust_optimizer`` builds a new ``torch.optim.SGD`` each epoch
-  because every regime names ``'optimizer': 'SGD'`` at epoch 0.
+  run, as in the authors' code, which builds a new ``torch.optim.SGD`` every epoch.
 * ``grad_clip_norm``: clipping by global L2 norm before anything else (paper: 5).
 * ``optimizer``: "sgd" (heavy-ball momentum, optional Nesterov, weight decay added to
   the gradient before momentum, on every parameter, as in the authors' PyTorch code),
@@ -45,8 +44,9 @@ Example:
 
 References:
   Hoffer, Hubara & Soudry, "Train longer, generalize better", NeurIPS 2017:
-  sections 4 (learning-rate scaling, regime adaptation) and 5 / Table 1 (regimes).
-  Goyal et al. 2017 (linear scaling, warm-up); You et al. 2017 (LARS) and 2020 (LAMB).
+  section 4 (sqrt learning-rate scaling, regime adaptation) and section 5 / Table 1
+  (base regimes). Goyal et al. 2017 (linear scaling, warm-up); You et al. 2017 (LARS)
+  and 2020 (LAMB).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ _IMAGENET_REFERENCE_BATCH = 256
 
 # Epoch counts. F1 (50) and C1/C3 (200) are what the authors' run script passes;
 # ResNet44, WRN-16-4 and VGG use the script's default of 200 (for WRN also Zagoruyko's
-# count), keeping every LR key of paper-notes section 5 reachable. AlexNet trains one
+# count), keeping every LR key of the paper's regimes reachable. AlexNet trains one
 # 5-epoch period past its last key (30); ResNet-50 one 10-epoch period past its last
 # key (100), so the 1e-4 phase of the authors' table is actually run.
 BASE_REGIMES: dict[str, dict[str, Any]] = {
@@ -163,7 +163,7 @@ def base_regime(name: str) -> ml_collections.ConfigDict:
       ValueError: for an unknown name.
 
     References:
-      Paper section 5 / Table 1 (the authors' base regimes; paper-notes section 5).
+      Hoffer, Hubara & Soudry (2017), section 5 / Table 1.
     """
     key = _ALIASES.get(name, name)
     if key not in BASE_REGIMES:
@@ -196,9 +196,6 @@ class ResolvedRegime:
       lr_scaling_reference: the batch the LR scale is taken against (None: |B_S|).
       keep_last_batch: epochs end with a partial batch (ceil(N/B) steps).
       momentum_reset: the momentum buffer restarts at every epoch of the run.
-
-    References:
-      Paper section 4 (LR scaling, regime adaptation); Goyal et al. 2017 (warm-up).
     """
 
     reference_batch_size: int
@@ -267,10 +264,6 @@ class ResolvedRegime:
           optax.lars. "lamb": clip -> Adam moments -> + wd * w -> trust ratio -> -lr.
           For LARS and LAMB the weight decay and the trust ratio skip 1-D parameters
           (biases, normalization scale and bias).
-
-        References:
-          Paper section 5 (SGD, momentum, clipping at 5); You et al. 2017 (LARS),
-          You et al. 2020 (LAMB).
         """
         parts = []
         if self.momentum_reset and self.optimizer_name != "sgd":
@@ -365,8 +358,8 @@ def resolve(config: Any, num_train_examples: int) -> ResolvedRegime:
         the last epoch, and unknown lr_scaling or optimizer names.
 
     References:
-      Paper section 4 (LR scaling eta * sqrt(|B_L|/|B_S|), regime adaptation);
-      Goyal et al. 2017 (linear scaling with warm-up).
+      Hoffer, Hubara & Soudry (2017), section 4: lr * sqrt(|B_L|/|B_S|) and regime
+      adaptation; Goyal et al. 2017: linear scaling with warm-up.
     """
     regime = _get(config, "regime", None) or config
     if isinstance(regime, str):
@@ -504,10 +497,6 @@ def reset_every(inner: optax.GradientTransformation, period: int) -> optax.Gradi
 
     Raises:
       ValueError: a period that is not a positive integer.
-
-    References:
-      eladhoffer/bigBatch, ``utils.adjust_optimizer`` called at every epoch of
-      ``main_normal.py`` / ``main_gbn.py``.
     """
     _check_positive_int(period, "period")
 

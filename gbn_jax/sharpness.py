@@ -26,10 +26,9 @@ Batch norm runs in eval mode (running statistics) by default, for four reasons:
 
 1. The loss is then a plain average of per-example losses, a fixed function of the
    parameters that does not depend on how the subset is cut into batches. In train
-   mode each run would be measured on its own normalization group (128 examples for
-   SB and GBN runs, 4096 for a plain-BN large-batch run, which is more than the
-   subset), so a sharpness difference between runs would mix the minimum with the
-   grouping: exactly the comparison the measurement is for.
+   mode each run would be measured on its own normalization group (the ghost batch or
+   the whole large batch), so a sharpness difference between runs would mix the
+   minimum with the grouping.
 2. It is the function whose test error is the generalization gap.
 3. Dropout is off, so the loss is deterministic, as Lanczos and the ascent require.
 4. The batch gradient is the mean of independent per-example gradients, which the
@@ -45,9 +44,7 @@ statistics and dropout uses one fixed mask.
 References:
   Keskar, Mudigere, Nocedal, Smelyanskiy & Tang, "On large-batch training for deep
   learning: generalization gap and sharp minima", ICLR 2017, section 2.2.2 and
-  metric (3) (epsilon-sharpness); Hoffer, Hubara & Soudry (2017), section 1 and
-  section 3 (the competing explanation); Lanczos (1950) via ARPACK (Lehoucq et al.
-  1998); Pearlmutter (1994) for Hessian-vector products.
+  metric (3) (epsilon-sharpness); Pearlmutter (1994) for Hessian-vector products.
 """
 
 from __future__ import annotations
@@ -81,11 +78,10 @@ __all__ = [
 BN_MODES = ("eval", "train")
 EIGEN_WHICH = ("LA", "LM")
 # Relative accuracy of the curvature directions that start the epsilon-sharpness
-# ascent: only the signs of the eigenvector's coordinates are used.
+# ascent: they only pick starting points, so a loose tolerance suffices.
 _DIRECTION_TOL = 1e-2
-# Lanczos vectors kept between ARPACK restarts for k = 1 (scipy's default is 20). On
-# F1 checkpoints 10 reached tol 1e-3 in 26 products where 20 took 31 (the first
-# restart only comes after ncv products).
+# Lanczos vectors kept between ARPACK restarts for small k (scipy's default is 20);
+# the first restart only comes after ncv products.
 _DEFAULT_NCV = 10
 # Projected ascent: the fraction of the first-order gain a step must realize, and the
 # step shrinks allowed before a start gives up.
@@ -164,9 +160,6 @@ def model_loss(
 
     Raises:
       ValueError: for an unknown ``bn_mode``.
-
-    References:
-      Keskar et al. (2017), section 2.2.2 (sharpness of the training loss).
     """
     if bn_mode not in BN_MODES:
         raise ValueError(
@@ -241,9 +234,6 @@ def hessian_vector_product(
 
     Returns:
       A jitted function from a pytree like ``params`` to one like it.
-
-    References:
-      Pearlmutter (1994), "Fast exact multiplication by the Hessian".
     """
 
     def hvp(vector: Any, params: Any, batches: Any) -> Any:
@@ -293,7 +283,7 @@ def top_hessian_eigenvalues(
       maxiter: ARPACK restarts allowed (default: scipy's, 10 n).
       seed: seeds the random start vector, so the result is reproducible.
       return_eigenvectors: also return the eigenvectors (num_params x k float64).
-      compiler_options: passed to ``jax.jit`` (e.g. ``train.compiler_options(config)``
+      compiler_options: passed to ``jax.jit`` (e.g. ``steps.compiler_options(config)``
         for the trainer's XLA:CPU options).
       callback: called with the running HVP count after each product (progress bars).
 
@@ -303,10 +293,6 @@ def top_hessian_eigenvalues(
     Raises:
       ValueError: for a bad k, which, tol, ncv or maxiter, or non-float parameters.
       RuntimeError: when ARPACK does not converge; the message says what to change.
-
-    References:
-      Keskar et al. (2017), section 2.2.2 (sharp minima have large Hessian
-      eigenvalues); Lehoucq, Sorensen & Yang (1998), ARPACK users' guide.
     """
     start = time.perf_counter()
     flat, spec = _flatten(params)
@@ -386,10 +372,9 @@ def epsilon_sharpness(
     whose curvature is one direction (rank one); it comes close when one direction
     dominates, as at the minima of neural networks.
 
-    Keskar et al. solved the maximization with L-BFGS-B. scipy's L-BFGS-B was tried
-    here first: on F1 (1.46M parameters) its Python conversion of the per-coordinate
-    bounds and its own iterations took 65 of the 81 s of one measurement against 14 s
-    of loss evaluations, so the ascent runs on the device instead.
+    Keskar et al. solved the maximization with L-BFGS-B; here the ascent runs on the
+    device instead, since scipy's L-BFGS-B handles the per-coordinate bounds of a
+    network's millions of parameters in Python.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
@@ -415,9 +400,6 @@ def epsilon_sharpness(
     Raises:
       ValueError: for a bad epsilon, max_iterations, num_directions or directions,
         non-float parameters, or a non-finite loss at ``params``.
-
-    References:
-      Keskar et al. (2017), section 2.2.2, equation (3) and the box C_epsilon.
     """
     start = time.perf_counter()
     if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):

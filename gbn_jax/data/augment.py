@@ -8,9 +8,9 @@ the step and its row in the global batch, not on how the batch is split over dev
 processes. ImageNet-style crops need the full-resolution image, so they run on the host
 (PIL) inside the grain workers, seeded from (seed, epoch, example index).
 
-References: CIFAR augmentation of the paper's runs (pad 4, random 32x32 crop, horizontal
-flip; paper-notes section 5); ImageNet crops as in the authors' code (torchvision's
-RandomResizedCrop 224 + flip, eval Resize 256 + CenterCrop 224).
+The CIFAR augmentation (pad 4, random 32x32 crop, horizontal flip) is the one of the
+paper's runs (Hoffer et al., 2017, section 5); the ImageNet crops follow the authors'
+code (torchvision's RandomResizedCrop 224 + flip; evaluation Resize 256 + CenterCrop 224).
 """
 
 from __future__ import annotations
@@ -58,8 +58,6 @@ def crop_flip(
 
     Returns:
       uint8 (n, H, W, C).
-
-    References: paper-notes section 5 (CIFAR: pad 4 + random crop + horizontal flip).
     """
     n, height, width, channels = images.shape
     total_rows = n if total_rows is None else total_rows
@@ -117,8 +115,6 @@ def transform(
 
     Returns:
       float32 (n, H, W, C).
-
-    References: paper-notes section 5 (CIFAR: pad 4 + random crop + horizontal flip).
     """
     if augmentation == "crop_flip":
         key = step_key(seed, global_step)

@@ -18,17 +18,14 @@ what one step reads is split three ways:
   `TrainIterator.__next__` does, so that the batch equals ``next(train_iterator)`` bit
   for bit.
 
-Replicated, not sharded. A random batch draws its examples from the whole split, so with
-the split sharded over the devices every step would need an all-to-all to bring each
-device its rows; replicated, each device gathers its own shard of the batch from its own
-copy and the step has no communication beyond the gradient all-reduce (none at all for
-the data). The price is memory per device: Fashion-MNIST is 55 MB (train + test) and
-CIFAR-100 184 MB, about 1% of a 16 GB accelerator. A split is resident only when it takes
-at most ``RESIDENT_FRACTION`` of one device's memory; otherwise it streams.
+Replicated, not sharded: a random batch draws from the whole split, so a sharded split
+would need an all-to-all every step; replicated, each device gathers its own shard of the
+batch from its own copy and the data needs no communication. The price is device memory,
+so a split is resident only when it takes at most ``RESIDENT_FRACTION`` of one device's
+memory; otherwise it streams.
 
-Overlap of input and compute: the trainer prepares chunk i+1 (host slicing or reading,
-and the asynchronous host-to-device copy) while the devices run chunk i, and grain's
-threads read ahead of that; a resident chunk moves only its index rows.
+The trainer prepares chunk i+1 (host slicing or reading and the asynchronous
+host-to-device copy) while the devices run chunk i.
 
 Evaluation of a resident split is one jitted pass (`EvalFeed`): the split's batches are
 rows of a fixed index table, gathered and normalized on the device as `EvalIterator`
@@ -52,7 +49,7 @@ from gbn_jax.data.iterators import EvalIterator, TrainIterator
 # one device's memory; the rest is the model's.
 RESIDENT_FRACTION = 0.25
 # A streamed chunk (K steps of uint8 batches, stacked) stays below this many bytes, which
-# caps K for large images (ImageNet at batch 256: 38.5 MB a step, so at most 6 steps).
+# caps K for large images.
 STREAMED_CHUNK_BYTES = 256 * 2**20
 
 

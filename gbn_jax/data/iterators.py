@@ -46,7 +46,7 @@ def partial_batch_slots(positions: np.ndarray, global_batch_size: int, groups: i
     """Lays out one batch of positions in `global_batch_size` slots; -1 marks an empty slot.
 
     A full batch is returned unchanged. A partial batch of n < B examples is cut as
-    ``torch.chunk(batch, groups)`` cuts it in the authors' ``main_gbn.py``: into chunks
+    ``torch.chunk(batch, groups)`` cuts it in the authors' code: into chunks
     of c = ceil(n / groups) consecutive examples (the last may be shorter), and chunk j
     fills the first slots of the j-th group of B / groups slots. With ghost batch norm
     (groups = B / ghost size) each chunk is then normalized alone, as there; with
@@ -180,9 +180,10 @@ class _GrainReader:
 class TrainIterator:
     """Endless stream of augmented, normalized global batches; see module docstring.
 
-    Yields {"image": float32 (B, H, W, C), "label": int32 (B,)} as jax.Arrays with the
-    given sharding (process-local arrays of B / process_count rows when process_count
-    is overridden to simulate a multi-host job).
+    Yields {"image": float32 (B, H, W, C), "label": int32 (B,)}, plus "mask" (False on
+    padding) with keep_last_batch, as jax.Arrays with the given sharding
+    (process-local arrays of B / process_count rows when process_count is overridden
+    to simulate a multi-host job).
     """
 
     def __init__(

@@ -10,21 +10,10 @@ in-memory or streamed) and to a source:
   no TensorFlow needed); datasets prepared as TFRecord are read through tf.data when
   TensorFlow is installed (in-memory datasets only).
 
-Normalization constants (per channel, on pixels scaled to [0, 1]):
-
-- mnist: mean 0.1307, std 0.3081 (the usual torchvision values, train split).
-- fashion_mnist: mean 0.2860, std 0.3530 (train split; tests recompute them from the
-  IDX files).
-- cifar10: mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616) (train split,
-  std over all pixels).
-- cifar100: mean (0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762) (train split).
-- imagenet2012: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225) (torchvision).
-- any other TFDS dataset: mean 0.5, std 0.5 (maps pixels to [-1, 1]).
-
-`authors_spec` gives the training input of the authors' code instead (their
-``preprocess.py``): MNIST family padded by 2 to 32, a random 28x28 crop, a random
-horizontal flip, mean 0.5 and std 0.5; CIFAR padded by 4 with the value 127, crop and
-flip, ImageNet's mean and std.
+Normalization constants (`KNOWN_DATASETS`) are per-channel statistics of the training
+split on pixels scaled to [0, 1] (torchvision's values for MNIST and ImageNet); any
+other TFDS dataset gets mean 0.5 and std 0.5, which maps pixels to [-1, 1].
+`authors_spec` gives the training input of the authors' code instead.
 
 A validation split can be held out of the training split (`validation_size`): a fixed
 random subset, the same for every run and seed, read as the split "holdout"; the
@@ -323,7 +312,7 @@ def spec_for(name: str, data_dir: str | None = None) -> DatasetSpec:
 
 
 def authors_spec(spec: DatasetSpec) -> DatasetSpec:
-    """The authors' training input for a dataset (eladhoffer/bigBatch preprocess.py).
+    """The authors' training input for a dataset (their code, eladhoffer/bigBatch).
 
     Args:
       spec: the dataset's own spec.
@@ -331,14 +320,10 @@ def authors_spec(spec: DatasetSpec) -> DatasetSpec:
     Returns:
       MNIST family: pad 2 (zeros) to 32x32, random 28x28 crop, random horizontal flip,
       mean 0.5, std 0.5. CIFAR: pad 4 with 127, random 32x32 crop, flip, ImageNet's
-      mean and std (their ``get_transform`` falls back to them).
+      mean and std (their default normalization).
 
     Raises:
       ValueError: a dataset whose authors' preprocessing is not implemented here.
-
-    References:
-      eladhoffer/bigBatch, ``preprocess.get_transform`` with ``augment=True``
-      (``pad_random_crop``).
     """
     if spec.tfds_name in ("mnist", "fashion_mnist"):
         return dataclasses.replace(

@@ -2,7 +2,8 @@
 
 ``get_model("resnet44", num_classes=10, norm="ghost", ghost_batch_size=128,
 dtype="bfloat16")`` builds any network of the paper's table 1 (and ResNet-50) from
-config values. See docs/interfaces.md for the calling convention.
+config values; call it as ``model.apply(variables, x, train=...)`` (with
+``mutable=["batch_stats"]`` when training).
 
 References:
   Hoffer, Hubara & Soudry (2017), section 5, table 1.
@@ -88,15 +89,11 @@ def get_model(
         "resnet50".
 
     Returns:
-      An unbound ``flax.linen`` module; call it with ``train=`` as in
-      docs/interfaces.md.
+      An unbound ``flax.linen`` module, called with ``train=``.
 
     Raises:
       ValueError: for an unknown name, normalization, dtype or architecture field,
         or a kwarg that contradicts an alias (e.g. "resnet44" with depth=56).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5, table 1.
     """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name=}; known models: {sorted(MODELS)}.")

@@ -13,9 +13,9 @@ from gbn_jax.models.base import ZooModel, conv, dense
 
 
 class AlexNet(ZooModel):
-    """AlexNet "one weird trick" with norm after every layer, as the authors' alexnet_bn.
+    """AlexNet "one weird trick" with norm after every layer, as in the authors' code.
 
-    Layout of the authors' ``AlexNetOWT_BN`` (convNet.pytorch): conv11x11/4-64 (pad 2)
+    Layout: conv11x11/4-64 (pad 2)
     -> pool -> norm -> ReLU; conv5x5-192 (pad 2) -> pool -> norm -> ReLU;
     conv3x3-384 -> norm -> ReLU; conv3x3-256 -> norm -> ReLU; conv3x3-256 -> pool ->
     norm -> ReLU; flatten (256 x 6 x 6 for 224 x 224 inputs); [Dense 4096 -> norm ->
@@ -26,9 +26,6 @@ class AlexNet(ZooModel):
 
     Attributes:
       dropout_rate: dropout after both hidden dense layers, training only (0.5).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5, table 1 (AlexNet).
     """
 
     dropout_rate: float = 0.5

@@ -16,7 +16,7 @@ from gbn_jax.models.base import ZooModel, conv, dense
 class KeskarC(ZooModel):
     """Two [conv 5x5, max-pool 3/2, norm, ReLU] blocks and a normalized two-layer MLP.
 
-    Layout, following the authors' ``cifar_shallow`` model: conv5x5-64 (padding 2, no
+    Layout, following the authors' code: conv5x5-64 (padding 2, no
     bias) -> max-pool 3x3 stride 2 (no padding) -> norm -> ReLU, twice; flatten
     (64 x 7 x 7 for 32 x 32 inputs) -> Dense 384 (no bias) -> norm -> ReLU -> dropout
     -> Dense 192 (no bias) -> norm -> ReLU -> dropout -> Dense num_classes (with bias).
@@ -26,9 +26,6 @@ class KeskarC(ZooModel):
       conv_features: channels of both convolutions (64).
       hidden: widths of the two hidden dense layers ((384, 192)).
       dropout_rate: dropout after each hidden dense layer, training only (0.5).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5, table 1 (C1, C3).
     """
 
     conv_features: int = 64

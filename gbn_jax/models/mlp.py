@@ -14,16 +14,13 @@ from gbn_jax.models.base import ZooModel, dense
 class F1(ZooModel):
     """Flatten, then ``num_hidden`` x [Dense ``width``, norm, ReLU], then the classifier.
 
-    As in the authors' ``mnist_f1`` the hidden dense layers keep their bias although a
+    As in the authors' code the hidden dense layers keep their bias although a
     normalization follows (it cancels; kept so parameter counts match the reference:
     1,462,794 for 784 inputs and 10 classes).
 
     Attributes:
       width: hidden units per layer (512).
       num_hidden: number of hidden layers (5).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5, table 1 (F1).
     """
 
     width: int = 512

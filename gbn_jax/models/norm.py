@@ -21,11 +21,11 @@ from gbn_jax.ghost_norm import GhostBatchNorm, GhostOptions, RunningUpdate, chec
 
 NORMS = ("batch", "ghost")
 # Initial scale (gamma) of every normalization layer. "ones" is Flax's and PyTorch's
-# (>= 1.0) default; "uniform" draws U[0, 1) as PyTorch < 1.0 did (``reset_parameters``
-# of its _BatchNorm), which the authors' code ran with.
+# (>= 1.0) default; "uniform" draws U[0, 1) as PyTorch < 1.0 did, which the authors'
+# code ran with.
 SCALE_INITS = {"ones": nn.initializers.ones, "uniform": nn.initializers.uniform(scale=1.0)}
 
-# PyTorch's epsilon (and Flax's default); the authors' models use nn.BatchNorm{1,2}d.
+# PyTorch's default epsilon (and Flax's), which the authors' models use.
 BN_EPSILON = 1e-5
 
 
@@ -72,9 +72,6 @@ def make_norm(
       ValueError: for an unknown ``norm``, ``running_update`` or ``scale_init``, for
         ``norm="ghost"`` without a positive integer ``ghost_batch_size``, or for a
         momentum outside [0, 1].
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 4, Algorithm 1.
     """
     if norm not in NORMS:
         raise ValueError(f"Unknown normalization {norm=}; use one of {NORMS}.")
@@ -119,9 +116,6 @@ def example_mask(mask: jax.Array | None) -> Iterator[None]:
 
     Yields:
       Nothing; apply the model inside the ``with`` block.
-
-    References:
-      Flax ``nn.intercept_methods``; ``nn.BatchNorm``'s ``mask`` argument.
     """
     if mask is None:
         yield

@@ -27,9 +27,6 @@ class BasicBlock(nn.Module):
         "B" (1x1 convolution and norm where the shape changes).
       norm: normalization constructor of the parent model (mode and dtype bound).
       dtype: compute dtype.
-
-    References:
-      He et al. (2016), sections 3.3 and 4.2.
     """
 
     features: int
@@ -69,10 +66,6 @@ class ResNetCifar(ZooModel):
       depth: 6n + 2 layers (20, 32, 44, 56, 110, ...).
       width: channels of the first stage (16); later stages double it.
       shortcut: "B" (projection, default) or "A" (zero-padding identity).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5, table 1 (ResNet44);
-      He et al. (2016), section 4.2.
     """
 
     depth: int = 44

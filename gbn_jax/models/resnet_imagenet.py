@@ -33,9 +33,6 @@ class Bottleneck(nn.Module):
         as the identity (Goyal et al.'s large-batch recipe).
       norm: normalization constructor of the parent model.
       dtype: compute dtype.
-
-    References:
-      He et al. (2016), section 3.3 and table 1.
     """
 
     features: int
@@ -74,10 +71,6 @@ class ResNetImageNet(ZooModel):
       depth: 50, 101 or 152.
       zero_init_residual: zero-initialize each block's last norm scale (off by default,
         as in the authors' code; on in Goyal et al.).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5 (ImageNet);
-      He et al. (2016), table 1.
     """
 
     depth: int = 50

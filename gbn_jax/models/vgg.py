@@ -18,7 +18,7 @@ VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 class VGG(ZooModel):
     """VGG-16-BN for 32 x 32 inputs: 13 [conv3x3, norm, ReLU] layers, 5 pools, a head.
 
-    The convolutions keep their bias (as torchvision's and the authors' ``vgg16_bn``),
+    The convolutions keep their bias (as in torchvision's and the authors' VGG-16-BN),
     so counts match the usual CIFAR figure: 14,728,266 parameters for 10 classes with
     the default head.
 
@@ -30,10 +30,6 @@ class VGG(ZooModel):
     Attributes:
       classifier_width: hidden width of an optional two-layer MLP head (None: none).
       dropout_rate: dropout in that MLP head, training only (0.5).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5, table 1 (VGG);
-      Simonyan & Zisserman (2015), table 1, column D.
     """
 
     classifier_width: int | None = None

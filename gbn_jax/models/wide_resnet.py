@@ -27,9 +27,6 @@ class WideBlock(nn.Module):
       dropout_rate: dropout between the two convolutions, training only.
       norm: normalization constructor of the parent model.
       dtype: compute dtype.
-
-    References:
-      Zagoruyko & Komodakis (2016), section 2 (figure 1d, dropout in the block).
     """
 
     features: int
@@ -63,7 +60,7 @@ class WideResNet(ZooModel):
 
     Stage widths are 16k, 32k and 64k; WRN-16-4 has 2,772,020 parameters for 100
     classes (the published "2.7M"). This is Zagoruyko's pre-activation network; the
-    authors' own ``wide_resnet.py`` instead widened their post-activation CIFAR ResNet
+    authors' own code instead widened their post-activation CIFAR ResNet
     (also its first convolution), which has more parameters.
 
     Attributes:
@@ -71,10 +68,6 @@ class WideResNet(ZooModel):
       widen_factor: k (4).
       dropout_rate: dropout inside each block, training only (0: off, as in the
         paper's runs; Zagoruyko suggests 0.3).
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5, table 1 (WResNet16-4);
-      Zagoruyko & Komodakis (2016), table 1.
     """
 
     depth: int = 16
