@@ -33,6 +33,8 @@ def make_config(**overrides):
             "checkpoint_every_steps": 1000,
             "steps_per_loop": None,
             "noise_scale": {"every_steps": None},
+            "batch_size": 64,
+            "keep_last_batch": False,
         }
     )
     config.update(overrides)
@@ -65,7 +67,7 @@ def log_spaced(total, per_decade):
 def test_log_schedule_from_config():
     config = make_config(log_every_steps=10, log_schedule="log", checkpoint_every_steps=25)
     cadence = Cadence.from_config(
-        config, total_steps=30, steps_per_epoch=12, padded_last_batch=False
+        config, total_steps=30, steps_per_epoch=12, num_train_examples=640
     )
     # Every 10th step, the log-spaced steps of a 30-step run, and the last step.
     assert steps_where(cadence, "log") == [*range(1, 12), 13, 14, 16, 18, 20, 22, 25, 28, 30]
@@ -149,20 +151,31 @@ def test_steps_per_loop():
 def test_from_config():
     config = make_config(log_every_steps=20, eval_every_epochs=0.5, checkpoint_every_steps=40)
     cadence = Cadence.from_config(
-        config, total_steps=200, steps_per_epoch=30, padded_last_batch=False, max_loop_steps=8
+        config, total_steps=200, steps_per_epoch=30, num_train_examples=640, max_loop_steps=8
     )
     assert (cadence.eval_every, cadence.loop_steps, cadence.timed) == (15, 8, True)
     two = Cadence.from_config(
-        config, total_steps=200, steps_per_epoch=30, padded_last_batch=False, process_count=2
+        config, total_steps=200, steps_per_epoch=30, num_train_examples=640, process_count=2
     )
     assert (two.loop_steps, two.timed) == (15, False)
     fixed = Cadence.from_config(
         make_config(steps_per_loop=3, eval_every_steps=7),
         total_steps=200,
         steps_per_epoch=30,
-        padded_last_batch=False,
+        num_train_examples=640,
     )
     assert (fixed.eval_every, fixed.loop_steps, fixed.timed) == (7, 3, False)
+
+
+def test_padded_last_batch_from_config():
+    def padded(num_train_examples, keep_last_batch=True):
+        config = make_config(keep_last_batch=keep_last_batch)
+        return Cadence.from_config(
+            config, total_steps=10, steps_per_epoch=16, num_train_examples=num_train_examples
+        ).padded_last_batch
+
+    # Batch 64: 1,000 examples leave 40 for a padded 16th batch; 1,024 leave none.
+    assert padded(1000) and not padded(1024) and not padded(1000, keep_last_batch=False)
 
 
 class FakeClock:

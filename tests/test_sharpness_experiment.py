@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from experiments.paper import sharpness as experiment
-from gbn_jax import checkpointing, input_pipeline, models, noise_scale, sharpness, train
+from gbn_jax import checkpointing, input_pipeline, models, noise_scale, sharpness, steps
 
 SMALL = ["--examples", "64", "--chunk", "32", "--noise_examples", "96", "--noise_chunk", "32"]
 
@@ -33,7 +33,7 @@ def tiny_run(tmp_path_factory):
     config["batch_size"] = 64
     (workdir / "config.json").write_text(json.dumps(config))
     model = models.get_model("f1", num_classes=10, **model_fields)
-    state = train.create_train_state(jax.random.PRNGKey(3), model, optax.sgd(0.1), (28, 28, 1))
+    state = steps.create_train_state(jax.random.PRNGKey(3), model, optax.sgd(0.1), (28, 28, 1))
     stats = jax.tree.map(lambda v: v + 0.5, state.batch_stats)  # not the init values
     state = state.replace(step=state.step + 7, batch_stats=stats)
     manager = checkpointing.make_manager(str(workdir), keep=3)

@@ -25,7 +25,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from gbn_jax import regimes, train
+from gbn_jax import regimes, steps, train
+from gbn_jax.trainer import metric_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F1_CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_f1.py")
@@ -76,7 +77,7 @@ def cli_env(num_devices=8):
     return env
 
 
-def read_metrics(workdir, drop=train.WALL_CLOCK_FIELDS):
+def read_metrics(workdir, drop=metric_writer.WALL_CLOCK_FIELDS):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [{k: v for k, v in r.items() if k not in drop} for r in records]
@@ -382,7 +383,7 @@ def test_two_processes_match_one(two_process_runs):
 
     Both with XLA's default CPU options, under which the per-device programs compute
     bit for bit alike and only the all-reduce order differs. Under
-    train.XLA_CPU_FAST_OPTIONS the first update already differs by float32 rounding
+    steps.XLA_CPU_FAST_OPTIONS the first update already differs by float32 rounding
     (1e-7 in ||w_1 - w_0||; presumably the Eigen kernels split work by how many devices share
     a process's threads), which then grows as any kernel change does (compare
     test_xla_cpu_fast_options_train_the_same): 9e-5 in ||w_t - w_0|| and 7e-3 in the
@@ -416,9 +417,9 @@ def test_xla_cpu_fast_options_train_the_same(reference, two_process_runs):
     The reference runs with the default options; this run turns them off.
     """
     ref_dir, config, _ = reference
-    assert train.compiler_options(config) == train.XLA_CPU_FAST_OPTIONS
+    assert steps.compiler_options(config) == steps.XLA_CPU_FAST_OPTIONS
     config.xla_cpu_fast_options = False
-    assert train.compiler_options(config) == {}
+    assert steps.compiler_options(config) == {}
     config.xla_cpu_fast_options = True
     # The one-process run of two_process_runs: this config with XLA's defaults, through
     # the command line, 8 devices.
@@ -491,7 +492,7 @@ def test_noise_scale_logging_changes_no_training_result(reference, noise_scale_r
     """Flag on against off: the same metrics and final state, bit for bit."""
     workdir, _ = noise_scale_run
     assert_same_run(workdir, reference[0])
-    measured = [r for r in read_metrics(workdir) if train.NOISE_SCALE_FIELD in r]
+    measured = [r for r in read_metrics(workdir) if metric_writer.NOISE_SCALE_FIELD in r]
     assert [r["step"] for r in measured] == list(range(0, 24, 3))
     for r in measured:
         assert r["noise_sq_norm_small"] > r["noise_sq_norm_big"] > 0
@@ -510,7 +511,9 @@ def test_noise_scale_after_resume_is_measured_once(noise_scale_run, tmp_path):
     # As if killed after step 12's measurement was written: the resume drops and redoes it.
     assert read_metrics(workdir)[-1]["step"] == 12
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": 12, "epoch": 0.05, train.NOISE_SCALE_FIELD: -1.0}) + "\n")
+        f.write(
+            json.dumps({"step": 12, "epoch": 0.05, metric_writer.NOISE_SCALE_FIELD: -1.0}) + "\n"
+        )
     # Training on past max_steps is a change the workdir records (gbn_jax/workdir.py).
     train.train_and_evaluate(
         load_config(F1_CONFIG, F1_ARG, overrides), workdir, allow_config_change=True
@@ -520,7 +523,7 @@ def test_noise_scale_after_resume_is_measured_once(noise_scale_run, tmp_path):
         return [
             {k: v for k, v in r.items() if k.startswith("noise_") or k == "step"}
             for r in records
-            if train.NOISE_SCALE_FIELD in r
+            if metric_writer.NOISE_SCALE_FIELD in r
         ]
 
     assert measured(read_metrics(workdir)) == measured(read_metrics(noise_scale_run[0]))
@@ -710,8 +713,8 @@ def test_padded_partial_batch_steps_like_the_compact_batch(norm):
         model = models.get_model(
             "f1", num_classes=10, norm=norm, ghost_batch_size=ghost_size, width=32
         )
-        state = train.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
-        step = jax.jit(train.make_train_step(model, tx, lambda s: 0.1))
+        state = steps.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+        step = jax.jit(steps.make_train_step(model, tx, lambda s: 0.1))
         return step(state, batch_, jax.random.key(1))
 
     got_state, got = one_step(ghost, padded)

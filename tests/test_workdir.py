@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gbn_jax import checkpointing, train, workdir
+from gbn_jax.trainer import metric_writer
 
 # Orbax's asynchronous tasks still queued when a read or write failed report "Event
 # loop is closed" once their loop is gone: noise of the failures these tests cause.
@@ -53,7 +54,9 @@ def load_config(overrides=None, arg=ARG):
 def read_metrics(path):
     with open(os.path.join(path, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k not in train.WALL_CLOCK_FIELDS} for r in records]
+    return [
+        {k: v for k, v in r.items() if k not in metric_writer.WALL_CLOCK_FIELDS} for r in records
+    ]
 
 
 def saved_steps(path):
@@ -165,9 +168,11 @@ def test_allowed_change_needs_the_flag_and_is_recorded(reference, tmp_path):
         "max_steps": {"old": 6, "new": 8},
     }
     # The run now follows the changed config: rerunning it needs no flag.
-    assert workdir.check_restart(path, train._config_to_dict(changed), allow_change=False) == {}
+    assert (
+        workdir.check_restart(path, metric_writer.config_to_dict(changed), allow_change=False) == {}
+    )
     with pytest.raises(workdir.ConfigChangeError, match="max_steps: 8 -> 6"):
-        workdir.check_restart(path, train._config_to_dict(load_config()), allow_change=False)
+        workdir.check_restart(path, metric_writer.config_to_dict(load_config()), allow_change=False)
 
 
 def test_more_epochs_are_allowed_only_when_no_change_of_the_schedule_moves(reference):
@@ -176,7 +181,7 @@ def test_more_epochs_are_allowed_only_when_no_change_of_the_schedule_moves(refer
     longer = load_config({"regime.epochs": 0.2})
     changes = workdir.check_restart(
         reference,
-        train._config_to_dict(longer),
+        metric_writer.config_to_dict(longer),
         allow_change=True,
         fixed=lambda c: train._schedule(c, 60_000),
     )
@@ -185,7 +190,7 @@ def test_more_epochs_are_allowed_only_when_no_change_of_the_schedule_moves(refer
     with pytest.raises(workdir.ConfigChangeError, match=r"regime\.lr_schedule"):
         workdir.check_restart(
             reference,
-            train._config_to_dict(stretched),
+            metric_writer.config_to_dict(stretched),
             allow_change=True,
             fixed=lambda c: train._schedule(c, 60_000),
         )

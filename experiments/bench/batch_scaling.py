@@ -80,7 +80,7 @@ def build(norm: str, regime_config: dict, num_train: int, ghost: int) -> dict[st
     """Model, regime, initial state and jitted train/eval steps, as the trainer builds them."""
     import jax
 
-    from gbn_jax import models, regimes, train
+    from gbn_jax import models, regimes, steps
 
     replicated, batch_sharding = mesh_shardings()
     model = models.get_model(
@@ -89,16 +89,16 @@ def build(norm: str, regime_config: dict, num_train: int, ghost: int) -> dict[st
     regime = regimes.resolve(regime_config, num_train)
     tx = regime.optimizer()
     init = jax.jit(
-        lambda rng: train.create_train_state(rng, model, tx, (28, 28, 1)),
+        lambda rng: steps.create_train_state(rng, model, tx, (28, 28, 1)),
         out_shardings=replicated,
     )
     step = jax.jit(
-        train.make_train_step(model, tx, regime.learning_rate),
+        steps.make_train_step(model, tx, regime.learning_rate),
         in_shardings=(replicated, batch_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
-    eval_step = jax.jit(train.make_eval_step(model))
+    eval_step = jax.jit(steps.make_eval_step(model))
     return dict(model=model, regime=regime, init=init, step=step, eval_step=eval_step)
 
 

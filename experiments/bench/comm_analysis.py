@@ -283,7 +283,7 @@ def compiled_step_hlo(model_name: str, norm: str, global_batch: int, ghost: int)
     from jax.sharding import PartitionSpec as P
 
     from experiments.bench import step_speed
-    from gbn_jax import models, train
+    from gbn_jax import models, steps
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -297,7 +297,7 @@ def compiled_step_hlo(model_name: str, norm: str, global_batch: int, ghost: int)
     regime = step_speed.paper_regime(ghost, global_batch)
     tx = regime.optimizer()
     abstract = jax.eval_shape(
-        lambda rng: train.create_train_state(rng, model, tx, shape), jax.random.key(0)
+        lambda rng: steps.create_train_state(rng, model, tx, shape), jax.random.key(0)
     )
     state = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract
@@ -308,7 +308,7 @@ def compiled_step_hlo(model_name: str, norm: str, global_batch: int, ghost: int)
     }
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     step = jax.jit(
-        train.make_train_step(model, tx, regime.learning_rate),
+        steps.make_train_step(model, tx, regime.learning_rate),
         in_shardings=(replicated, batch_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),

@@ -55,13 +55,13 @@ def make_step(model, image_shape):
         optax.sgd(0.1, momentum=0.9),
     )
     try:
-        from gbn_jax import train
+        from gbn_jax import steps
 
-        state = train.create_train_state(jax.random.key(0), model, tx, image_shape)
+        state = steps.create_train_state(jax.random.key(0), model, tx, image_shape)
         # params0 aliases params; donation needs every leaf in its own buffer.
         state = jax.tree.map(jnp.copy, state)
-        step = train.make_train_step(model, tx, lambda count: 0.1)
-        source = "gbn_jax.train.make_train_step"
+        step = steps.make_train_step(model, tx, lambda count: 0.1)
+        source = "gbn_jax.steps.make_train_step"
     except (ImportError, AttributeError, TypeError):
         state, step, source = _local_step(model, tx, image_shape)
     return jax.jit(step, donate_argnums=0), state, source

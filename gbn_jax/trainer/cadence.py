@@ -120,7 +120,7 @@ class Cadence:
         *,
         total_steps: int,
         steps_per_epoch: int,
-        padded_last_batch: bool,
+        num_train_examples: int,
         max_loop_steps: int | None = None,
         process_count: int = 1,
     ) -> Cadence:
@@ -131,7 +131,8 @@ class Cadence:
             ``steps_per_loop`` and ``noise_scale.every_steps``).
           total_steps: the run's last step.
           steps_per_epoch: updates per epoch.
-          padded_last_batch: see the class attributes.
+          num_train_examples: the examples an epoch trains on (with
+            ``keep_last_batch``, a remainder of them makes a padded last batch).
           max_loop_steps: a cap on K from the input (``TrainFeed.max_steps_per_loop``).
           process_count: number of processes.
 
@@ -151,7 +152,8 @@ class Cadence:
             ),
             noise_every=(config.get("noise_scale") or {}).get("every_steps"),
             steps_per_epoch=steps_per_epoch,
-            padded_last_batch=padded_last_batch,
+            padded_last_batch=bool(config.get("keep_last_batch", False))
+            and num_train_examples % config.batch_size != 0,
             timed=config.get("steps_per_loop") is None and process_count == 1,
         )
 
