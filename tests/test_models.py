@@ -400,9 +400,9 @@ def test_conv_input_is_identity_with_its_gradient():
 
 
 def test_cpu_options_keep_barriers_and_the_gradients():
-    """train.XLA_CPU_FAST_OPTIONS keeps conv_input's barriers (XLA's default expands
+    """steps.XLA_CPU_FAST_OPTIONS keeps conv_input's barriers (XLA's default expands
     them) and changes only the rounding of a ResNet's loss gradient."""
-    from gbn_jax import train
+    from gbn_jax import steps
 
     model = get_model(
         "resnet_cifar", num_classes=10, depth=8, width=4, norm="ghost", ghost_batch_size=4
@@ -427,7 +427,7 @@ def test_cpu_options_keep_barriers_and_the_gradients():
         return -picked.mean()
 
     lowered = jax.jit(jax.grad(loss)).lower(variables["params"])
-    kept = lowered.compile(compiler_options=train.XLA_CPU_FAST_OPTIONS)
+    kept = lowered.compile(compiler_options=steps.XLA_CPU_FAST_OPTIONS)
     expanded = lowered.compile()
     assert "opt-barrier" in kept.as_text()
     assert "opt-barrier" not in expanded.as_text()

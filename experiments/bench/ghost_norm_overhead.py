@@ -202,9 +202,9 @@ MODELS = {  # name: (builder, batch, ghost, example shape)
 
 
 def options_sets() -> dict[str, dict]:
-    from gbn_jax import train
+    from gbn_jax.steps import XLA_CPU_FAST_OPTIONS
 
-    return {"default": {}, "trainer": dict(train.XLA_CPU_FAST_OPTIONS)}
+    return {"default": {}, "trainer": dict(XLA_CPU_FAST_OPTIONS)}
 
 
 def bench(name: str, options_name: str, options: dict, repeats: int, warmup: int) -> dict:

@@ -163,7 +163,8 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], Any, Any, Any,
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from gbn_jax import models, train
+    from gbn_jax import models
+    from gbn_jax.steps import create_train_state, make_train_step
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -179,7 +180,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], Any, Any, Any,
     tx = regime.optimizer()
     shape = INPUT_SHAPE[args.model]
     state = jax.jit(
-        lambda rng: train.create_train_state(rng, model, tx, shape), out_shardings=replicated
+        lambda rng: create_train_state(rng, model, tx, shape), out_shardings=replicated
     )(jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = jax.device_put(
@@ -190,7 +191,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], Any, Any, Any,
         batch_sharding,
     )
     key = jax.device_put(jax.random.key(1), replicated)
-    steps = {"plain": train.make_train_step(model, tx, regime.learning_rate)}
+    steps = {"plain": make_train_step(model, tx, regime.learning_rate)}
     for k in (int(m) for m in args.micro_batches.split(",")):
         steps[f"noise_m{k}"] = make_noise_scale_train_step(
             model,

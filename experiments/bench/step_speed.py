@@ -295,16 +295,16 @@ def compile_step(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from gbn_jax import train
+    from gbn_jax import steps
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = regime.optimizer()
     init = jax.jit(
-        lambda rng: train.create_train_state(rng, model, tx, shape), out_shardings=replicated
+        lambda rng: steps.create_train_state(rng, model, tx, shape), out_shardings=replicated
     )
     state = init(jax.random.key(0))
-    step = train.make_train_step(model, tx, regime.learning_rate)
+    step = steps.make_train_step(model, tx, regime.learning_rate)
     jitted = jax.jit(
         step,
         in_shardings=(replicated, batch_sharding, replicated),

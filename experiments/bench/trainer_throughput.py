@@ -211,10 +211,11 @@ class TrainerLoop(_Rate):
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from gbn_jax import input_pipeline, models, regimes, steps, train
+        from gbn_jax import input_pipeline, models, regimes, steps
         from gbn_jax.data import feed
+        from gbn_jax.trainer import cadence
 
-        self._jax, self._loop_seconds = jax, train.LOOP_SECONDS
+        self._jax, self._loop_seconds = jax, cadence.LOOP_SECONDS
         mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
         replicated = NamedSharding(mesh, P())
         info = input_pipeline.get_dataset_info(config.dataset, config.get("data_dir"))
@@ -242,7 +243,9 @@ class TrainerLoop(_Rate):
         eval_every = config.eval_every_steps or max(
             1, round(config.eval_every_epochs * regime.steps_per_epoch)
         )
-        self.k = train.steps_per_loop(config, eval_every=eval_every, total_steps=regime.total_steps)
+        self.k = cadence.steps_per_loop(
+            config, eval_every=eval_every, total_steps=regime.total_steps
+        )
         loop = steps.make_train_loop(
             steps.make_train_step(model, tx, regime.learning_rate),
             self.feed.batch,

@@ -217,7 +217,7 @@ def measure_run(
     import jax.numpy as jnp
     import ml_collections
 
-    from gbn_jax import input_pipeline, models, noise_scale, sharpness, train
+    from gbn_jax import input_pipeline, models, noise_scale, sharpness, steps
 
     start = time.perf_counter()
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
@@ -225,7 +225,7 @@ def measure_run(
     info = input_pipeline.get_dataset_info(config.dataset, config.get("data_dir"))
     model_fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
     model = models.get_model(config.model.name, num_classes=info.num_classes, **model_fields)
-    options = train.compiler_options(config)
+    options = steps.compiler_options(config)
 
     t = time.perf_counter()
     step, params, batch_stats = restore(workdir, args.step)
