@@ -19,14 +19,13 @@ import sys as _sys
 import types as _types
 import typing as _typing
 
+from gbn_jax.ghost_norm import GhostBatchNorm, ghost_batch_norm
+
 __version__ = "0.1.0"
 
-# Public names and the module each lives in. They load on first use, so that importing
-# gbn_jax loads neither JAX nor Flax: `python -m gbn_jax.main` restarts itself
-# (gbn_jax.host_memory) before JAX is loaded, and the layer does not load flax.nnx.
+# Public names of gbn_jax.ghostify and the module each lives in. They load on first use,
+# so that the linen layer does not load flax.nnx.
 _LAZY = {
-    "GhostBatchNorm": "gbn_jax.ghost_norm",
-    "ghost_batch_norm": "gbn_jax.ghost_norm",
     "ghost_batch_norm_scope": "gbn_jax.ghostify",
     "ghostify": "gbn_jax.ghostify",
     "ghostify_nnx": "gbn_jax.ghostify",
@@ -45,7 +44,6 @@ __all__ = [
 
 if _typing.TYPE_CHECKING:
     from gbn_jax import linen, models, nnx  # noqa: F401
-    from gbn_jax.ghost_norm import GhostBatchNorm, ghost_batch_norm
     from gbn_jax.ghostify import ghost_batch_norm_scope, ghostify, ghostify_nnx
 
 

@@ -20,10 +20,11 @@ References:
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gbn_jax import host_memory
+from gbn_jax import checkpointing, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output and checkpoint directory.")
@@ -51,12 +52,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # JAX and the trainer load here, after the huge-pages restart of `__main__`: loaded
-    # at the top, every command would import them twice (2-5 s on 2 cores).
-    import jax
-
-    from gbn_jax import checkpointing, train
-
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO; the trainer prints what a user needs.
         logging.set_verbosity(logging.WARNING)
@@ -94,7 +89,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    # Huge pages for XLA's per-step host buffers (a restart of this command, first).
-    host_memory.reexec_with_huge_pages()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

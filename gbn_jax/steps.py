@@ -21,6 +21,7 @@ References:
   Hoffer, Hubara & Soudry (2017): section 3 (||w_t - w_0||), sections 4-5 (the step).
 """
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -34,19 +35,19 @@ import numpy as np
 import optax
 
 from gbn_jax import noise_scale
+from gbn_jax.models.base import conv_input_barriers
 from gbn_jax.models.norm import example_mask
 
 # XLA:CPU compiler options of the train step (``config.xla_cpu_fast_options``, on by
-# default; other backends ignore it), each from a profile of the step on the 2-core AMD
-# EPYC of experiments/results:
-# * YNNPACK keeps the reductions but dots and convolutions go to XLA's Eigen kernels:
-#   Eigen ran F1's 4096x512 @ 512x512 matmuls 0.87-0.90x torch's time against
-#   YNNPACK's 1.16-1.17x, and a ResNet-44 weight-gradient convolution 35 ms against
-#   286 ms (batch 256, 32x32x16).
-# * The optimization-barrier expander is off, so the barriers of
-#   ``models.base.conv_input`` survive to stop fusion from recomputing the residual
-#   stream inside every weight-gradient transpose (ResNet-44 step 4.6 s -> 2.2 s).
-# Only kernels and fusion change: results agree to float32 rounding, not bitwise.
+# default; other backends ignore it), each from a profile of the step on a 2-core CPU
+# (the trainer's throughput with and without each: docs/performance.md):
+# * YNNPACK keeps the reductions but dots and convolutions go to XLA's Eigen kernels,
+#   which ran ResNet-44's weight-gradient convolutions faster.
+# * The optimization-barrier expander is off, so the barriers that programs traced in
+#   `tracing` place at ``models.base.conv_input`` survive to stop fusion from
+#   recomputing the residual stream inside every weight-gradient transpose.
+# Only kernels and fusion change: results agree to float32 rounding, not bitwise, so
+# the options stay as the committed CPU results were trained with them.
 XLA_CPU_FAST_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
     "xla_disable_hlo_passes": "cse_barrier_expander",
@@ -111,6 +112,8 @@ def create_train_state(
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """XLA compiler options for the train step: XLA_CPU_FAST_OPTIONS on the CPU.
 
+    Trace the programs compiled with them inside ``tracing(options)``.
+
     Args:
       config: the experiment config; ``xla_cpu_fast_options`` (default True) set to
         False compiles with XLA's defaults.
@@ -122,6 +125,26 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.get("xla_cpu_fast_options", True) and jax.default_backend() == "cpu":
         return dict(XLA_CPU_FAST_OPTIONS)
     return {}
+
+
+def tracing(options: dict[str, Any] | None) -> contextlib.AbstractContextManager[None]:
+    """The context to trace (lower) a program in that compiles with ``options``.
+
+    With XLA's optimization-barrier expander disabled (`XLA_CPU_FAST_OPTIONS`), the
+    models place barriers at their convolution inputs (``models.base.conv_input``);
+    with any other options, none (XLA would expand them away). Give ``jax.jit`` the same
+    options: JAX reuses a function's trace under the same jit settings, so a function
+    jitted alike inside and outside the context would keep its first trace.
+
+    Args:
+      options: the program's compiler options (`compiler_options`).
+
+    Returns:
+      A context manager: ``with steps.tracing(options): jax.jit(f, compiler_options=
+      options).lower(...)``, or around a jitted function's first call.
+    """
+    disabled = str((options or {}).get("xla_disable_hlo_passes", "")).split(",")
+    return conv_input_barriers("cse_barrier_expander" in disabled)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -171,8 +194,8 @@ def make_train_step(
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Builds the pure training step; callers jit it with their shardings.
 
-    On a CPU, jit it with ``compiler_options=compiler_options(config)`` as the trainer
-    does: XLA's own options run the ResNets 2.6-3x slower (see XLA_CPU_FAST_OPTIONS).
+    On a CPU, jit it with ``compiler_options=compiler_options(config)`` and trace it
+    inside ``tracing(options)``, as the trainer does (see XLA_CPU_FAST_OPTIONS).
 
     Args:
       model: a model of ``gbn_jax.models``.
@@ -426,7 +449,9 @@ def compile_train_loop(
     index = jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding)
     length = jax.tree.leaves(chunk_shapes)[0].shape[0]  # K
     if not device_loop:
-        one = jit(lambda *a: train_loop(*a[:4], row=a[4])).lower(*args, index).compile()
+        with tracing(compiler_options):
+            one = jit(lambda *a: train_loop(*a[:4], row=a[4])).lower(*args, index)
+        one = one.compile()
         # The row numbers live on the device, so a dispatch moves no host scalar.
         rows = [jax.device_put(np.int32(i), step_sharding) for i in range(length)]
 
@@ -437,8 +462,10 @@ def compile_train_loop(
 
         return run
 
-    first = jit(train_loop).lower(*args, index).compile()
-    every = jit(lambda *a: train_loop(*a)).lower(*args).compile() if scan else None
+    with tracing(compiler_options):
+        first = jit(train_loop).lower(*args, index)
+        every = jit(lambda *a: train_loop(*a)).lower(*args) if scan else None
+    first, every = first.compile(), every and every.compile()
 
     def run(state, acc, arrays, xs, n):
         if n == length and every is not None:

@@ -274,6 +274,35 @@ def test_bench_sweep_trainer_entry_is_the_trainer_default():
     assert step_speed.XLA_PRESETS["fast"] == steps.XLA_CPU_FAST_OPTIONS
 
 
+def test_trainer_throughput_workaround_rounds_add_up(tmp_path, monkeypatch):
+    """--workaround-rounds: each variant's environment and overrides reach the CLI, the
+    order rotates round by round, and a second invocation adds its round to the first."""
+    from experiments.bench import trainer_throughput
+
+    calls = []
+    rate = {"all": 120.0, "no huge pages": 100.0, "no barrier": 60.0}
+
+    def fake_trainer(root, spec, steps, overrides, args, extra_env=None, env=None):
+        if "xla_cpu_fast_options" in overrides:
+            assert "ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE" in env["XLA_FLAGS"]
+            variant = "no barrier"
+        else:
+            variant = "all" if "hugetlb=1" in env.get("GLIBC_TUNABLES", "") else "no huge pages"
+        calls.append(variant)
+        return {"examples_per_sec": rate[variant] + len(calls)}
+
+    monkeypatch.setattr(trainer_throughput, "run_trainer", fake_trainer)
+    stem = str(tmp_path / "workarounds")
+    argv = ["--cases=resnet44_b128", "--workaround-rounds=1", "--variants=no_huge_pages,no_barrier"]
+    trainer_throughput.main([*argv, f"--out={stem}"])
+    trainer_throughput.main([*argv, f"--out={stem}"])
+    assert calls == ["all", "no huge pages", "no barrier", "no huge pages", "no barrier", "all"]
+    (rec,) = json.loads(Path(stem + ".json").read_text())["results"]
+    assert len(rec["rounds"]) == 2 and set(rec["gain"]) == {"no huge pages", "no barrier"}
+    gains = [121 / 63, 126 / 65]  # all over no barrier, per round (rate + call number)
+    assert rec["gain"]["no barrier"]["median"] == pytest.approx(sum(gains) / 2)
+
+
 def test_trainer_throughput_allocator_ratios_and_merge(tmp_path, monkeypatch):
     """--allocator-rounds: ratios per round from each subprocess's rate, in the order
     reversed every other round, and a second case added to the file, not replacing it."""
@@ -293,7 +322,7 @@ def test_trainer_throughput_allocator_ratios_and_merge(tmp_path, monkeypatch):
         return rates["step", allocator][n]
 
     def fake_trainer(root, spec, steps, overrides, args, extra_env=None):
-        allocator = "default" if extra_env.get("GBN_JAX_HUGE_PAGES") == "0" else "huge pages"
+        allocator = "huge pages" if "GLIBC_TUNABLES" in extra_env else "default"
         n = sum(1 for c in calls if c == ("trainer", allocator))
         calls.append(("trainer", allocator))
         return {"examples_per_sec": rates["trainer", allocator][n]}

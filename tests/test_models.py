@@ -392,16 +392,29 @@ def test_bad_input_raises_value_error(call, match):
 # ------------------------------------------------------------ conv_input barriers
 
 
-def test_conv_input_is_identity_with_its_gradient():
+def test_conv_input_places_barriers_only_when_switched_on():
     x = jax.random.normal(jax.random.key(3), (4, 5, 5, 3))
-    np.testing.assert_array_equal(base.conv_input(x), x)
-    grad = jax.grad(lambda v: jnp.sum(jnp.sin(base.conv_input(v))))(x)
+
+    def barriers() -> bool:
+        # A fresh function each time: JAX reuses the trace of a function it has seen.
+        return "optimization_barrier" in str(jax.make_jaxpr(lambda v: base.conv_input(v))(x))
+
+    assert not barriers()
+    with base.conv_input_barriers():
+        assert barriers()
+        with base.conv_input_barriers(False):
+            assert not barriers()
+        assert barriers()
+        np.testing.assert_array_equal(base.conv_input(x), x)
+        grad = jax.grad(lambda v: jnp.sum(jnp.sin(base.conv_input(v))))(x)
     np.testing.assert_allclose(grad, np.cos(np.asarray(x)), rtol=1e-6)
+    assert not barriers()
 
 
 def test_cpu_options_keep_barriers_and_the_gradients():
-    """steps.XLA_CPU_FAST_OPTIONS keeps conv_input's barriers (XLA's default expands
-    them) and changes only the rounding of a ResNet's loss gradient."""
+    """Traced in steps.tracing(XLA_CPU_FAST_OPTIONS) and compiled with those options, a
+    ResNet keeps conv_input's barriers; its loss gradient then differs from the plain
+    program's only by rounding."""
     from gbn_jax import steps
 
     model = get_model(
@@ -426,14 +439,16 @@ def test_cpu_options_keep_barriers_and_the_gradients():
         picked = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)
         return -picked.mean()
 
-    lowered = jax.jit(jax.grad(loss)).lower(variables["params"])
-    kept = lowered.compile(compiler_options=steps.XLA_CPU_FAST_OPTIONS)
-    expanded = lowered.compile()
+    options = steps.XLA_CPU_FAST_OPTIONS
+    with steps.tracing(options):
+        kept = jax.jit(jax.grad(loss)).lower(variables["params"]).compile(compiler_options=options)
+    with steps.tracing({}):
+        plain = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
     assert "opt-barrier" in kept.as_text()
-    assert "opt-barrier" not in expanded.as_text()
+    assert "opt-barrier" not in plain.as_text()
     g_kept = jax.tree.leaves(kept(variables["params"]))
-    g_expanded = jax.tree.leaves(expanded(variables["params"]))
-    for a, b in zip(g_kept, g_expanded, strict=True):
+    g_plain = jax.tree.leaves(plain(variables["params"]))
+    for a, b in zip(g_kept, g_plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -404,7 +404,7 @@ def test_cli_reports_a_changed_config_in_a_few_lines(reference, tmp_path):
         f"--workdir={path}",
         *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
     ]
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", GBN_JAX_HUGE_PAGES="0")
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr

@@ -206,19 +206,19 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], Any, Any, Any,
         )
     options = step_speed.XLA_PRESETS["fast"]  # == train.XLA_CPU_FAST_OPTIONS on the CPU
     options = options if jax.default_backend() == "cpu" else {}
+    from gbn_jax.steps import tracing  # the barriers the options keep, as the trainer
+
     compiled, info = {}, {}
     for name, step in steps.items():
         t0 = time.perf_counter()
-        compiled[name] = (
-            jax.jit(
+        with tracing(options):
+            lowered = jax.jit(
                 step,
                 in_shardings=(replicated, batch_sharding, replicated),
                 out_shardings=(replicated, replicated),
                 donate_argnums=(0,),
-            )
-            .lower(state, batch, key)
-            .compile(compiler_options=options)
-        )
+            ).lower(state, batch, key)
+        compiled[name] = lowered.compile(compiler_options=options)
         # (XLA's cost analysis counts a loop body once, so its FLOPs of the
         # micro-batched steps mean nothing; their work is the plain step's plus
         # O(parameters). The temporary memory is exact.)
@@ -396,7 +396,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from gbn_jax import host_memory
-
-    host_memory.reexec_with_huge_pages()  # As the CLI does: huge pages for XLA's buffers.
     main()

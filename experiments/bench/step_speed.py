@@ -22,9 +22,8 @@ jobs on the machine hits every variant alike. Both frameworks use the same threa
 count (``torch.set_num_threads``; XLA:CPU uses every core, ``os.cpu_count()``).
 
 The JAX variants compile with the trainer's CPU default, ``train.XLA_CPU_FAST_OPTIONS``
-(``--xla-preset none``: XLA's own defaults); run as a script, the process restarts with
-huge pages for malloc first, as the CLI does (``gbn_jax.host_memory``; process-wide, so
-the torch variants get them too; ``GBN_JAX_HUGE_PAGES=0`` turns them off).
+(``--xla-preset none``: XLA's own defaults); the allocator is the environment's
+(docs/performance.md: huge pages for malloc).
 
 Also reported: model FLOPs utilization (MFU), the analytic model FLOPs of a step (3x the
 forward pass's convolution and dense FLOPs, counted from the jaxpr) per second over a
@@ -320,7 +319,10 @@ def compile_step(
         batch_sharding,
     )
     key = jax.device_put(jax.random.key(1), replicated)
-    lowered = jitted.lower(state, batch, key)
+    from gbn_jax.steps import tracing  # the barriers the options keep, as the trainer
+
+    with tracing(compiler_options):
+        lowered = jitted.lower(state, batch, key)
     compiled = lowered.compile(compiler_options=compiler_options)
     return compiled, state, batch, key, compiled
 
@@ -793,7 +795,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from gbn_jax import host_memory
-
-    host_memory.reexec_with_huge_pages()  # As the CLI does: huge pages for XLA's buffers.
     main()

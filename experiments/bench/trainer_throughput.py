@@ -31,12 +31,18 @@ For each case (a config of ``configs/`` at its default values, plus ``max_steps`
   median and range of the per-round ratio on/off; the overhead is one minus it.
 
 * ``allocator`` (``--allocator-rounds R``, instead of the above): the isolated step and
-  the command line, each in fresh subprocesses under glibc's default malloc
-  (``GBN_JAX_HUGE_PAGES=0``) and with huge pages (``gbn_jax.host_memory``, what the CLI
-  and this script do by default), in an order reversed every other round. Reported per
-  case: huge pages over default for the step and for the trainer, the trainer over the
-  step under the same malloc, and the trainer as it runs over a step under the default
-  malloc (a step timed by a script outside this repository).
+  the command line, each in fresh subprocesses under glibc's default malloc and with
+  huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), in an order reversed every
+  other round. Reported per case: huge pages over default for the step and for the
+  trainer, the trainer over the step under the same malloc, and the trainer over a step
+  under the default malloc (a step timed by a script outside this repository).
+
+* ``workarounds`` (``--workaround-rounds R``, instead of the above): the command line
+  with each CPU setting taken away in turn (``WORKAROUND_VARIANTS``: huge pages for
+  malloc, the convolution-input barriers, the XLA:CPU options), fresh subprocesses in
+  an order rotating round by round. Reported per case and setting: the trainer's
+  examples/s with all of them over without that one. Rounds add to those already in
+  the output file, so that several short invocations make one measurement.
 
 CLI rounds interleave the variants (step, trainer[, baseline], step again); a round's
 ratio is the trainer's rate over the mean of the two step rates around it. Paired rounds
@@ -49,6 +55,10 @@ Usage (CPU: f1_b128, f1_b4096 and resnet44_b128, side by side; results/bench_tra
   .venv/bin/python -m experiments.bench.trainer_throughput --rounds 3 --paired-rounds 12
 Huge pages against glibc's default malloc (writes results/bench_trainer_allocator.*):
   .venv/bin/python -m experiments.bench.trainer_throughput --allocator-rounds 3
+Each CPU setting taken away (writes results/bench_trainer_workarounds.*; run once per case
+and round, each adds its rounds):
+  .venv/bin/python -m experiments.bench.trainer_throughput --cases resnet44_b128 \
+      --workaround-rounds 1
 Smoke (a minute of work): --cases f1_b128 --rounds 1 --paired-rounds 2 --steps 20
   --step-seconds 1 --out /tmp/bench_trainer_smoke
 The cost of logging B_simple (writes results/bench_trainer_noise_scale.{json,md}):
@@ -132,7 +142,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="instead: the isolated step and the trainer CLI, each under glibc's default "
-        "malloc and with huge pages (gbn_jax.host_memory), as subprocesses (0: none)",
+        "malloc and with huge pages, as subprocesses (0: none)",
+    )
+    p.add_argument(
+        "--workaround-rounds",
+        type=int,
+        default=0,
+        help="instead: the trainer CLI with each CPU workaround taken away in turn "
+        "(WORKAROUND_VARIANTS), rounds added to those already in the output (0: none)",
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="--workaround-rounds: comma list of WORKAROUND_VARIANTS, spaces as "
+        "underscores (default: all)",
     )
     # Internal (--allocator-rounds): print the isolated step's rate of one case, in this
     # process as the environment sets it up, and exit.
@@ -186,7 +209,7 @@ class IsolatedStep(_Rate):
             **{k: v for k, v in config.model.to_dict().items() if k != "name"},
         )
         self.batch_size = config.batch_size
-        options = steps.compiler_options(config)
+        options = steps.compiler_options(config)  # compile_step traces in steps.tracing
         self.compiled, self.state, self.batch, self.key, _ = step_speed.compile_step(
             model, regime, tuple(info.image_shape), config.batch_size, options
         )
@@ -294,8 +317,10 @@ def run_trainer(
     overrides: dict[str, Any],
     args: argparse.Namespace,
     extra_env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One CLI run from checkout ``root``; returns its rates and wall times."""
+    """One CLI run from checkout ``root`` in ``env`` (default: this process's, updated
+    with ``extra_env``); returns its rates and wall times."""
     workdir = tempfile.mkdtemp(prefix="bench_trainer_")
     command = [
         sys.executable,
@@ -310,7 +335,7 @@ def run_trainer(
         command.append(f"--config.data_dir={args.data_dir}")
     if args.device_loop:
         command.append(f"--config.device_loop={args.device_loop.capitalize()}")
-    env = dict(os.environ, PYTHONPATH=root, **(extra_env or {}))
+    env = dict(os.environ if env is None else env, PYTHONPATH=root, **(extra_env or {}))
     env["JAX_PLATFORMS"] = "cuda" if args.platform == "gpu" else "cpu"
     start = time.time()
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
@@ -442,9 +467,11 @@ def case_config(name: str, args: argparse.Namespace) -> Any:
     return config
 
 
-# Malloc setups of --allocator-rounds: the environment a subprocess starts with. Both
-# start from this process's environment less any GLIBC_TUNABLES of its own restart.
-ALLOCATORS = {"default": {"GBN_JAX_HUGE_PAGES": "0"}, "huge pages": {}}
+# Huge pages for malloc: glibc's tunable, read when a process starts.
+HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+# Malloc setups of --allocator-rounds: the environment a subprocess starts with, this
+# process's less any GLIBC_TUNABLES.
+ALLOCATORS = {"default": {}, "huge pages": HUGE_PAGES}
 
 
 def _allocator_env(name: str) -> dict[str, str]:
@@ -470,13 +497,6 @@ def run_isolated_step(name: str, allocator: str, args: argparse.Namespace) -> fl
     if proc.returncode != 0:
         raise RuntimeError(f"isolated step failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    from gbn_jax import host_memory
-
-    huge = "glibc.malloc.hugetlb=1" in (result["glibc_tunables"] or "")
-    if huge != (allocator == "huge pages") and host_memory.thp_mode() == "madvise":
-        raise RuntimeError(
-            f"the isolated step ran with GLIBC_TUNABLES={result['glibc_tunables']!r}"
-        )
     return result["examples_per_sec"]
 
 
@@ -551,14 +571,143 @@ def allocator_markdown(records: list[dict[str, Any]]) -> str:
             "step (`make_train_step` of the case, one fixed device batch, "
             "`--step-seconds` after a warm-up) and the trainer CLI (its "
             "logged intervals after the first), each under glibc's default malloc "
-            "(`GBN_JAX_HUGE_PAGES=0`) and with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` "
-            "(`gbn_jax.host_memory`, the CLI's default), in an order reversed every other "
-            "round. The last ratio is the trainer as it runs against a step written "
+            "and with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, in an order reversed every "
+            "other round. The last ratio is the trainer as it runs against a step written "
             "outside this repository, under the default malloc. Median, quartiles and "
             "range over rounds.",
             "",
             tables.markdown_table(
                 ["case", "ratio", "rounds", "median", "quartiles", "range"], rows
+            ),
+            "",
+        ]
+    )
+
+
+# Variants of --workaround-rounds: name -> (environment, config overrides) of the CLI.
+# Huge pages are glibc's tunable set in the environment. The convolution-input barriers
+# survive only with the optimization-barrier expander off, so "no barrier" compiles
+# with the other option alone, set through XLA_FLAGS.
+YNN_REDUCE_ONLY = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
+WORKAROUND_VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
+    "all": (HUGE_PAGES, {}),
+    "no huge pages": ({}, {}),
+    "no barrier": (
+        {**HUGE_PAGES, "XLA_FLAGS": YNN_REDUCE_ONLY},
+        {"xla_cpu_fast_options": False},
+    ),
+    "no XLA options": (HUGE_PAGES, {"xla_cpu_fast_options": False}),
+}
+
+
+def workaround_variants(args: argparse.Namespace) -> list[str]:
+    """The variants of --workaround-rounds, ``all`` first."""
+    chosen = args.variants.replace("_", " ").split(",") if args.variants else WORKAROUND_VARIANTS
+    return [v for v in WORKAROUND_VARIANTS if v == "all" or v in chosen]
+
+
+def _workaround_env(name: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    return {**env, **WORKAROUND_VARIANTS[name][0]}
+
+
+def bench_workaround_case(
+    name: str, args: argparse.Namespace, previous: dict[str, list] | None = None
+) -> dict[str, Any]:
+    """Per round, the CLI under every variant of WORKAROUND_VARIANTS in fresh
+    subprocesses, the order rotating round by round; rounds of an earlier invocation
+    (``previous``: case -> rounds) are kept and added to."""
+    spec, steps, overrides = CASES[name]
+    steps = args.steps or steps
+    variants = workaround_variants(args)
+    rounds = list((previous or {}).get(name, []))
+    for r in range(len(rounds), len(rounds) + args.workaround_rounds):
+        row: dict[str, Any] = {"load_before": os.getloadavg(), "time": time.time()}
+        shift = r % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            run = run_trainer(
+                ROOT,
+                spec,
+                steps,
+                {**overrides, **WORKAROUND_VARIANTS[variant][1]},
+                args,
+                extra_env=None,
+                env=_workaround_env(variant),
+            )
+            row[variant] = run["examples_per_sec"]
+        row["load_after"] = os.getloadavg()
+        rounds.append(row)
+        print(
+            f"{name} round {r}: " + ", ".join(f"{v} {row[v]:.0f}" for v in variants),
+            flush=True,
+        )
+    return {
+        "case": name,
+        "config": spec,
+        "overrides": overrides,
+        "steps": steps,
+        "batch_size": case_config(name, args).batch_size,
+        "variants": {
+            v: {"env": e, "overrides": o}
+            for v, (e, o) in WORKAROUND_VARIANTS.items()
+            if v in variants
+        },
+        "rounds": rounds,
+        "gain": {
+            v: spread([row["all"] / row[v] for row in rounds]) for v in variants if v != "all"
+        },
+        "examples_per_sec": {v: statistics.median(row[v] for row in rounds) for v in variants},
+    }
+
+
+def workaround_markdown(records: list[dict[str, Any]]) -> str:
+    runs, rows = [], []
+    for rec in records:
+        env = rec["environment"]
+        runs.append(f"- {rec['case']}: `{env['command']}`. {tables.environment_line(env)}")
+        label = f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`, batch {rec['batch_size']})"
+        for variant, gain in rec["gain"].items():
+            rows.append(
+                [
+                    label,
+                    variant.removeprefix("no "),
+                    gain["n"],
+                    f"{rec['examples_per_sec']['all']:.0f}",
+                    f"{rec['examples_per_sec'][variant]:.0f}",
+                    f"**{gain['median']:.3f}**",
+                    f"{gain['q1']:.3f}-{gain['q3']:.3f}",
+                    f"{gain['min']:.3f}-{gain['max']:.3f}",
+                ]
+            )
+    return "\n".join(
+        [
+            "# The CPU workarounds, each taken away: trainer throughput",
+            "",
+            *runs,
+            "",
+            "Per round, the trainer CLI (examples/s: median of its logged intervals after "
+            "the first; evaluation and checkpoints left out) in a fresh subprocess under "
+            "every variant, the order rotating round by round. `all`: "
+            "`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` and the XLA:CPU options "
+            "(`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`, "
+            "`xla_disable_hlo_passes=cse_barrier_expander`, which keeps the "
+            "convolution-input barriers). Without huge pages: glibc's default malloc. "
+            "Without the barrier: the YNNPACK option alone (the barriers expanded away). "
+            "Without the XLA options: XLA's defaults (no barrier either). Gain: `all` over "
+            "the variant, per round; median, quartiles and range over rounds.",
+            "",
+            tables.markdown_table(
+                [
+                    "case",
+                    "workaround",
+                    "rounds",
+                    "all img/s",
+                    "without img/s",
+                    "gain (median)",
+                    "quartiles",
+                    "range",
+                ],
+                rows,
             ),
             "",
         ]
@@ -765,6 +914,27 @@ def main(argv: list[str] | None = None) -> None:
         stem = args.out or os.path.join(RESULTS, "bench_trainer_allocator")
         _measure_and_merge(stem, cases, env, args, bench_allocator_case, allocator_markdown)
         return
+    if args.workaround_rounds:
+        stem = args.out or os.path.join(RESULTS, "bench_trainer_workarounds")
+        # Rounds of earlier invocations with the same variants and steps are added to.
+        variants = {
+            v: {"env": e, "overrides": o}
+            for v, (e, o) in WORKAROUND_VARIANTS.items()
+            if v in workaround_variants(args)
+        }
+        previous = {}
+        if os.path.exists(stem + ".json"):
+            with open(stem + ".json") as f:
+                for rec in json.load(f)["results"]:
+                    steps = args.steps or CASES[rec["case"]][1]
+                    if rec["variants"] == variants and rec["steps"] == steps:
+                        previous[rec["case"]] = rec["rounds"]
+
+        def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
+            return bench_workaround_case(name, args, previous)
+
+        _measure_and_merge(stem, cases, env, args, bench, workaround_markdown)
+        return
     if args.noise_scale_rounds:
         stem = args.out or os.path.join(RESULTS, "bench_trainer_noise_scale")
         _measure_and_merge(stem, cases, env, args, bench_noise_scale_case, noise_scale_markdown)
@@ -778,7 +948,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from gbn_jax import host_memory
-
-    host_memory.reexec_with_huge_pages()  # As the CLI does: huge pages for XLA's buffers.
     main()

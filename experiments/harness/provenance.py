@@ -150,7 +150,7 @@ def environment(module: str, args: argparse.Namespace | None = None) -> dict[str
         "optax": optax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        # glibc.malloc.hugetlb=1 when the process runs with huge pages (gbn_jax.host_memory).
+        # glibc.malloc.hugetlb=1 when the process runs with huge pages (docs/performance.md).
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "command": module_command(module),
         "load_average_start": os.getloadavg(),

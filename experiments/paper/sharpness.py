@@ -458,9 +458,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from gbn_jax import host_memory
-
-    host_memory.reexec_with_huge_pages()  # As the CLI does: huge pages for XLA's buffers.
     try:
         sys.exit(main())
     except ValueError as error:

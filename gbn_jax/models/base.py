@@ -15,8 +15,10 @@ References:
   Hoffer, Hubara & Soudry (2017), section 5 (experiments; models of table 1).
 """
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -91,18 +93,38 @@ def conv(
     )
 
 
+_CONV_INPUT_BARRIERS = contextvars.ContextVar("conv_input_barriers", default=False)
+
+
+@contextlib.contextmanager
+def conv_input_barriers(enabled: bool = True) -> Iterator[None]:
+    """Models traced inside place an optimization barrier at each `conv_input`.
+
+    A barrier makes XLA compute the activation once and let every consumer read it from
+    memory. Without one, XLA:CPU's fusion pass recomputes the elementwise residual
+    stream of a stage (norm, add, ReLU of every earlier block) inside each
+    weight-gradient transpose that reads a block input, which grows with the square of
+    the depth. XLA keeps the barriers only with its ``cse_barrier_expander`` pass
+    disabled, so the two are switched together: ``gbn_jax.steps.tracing(options)``.
+    The switch acts when a function is traced; JAX does not trace again a function it
+    has traced with the same arguments and jit settings.
+
+    Args:
+      enabled: whether `conv_input` places barriers while the context is open.
+    """
+    token = _CONV_INPUT_BARRIERS.set(enabled)
+    try:
+        yield
+    finally:
+        _CONV_INPUT_BARRIERS.reset(token)
+
+
 def conv_input(x: jax.Array) -> jax.Array:
     """Marks an activation that convolutions read (identity, also under autodiff).
 
-    When the default backend is the CPU, an optimization barrier: XLA must compute
-    ``x`` once and let every consumer read it from memory. Without it, XLA:CPU's fusion
-    pass recomputes the whole elementwise residual stream of a stage (norm, add, ReLU
-    of every earlier block) inside each weight-gradient transpose that reads a block
-    input, which grows with the square of the depth: 4 of the 5.9 s of a ResNet-44 step
-    at batch 256 on 2 cores. XLA:CPU keeps the barrier only with
-    ``gbn_jax.train.XLA_CPU_FAST_OPTIONS`` (the trainer's CPU default), which turns off
-    the pass that would expand it. On GPUs and TPUs ``x`` passes untouched, so XLA stays
-    free to fuse the norm and ReLU into the convolution that reads them (TPUs do).
+    An optimization barrier when traced inside `conv_input_barriers`, else ``x`` itself,
+    which leaves XLA free to fuse the norm and ReLU into the convolution that reads
+    them.
 
     Args:
       x: an activation about to enter a convolution (and a residual sum).
@@ -110,9 +132,9 @@ def conv_input(x: jax.Array) -> jax.Array:
     Returns:
       ``x`` unchanged.
     """
-    if jax.default_backend() != "cpu":
-        return x
-    return jax.lax.optimization_barrier(x)
+    if _CONV_INPUT_BARRIERS.get():
+        return jax.lax.optimization_barrier(x)
+    return x
 
 
 def dense(features: int, *, dtype: Any, use_bias: bool = True, name: str | None = None) -> nn.Dense:
