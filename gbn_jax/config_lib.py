@@ -295,8 +295,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.device_resident_data = config_dict.placeholder(bool)
     # XLA compiler options for faster CPU steps, on by default (same training to float32
     # rounding; False gives XLA's defaults): gbn_jax.steps.XLA_CPU_FAST_OPTIONS. Ignored
-    # off the CPU. (The CLI's huge pages for host memory are a process setting:
-    # gbn_jax.host_memory, GBN_JAX_HUGE_PAGES=0.)
+    # off the CPU. (Huge pages for host memory are a process setting, not a config
+    # field: GLIBC_TUNABLES=glibc.malloc.hugetlb=1, docs/training.md.)
     config.xla_cpu_fast_options = True
     # Protocol switches (apply_variant sets them from the config argument).
     config.augment = "default"

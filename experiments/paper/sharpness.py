@@ -261,40 +261,44 @@ def measure_run(
     subset_loss, accuracy = (float(v) for v in jax.jit(subset_metrics)(params, batches))
     subset_sec = time.perf_counter() - t
 
-    # CPU time of this process (all threads) next to each wall time: on a shared
-    # machine the wall time depends on the other jobs, the CPU time much less.
-    cpu = time.process_time()
-    eig = sharpness.top_hessian_eigenvalues(
-        loss_fn,
-        params,
-        batches,
-        k=args.top_k,
-        tol=args.tol,
-        return_eigenvectors=True,
-        compiler_options=options,
-        callback=progress("hessian"),
-    )
-    eig_cpu = time.process_time() - cpu
-    boxes = []
-    for epsilon in args.epsilon:
+    # Traced in the options' context, as the trainer's programs are (steps.tracing).
+    with steps.tracing(options):
+        # CPU time of this process (all threads) next to each wall time: on a shared
+        # machine the wall time depends on the other jobs, the CPU time much less.
         cpu = time.process_time()
-        box = sharpness.epsilon_sharpness(
+        eig = sharpness.top_hessian_eigenvalues(
             loss_fn,
             params,
             batches,
-            epsilon=epsilon,
-            max_iterations=args.ascent_iterations,
-            # The Hessian's top eigenvector(s) start the ascent (see --directions).
-            directions=eig.eigenvectors[:, : args.directions] if args.directions else None,
-            num_directions=0,
+            k=args.top_k,
+            tol=args.tol,
+            return_eigenvectors=True,
             compiler_options=options,
-            callback=progress(f"eps={epsilon:g}"),
+            callback=progress("hessian"),
         )
-        boxes.append({**dataclasses.asdict(box), "cpu_time_sec": time.process_time() - cpu})
-    bar.set_postfix_str("noise scale")
-    cpu = time.process_time()
-    noise = noise_scale.subset_noise_scale(loss_fn, params, noise_batches, compiler_options=options)
-    noise_cpu = time.process_time() - cpu
+        eig_cpu = time.process_time() - cpu
+        boxes = []
+        for epsilon in args.epsilon:
+            cpu = time.process_time()
+            box = sharpness.epsilon_sharpness(
+                loss_fn,
+                params,
+                batches,
+                epsilon=epsilon,
+                max_iterations=args.ascent_iterations,
+                # The Hessian's top eigenvector(s) start the ascent (see --directions).
+                directions=eig.eigenvectors[:, : args.directions] if args.directions else None,
+                num_directions=0,
+                compiler_options=options,
+                callback=progress(f"eps={epsilon:g}"),
+            )
+            boxes.append({**dataclasses.asdict(box), "cpu_time_sec": time.process_time() - cpu})
+        bar.set_postfix_str("noise scale")
+        cpu = time.process_time()
+        noise = noise_scale.subset_noise_scale(
+            loss_fn, params, noise_batches, compiler_options=options
+        )
+        noise_cpu = time.process_time() - cpu
     bar.close()
     return {
         "workdir": os.path.abspath(workdir),

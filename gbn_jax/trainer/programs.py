@@ -123,11 +123,13 @@ def build(
             # Micro-batches side by side on accelerators, one after another on the CPU.
             vectorize=on_accelerator,
         )
-        noise_scale = (
-            jax.jit(measure, out_shardings=replicated, compiler_options=compiler_options)
-            .lower(state_shapes, train_feed.arrays, train_feed.chunk_shapes(loop_steps))
-            .compile()
-        )
+        # Traced in the options' context, as the train programs are (steps.tracing).
+        with steps.tracing(compiler_options):
+            noise_scale = (
+                jax.jit(measure, out_shardings=replicated, compiler_options=compiler_options)
+                .lower(state_shapes, train_feed.arrays, train_feed.chunk_shapes(loop_steps))
+                .compile()
+            )
     return Programs(
         train_chunk=train_chunk,
         zero_accumulator=jax.jit(steps.zero_metrics, out_shardings=acc_sharding),
