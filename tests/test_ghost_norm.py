@@ -20,6 +20,23 @@ from gbn_jax import GhostBatchNorm, ghost_batch_norm
 EPS = 1e-5
 
 
+def np_running_update(rm, rv, means, variances, seen, momentum, update):
+    """Running statistics after the ghost batches' (mean, var), in order, in float64:
+    one EMA step per non-empty ghost batch ("sequential"), or one with their average."""
+    rm, rv = np.array(rm, np.float64), np.array(rv, np.float64)
+    if update == "sequential":
+        for mu, var, s in zip(means, variances, seen, strict=True):
+            rm = np.where(s, momentum * rm + (1 - momentum) * mu, rm)
+            rv = np.where(s, momentum * rv + (1 - momentum) * var, rv)
+        return rm, rv
+    k = np.maximum(np.sum(seen, 0), 1)
+    avg_m = np.sum([mu * s for mu, s in zip(means, seen, strict=True)], 0) / k
+    avg_v = np.sum([v * s for v, s in zip(variances, seen, strict=True)], 0) / k
+    rm = np.where(np.any(seen, 0), momentum * rm + (1 - momentum) * avg_m, rm)
+    rv = np.where(np.any(seen, 0), momentum * rv + (1 - momentum) * avg_v, rv)
+    return rm, rv
+
+
 def np_ghost_bn(
     x, scale, bias, rm, rv, *, ghost, axis=-1, momentum=0.9, update="sequential", mask=None
 ):
@@ -40,17 +57,7 @@ def np_ghost_bn(
         var = (((xg[g] - mu) ** 2) * mg[g]).sum(0) / np.maximum(cnt, 1)
         y[g] = (xg[g] - mu) / np.sqrt(var + EPS) * scale + bias
         means.append(mu), variances.append(var), seen.append(cnt > 0)
-    rm, rv = np.array(rm, np.float64), np.array(rv, np.float64)
-    if update == "sequential":
-        for mu, var, s in zip(means, variances, seen, strict=True):
-            rm = np.where(s, momentum * rm + (1 - momentum) * mu, rm)
-            rv = np.where(s, momentum * rv + (1 - momentum) * var, rv)
-    else:
-        k = np.maximum(np.sum(seen, 0), 1)
-        avg_m = np.sum([mu * s for mu, s in zip(means, seen, strict=True)], 0) / k
-        avg_v = np.sum([v * s for v, s in zip(variances, seen, strict=True)], 0) / k
-        rm = np.where(np.any(seen, 0), momentum * rm + (1 - momentum) * avg_m, rm)
-        rv = np.where(np.any(seen, 0), momentum * rv + (1 - momentum) * avg_v, rv)
+    rm, rv = np_running_update(rm, rv, means, variances, seen, momentum, update)
     y = np.moveaxis(y.reshape(xt.shape), -1, axis)
     return y, rm, rv
 
@@ -774,17 +781,7 @@ def np_sized_ghost_bn(x, scale, bias, rm, rv, *, sizes, momentum=0.9, update, ma
         y[rows] = (xs - mu) / np.sqrt(var + EPS) * scale + bias
         means.append(mu), variances.append(var), seen.append(count > 0)
     assert start == x.shape[0]
-    rm, rv = np.array(rm, np.float64), np.array(rv, np.float64)
-    if update == "sequential":
-        for mu, var, s in zip(means, variances, seen, strict=True):
-            rm = np.where(s, momentum * rm + (1 - momentum) * mu, rm)
-            rv = np.where(s, momentum * rv + (1 - momentum) * var, rv)
-    else:
-        n = np.maximum(np.sum(seen, 0), 1)
-        avg_m = np.sum([mu * s for mu, s in zip(means, seen, strict=True)], 0) / n
-        avg_v = np.sum([v * s for v, s in zip(variances, seen, strict=True)], 0) / n
-        rm = np.where(np.any(seen, 0), momentum * rm + (1 - momentum) * avg_m, rm)
-        rv = np.where(np.any(seen, 0), momentum * rv + (1 - momentum) * avg_v, rv)
+    rm, rv = np_running_update(rm, rv, means, variances, seen, momentum, update)
     return y, rm, rv
 
 

@@ -1,7 +1,7 @@
 """Where a record comes from: commit, whole-tree dirty flag, config, hardware, date.
 
 Every record the experiments write (a training run, a sharpness measurement, a
-benchmark, a GPU session) carries ``provenance(...)``; the hardware part is
+benchmark, a GPU run) carries ``provenance(...)``; the hardware part is
 ``hardware()``, whose CPU model is read from /proc/cpuinfo by ``cpu_model()``.
 
 Run as a module it writes the record of this checkout and machine as JSON (the GPU

@@ -17,7 +17,7 @@ Groups of runs (each a set of config options on top of the column's variant):
 The plan is a priority list (seed 0 of default and authors, then each switch on seed
 0, then seeds 1 and 2, then SB); ``--stage`` picks how far to go. Every finished run
 writes ``experiments/results/ablation_f1/runs/<group>__<column>__seed<k>.json`` and the
-driver skips runs whose file exists, so a sweep continues across sessions and machines;
+driver skips runs whose file exists, so a sweep continues where it stopped, also on another machine;
 ``--commit`` commits each file as it lands. Unfinished runs resume from their trainer
 checkpoints under ``--runs_dir``.
 
@@ -26,7 +26,7 @@ Usage:
   .venv/bin/python -m experiments.paper.ablation --stage 1 --commit   # seed 0 of everything
   .venv/bin/python -m experiments.paper.ablation --stage 2 --commit   # + seeds 1, 2 and SB
   .venv/bin/python -m experiments.paper.ablation --report_only
-  python -m experiments.paper.ablation --plan gpu --results_dir OUTDIR   # one GPU session
+  python -m experiments.paper.ablation --plan gpu --results_dir OUTDIR   # a GPU machine
       # (gpu_plan; experiments/gpu/ablation.sh runs it)
   .venv/bin/python -m experiments.paper.ablation --plan settle --commit  # settle_plan
 
@@ -103,9 +103,9 @@ OTHER_MODELS: dict[str, tuple[str, dict[str, str]]] = {
 PROTOCOLS = ("default", "authors")
 SELECTION_SEEDS = (0, 1, 2)
 SELECTION_COLUMNS = ("lb_lr", "lb_lr_gbn")
-# +RA at ratio |B_L| / |B_S| = 2048 / 128 = 16 (800 epochs, 40M images, ~1 h on the
-# 2-core CPU) instead of the paper's 32 (4096: 1,600 epochs, 80M images, ~2 h): the
-# session-sized choice, stated wherever it is reported.
+# +RA at ratio |B_L| / |B_S| = 2048 / 128 = 16 (19,550 steps of 25 per epoch: 782
+# epochs, 40M images) instead of the paper's 32 (batch 4096: twice the images), to fit
+# a 2-core CPU; stated wherever it is reported.
 RA_BATCH = 2048
 COLUMN_OPTIONS = {"lb_lr_gbn_ra": {"batch": str(RA_BATCH)}}
 # The gradient noise scale B_simple logged through training (gbn_jax/noise_scale.py):
@@ -256,12 +256,12 @@ GPU_SEEDS = (0, 1, 2)
 
 
 def gpu_plan() -> list[Planned]:
-    """The runs of one lent GPU session (experiments/experiments/gpu/ablation.sh), in order.
+    """The runs of the GPU plan (experiments/gpu/ablation.sh), in order.
 
     First the headline table unscaled: its five columns under the authors' protocol,
     one seed after the other (the same commands as the CPU runs, so each GPU row checks
     a committed one); then ResNet-44 on Fashion-MNIST 32x32, LB, +LR and +GBN, seed 0.
-    The session's time limit decides how far it gets.
+    A time limit (e.g. `timeout`) decides how far it gets; a rerun continues.
     """
     runs = [Planned("authors", c, s) for s in GPU_SEEDS for c in LABELS]
     return runs + [Planned("resnet44_fmnist32", c, 0) for c in COLUMNS]
@@ -585,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--plan",
         default="cpu",
         choices=("cpu", "gpu", "settle"),
-        help="cpu: the staged plan (--stage); gpu: `gpu_plan`, for one lent GPU session; "
+        help="cpu: the staged plan (--stage); gpu: `gpu_plan`, for a GPU machine; "
         "settle: `settle_plan`",
     )
     parser.add_argument(

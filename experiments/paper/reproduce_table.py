@@ -102,7 +102,7 @@ class Preset:
 # quick: SB trains 3 epochs (LR drops at epochs 0.6, 1.2, 1.8): LB then makes 87 updates
 # against SB's 1404, enough for a gap of several points that +RA closes, with a wide
 # margin under 15 minutes. full: 4 SB epochs (drops at 0.8, 1.6, 2.4) on three seeds,
-# sized to run inside one working session on this shared 2-core CPU (the 64-epoch +RA
+# sized to run in about three hours on a 2-core CPU (the 64-epoch +RA
 # runs dominate).
 PRESETS = {
     "quick": Preset(seeds=(0,), epochs_scale=0.06, eval_points=30, suffix="_quick"),
