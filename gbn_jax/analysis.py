@@ -377,7 +377,7 @@ def read_metrics(
             f"No metrics file at {path!r}; pass a trainer workdir that holds metrics.jsonl."
         )
     by_step: dict[int, dict] = {}
-    for record in run_files.read_metrics(path):
+    for record in run_files.read_json_lines(path):
         if "step" in record and all(key in record for key in keys):
             by_step[int(record["step"])] = record  # Later lines replace earlier ones.
     if not by_step:

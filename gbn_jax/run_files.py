@@ -4,9 +4,9 @@ A workdir holds ``config.json`` and ``regime.json`` (what ran), ``metrics.jsonl`
 JSON object per logged step), ``summary.json`` (written when the run finishes, so its
 presence marks a finished run), ``tb/`` and ``checkpoints/``. The trainer, the
 experiments and the plots all read them through this module, with one rule for
-``metrics.jsonl``: a last line cut short (a process killed mid-write) is dropped with a
-warning; a line that is not valid JSON anywhere else is an error naming the file and
-the line.
+``metrics.jsonl`` and the run's other JSON-lines logs: a last line cut short (a process
+killed mid-write) is dropped with a warning; a line that is not valid JSON anywhere else
+is an error naming the file and the line.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def path(workdir: str | os.PathLike[str], name: str) -> str:
     return os.path.join(os.fspath(workdir), name)
 
 
-def read_metrics(metrics_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, in file order ([] if there is no file).
+def read_json_lines(metrics_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (metrics.jsonl and the run's other logs), in file
+    order ([] if there is no file).
 
     Raises:
       CorruptRunFileError: a line other than the last is not a JSON object.

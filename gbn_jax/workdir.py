@@ -191,8 +191,4 @@ def record_changes(workdir: str, step: int, changes: dict[str, tuple[Any, Any]])
 
 
 def _read_changes(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, CHANGES_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return run_files.read_json_lines(os.path.join(workdir, CHANGES_FILE))

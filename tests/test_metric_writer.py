@@ -50,7 +50,7 @@ def test_records_round_trip(tmp_path):
         writer.write(r["step"], r)
     writer.write_json(run_files.SUMMARY_FILE, {"final": 1.5})
     writer.close()
-    assert run_files.read_metrics(tmp_path / run_files.METRICS_FILE) == records
+    assert run_files.read_json_lines(tmp_path / run_files.METRICS_FILE) == records
     assert writer.read() == records
     assert run_files.read_json(tmp_path / run_files.SUMMARY_FILE) == {"final": 1.5}
     events = os.listdir(tmp_path / run_files.TENSORBOARD_DIR)
@@ -82,7 +82,7 @@ def test_resume_cuts_metrics_back_to_the_restored_step(tmp_path):
     again = open_writer(tmp_path, start_step=4)
     again.write(5, records[4])
     again.close()
-    assert run_files.read_metrics(tmp_path / run_files.METRICS_FILE) == records[:5]
+    assert run_files.read_json_lines(tmp_path / run_files.METRICS_FILE) == records[:5]
 
 
 def test_a_run_that_trains_on_removes_its_summary(tmp_path):

@@ -59,7 +59,7 @@ def queue(tmp_path):
 
 
 def written(queue):
-    return run_files.read_metrics(queue.writer.metrics_path)
+    return run_files.read_json_lines(queue.writer.metrics_path)
 
 
 def test_a_boundary_is_written_on_the_next_flush(queue):

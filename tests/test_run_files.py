@@ -16,12 +16,12 @@ def test_round_trip_and_missing_file(tmp_path):
     rng = random.Random(0)
     records = _records(rng, 7)
     path = tmp_path / run_files.METRICS_FILE
-    assert run_files.read_metrics(path) == []
+    assert run_files.read_json_lines(path) == []
     run_files.append_metrics(path, records[:3])
     run_files.append_metrics(path, records[3:])
-    assert run_files.read_metrics(path) == records
+    assert run_files.read_json_lines(path) == records
     run_files.rewrite_metrics(path, records[:2])
-    assert run_files.read_metrics(path) == records[:2]
+    assert run_files.read_json_lines(path) == records[:2]
     assert not (tmp_path / (run_files.METRICS_FILE + ".tmp")).exists()
 
 
@@ -34,7 +34,7 @@ def test_a_cut_short_last_line_is_dropped_with_a_warning(tmp_path, cut):
     last = json.dumps({"step": 6, "loss": rng.random()})
     path.write_text(text + last[:cut])
     with pytest.warns(UserWarning, match=r"line 6, cut short"):
-        assert run_files.read_metrics(path) == records
+        assert run_files.read_json_lines(path) == records
 
 
 @pytest.mark.parametrize("bad_line", [1, 3])
@@ -45,14 +45,14 @@ def test_corruption_before_the_last_line_names_file_and_line(tmp_path, bad_line)
     path = tmp_path / run_files.METRICS_FILE
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(run_files.CorruptRunFileError, match=rf"metrics.jsonl, line {bad_line}:"):
-        run_files.read_metrics(path)
+        run_files.read_json_lines(path)
 
 
 def test_a_json_value_that_is_not_an_object_is_corruption(tmp_path):
     path = tmp_path / run_files.METRICS_FILE
     path.write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
     with pytest.raises(run_files.CorruptRunFileError, match="line 2"):
-        run_files.read_metrics(path)
+        run_files.read_json_lines(path)
 
 
 def test_json_files_are_atomic_and_damage_is_an_error(tmp_path):

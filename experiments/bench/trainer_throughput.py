@@ -89,6 +89,7 @@ from experiments.bench import step_speed
 from experiments.harness import launch, provenance, tables
 from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
 from experiments.harness.timing import spread
+from gbn_jax import run_files
 
 MODULE = "experiments.bench.trainer_throughput"
 ROOT = str(REPO_ROOT)
@@ -343,10 +344,8 @@ def run_trainer(
     try:
         if proc.returncode != 0:
             raise RuntimeError(f"trainer failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
-        with open(os.path.join(workdir, "summary.json")) as f:
-            summary = json.load(f)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+        summary = run_files.read_json(run_files.path(workdir, run_files.SUMMARY_FILE))
+        records = run_files.read_json_lines(run_files.path(workdir, run_files.METRICS_FILE))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {

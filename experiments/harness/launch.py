@@ -21,6 +21,7 @@ from typing import Any
 import tqdm
 
 from experiments.harness.provenance import REPO_ROOT
+from gbn_jax import run_files
 from gbn_jax.run_files import CONFIG_FILE, METRICS_FILE
 
 # One line per launch of a run (JSON: seconds, exit_status), written by `run_one`.
@@ -130,8 +131,7 @@ def wall_time(workdir: str | Path, summary: dict[str, Any] | None) -> float | No
     """Seconds a run took over all its launches (``run_one``'s log), else its summary's."""
     path = Path(workdir) / WALL_TIME_FILE
     if path.exists():
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return float(sum(line["seconds"] for line in lines))
+        return float(sum(line["seconds"] for line in run_files.read_json_lines(path)))
     value = (summary or {}).get("wall_time_sec")
     return float(value) if isinstance(value, int | float) else None
 

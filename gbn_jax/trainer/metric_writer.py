@@ -147,7 +147,7 @@ class MetricWriter:
 
     def read(self) -> list[dict[str, Any]]:
         """The run's records (all of them, across resumes); [] on other processes."""
-        return run_files.read_metrics(self.metrics_path) if self.enabled else []
+        return run_files.read_json_lines(self.metrics_path) if self.enabled else []
 
     def write_json(self, name: str, obj: Any) -> None:
         """Writes a JSON file of the workdir (``run_files.SUMMARY_FILE``, ...)."""
@@ -171,7 +171,7 @@ def truncate_metrics(metrics_path: str, last_step: int) -> None:
     """
     records = [
         r
-        for r in run_files.read_metrics(metrics_path)
+        for r in run_files.read_json_lines(metrics_path)
         if r["step"] < last_step or (r["step"] == last_step and NOISE_SCALE_FIELD not in r)
     ]
     run_files.rewrite_metrics(metrics_path, records)
