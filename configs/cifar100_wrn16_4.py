@@ -22,7 +22,7 @@ References:
 
 import ml_collections
 
-from gbn_jax import config_lib, regimes
+from gbn_jax.trainer import config_lib, regimes
 
 # |B_L|: the large batch of this row in the authors' runs; |B_S| comes from the regime.
 LARGE_BATCH_SIZE = 1024

@@ -13,7 +13,7 @@ epochs_scale=, seed=, dataset=, dtype=, model=, eval_every= (e.g.
 default; the training is unchanged bit for bit), e.g.
 ``:lb_lr_gbn,noise_scale_every=25`` or ``:sb,noise_scale_every=100``.
 
-The authors' protocol (eladhoffer/bigBatch, see gbn_jax/config_lib.py):
+The authors' protocol (eladhoffer/bigBatch, see gbn_jax/trainer/config_lib.py):
 ``:lb_lr_gbn,protocol=authors`` turns on momentum reset every epoch, gamma ~ U[0, 1),
 their input (pad 2, crop 28, flip, mean/std 0.5), the partial last batch, and their
 batch and LR rule per column (AUTHORS_BATCH_SIZES below); each is also a switch of its
@@ -37,7 +37,7 @@ References:
 
 import ml_collections
 
-from gbn_jax import config_lib, regimes
+from gbn_jax.trainer import config_lib, regimes
 
 # |B_L|: the large batch of this row in the authors' runs; |B_S| comes from the regime.
 LARGE_BATCH_SIZE = 4096

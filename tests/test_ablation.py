@@ -11,7 +11,7 @@ import pytest
 
 from experiments.harness import launch
 from experiments.paper import ablation, gap_explanations
-from gbn_jax import regimes
+from gbn_jax.trainer import regimes
 
 
 def _result(group, column, seed, val, test):

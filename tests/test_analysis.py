@@ -1,4 +1,4 @@
-"""Tests for gbn_jax.analysis against closed forms and synthetic curves."""
+"""Tests for gbn_jax.research.analysis against closed forms and synthetic curves."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from gbn_jax import analysis
+from gbn_jax.research import analysis
 
 
 def _ols_reference(u, d):

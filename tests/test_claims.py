@@ -112,7 +112,7 @@ def test_settle_plan_order_and_the_ra_control_rule():
 def test_settle_runs_change_one_ingredient():
     """Each settle group's config differs from its reference in the one field it names."""
     from experiments.harness import launch
-    from gbn_jax import regimes
+    from gbn_jax.trainer import regimes
 
     module = launch.load_config_module("configs/fashion_mnist_f1.py")
 

@@ -8,7 +8,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from gbn_jax import config_lib, models, regimes
+from gbn_jax import models
+from gbn_jax.trainer import config_lib, regimes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> (dataset, model, |B_S|, |B_L|, training examples)

@@ -268,7 +268,7 @@ def test_model_flops_match_closed_forms():
 
 def test_bench_sweep_trainer_entry_is_the_trainer_default():
     from experiments.bench import step_speed
-    from gbn_jax import steps
+    from gbn_jax.trainer import steps
 
     assert step_speed.XLA_SWEEP["trainer"] == steps.XLA_CPU_FAST_OPTIONS
     assert step_speed.XLA_PRESETS["fast"] == steps.XLA_CPU_FAST_OPTIONS

@@ -1,5 +1,5 @@
-"""Tests of gbn_jax/data/feed.py: the batches built on the devices, inside a jitted loop,
-equal bit for bit those the host iterators of gbn_jax.input_pipeline yield (8 fake CPU
+"""Tests of gbn_jax/trainer/data/feed.py: the batches built on the devices, inside a jitted loop,
+equal bit for bit those the host iterators of gbn_jax.trainer.input_pipeline yield (8 fake CPU
 devices)."""
 
 import jax
@@ -8,8 +8,8 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gbn_jax import input_pipeline as ip
-from gbn_jax.data import feed
+from gbn_jax.trainer import input_pipeline as ip
+from gbn_jax.trainer.data import feed
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of gbn_jax.input_pipeline against independent numpy readings of the data."""
+"""Tests of gbn_jax.trainer.input_pipeline against independent numpy readings of the data."""
 
 import gzip
 import json
@@ -11,8 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gbn_jax import input_pipeline as ip
-from gbn_jax.data import augment, iterators, sources
+from gbn_jax.trainer import input_pipeline as ip
+from gbn_jax.trainer.data import augment, iterators, sources
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST = ip.KNOWN_DATASETS["fashion_mnist"]

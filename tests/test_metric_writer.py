@@ -6,8 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gbn_jax import run_files
-from gbn_jax.trainer import metric_writer
+from gbn_jax.trainer import metric_writer, run_files
 from gbn_jax.trainer.metric_writer import MetricWriter, TrainingRate
 
 

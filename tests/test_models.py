@@ -415,7 +415,7 @@ def test_cpu_options_keep_barriers_and_the_gradients():
     """Traced in steps.tracing(XLA_CPU_FAST_OPTIONS) and compiled with those options, a
     ResNet keeps conv_input's barriers; its loss gradient then differs from the plain
     program's only by rounding."""
-    from gbn_jax import steps
+    from gbn_jax.trainer import steps
 
     model = get_model(
         "resnet_cifar", num_classes=10, depth=8, width=4, norm="ghost", ghost_batch_size=4

@@ -1,4 +1,4 @@
-"""Tests of gbn_jax.noise_scale against a linear-regression noise scale in numpy.
+"""Tests of gbn_jax.trainer.noise_scale against a linear-regression noise scale in numpy.
 
 For the loss 1/2 (x_i . w - y_i)^2 the per-example gradients are g_i = (x_i . w - y_i)
 x_i, so the true |G|^2 and tr(Sigma) of a dataset follow from them in numpy, without
@@ -13,7 +13,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gbn_jax import models, noise_scale, sharpness
+from gbn_jax import models
+from gbn_jax.research import sharpness
+from gbn_jax.trainer import noise_scale
 
 
 def _regression(rng: np.random.Generator, n: int, d: int):

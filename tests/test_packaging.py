@@ -87,6 +87,7 @@ print(json.dumps({
     "linen_new": sorted(linen_new),
     "nnx_new": sorted(nnx_new),
     "loaded": sorted(top_level()),
+    "ours": sorted(m for m in sys.modules if m.partition(".")[0] == "gbn_jax"),
 }))
 """
 
@@ -109,6 +110,9 @@ def test_the_layer_and_models_need_only_jax_flax_numpy():
         # EXTRAS_ONLY (optax too: flax.nnx loads it, flax.linen does not).
         assert [m for m in new if m not in (*sys.stdlib_module_names, "gbn_jax")] == []
     assert not set(got["loaded"]) & (set(EXTRAS_ONLY) - {"optax"})
+    # The layers above the layer and the models stay unloaded.
+    assert "gbn_jax.models" in got["ours"]
+    assert [m for m in got["ours"] if m.startswith(("gbn_jax.trainer", "gbn_jax.research"))] == []
 
 
 def test_public_names_are_listed_and_resolve():

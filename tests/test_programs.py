@@ -12,9 +12,10 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gbn_jax import models, steps
+from gbn_jax import models
 from gbn_jax.trainer import inputs as inputs_lib
 from gbn_jax.trainer import programs as programs_lib
+from gbn_jax.trainer import steps
 from gbn_jax.trainer.records import finish_evaluation, start_evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

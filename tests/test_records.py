@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from gbn_jax import run_files
+from gbn_jax.trainer import run_files
 from gbn_jax.trainer.metric_writer import MetricWriter
 from gbn_jax.trainer.records import (
     NonFiniteLossError,

@@ -1,4 +1,4 @@
-"""Tests for gbn_jax.regimes against hand-computed steps and hand-written updates."""
+"""Tests for gbn_jax.trainer.regimes against hand-computed steps and hand-written updates."""
 
 import json
 import math
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from gbn_jax import regimes
+from gbn_jax.trainer import regimes
 
 # F1 on MNIST: N = 60,000, |B_S| = 128, |B_L| = 4096, by hand:
 #   floor(60000 / 128) = 468 steps per SB epoch, floor(60000 / 4096) = 14 per LB epoch,

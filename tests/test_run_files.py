@@ -1,11 +1,11 @@
-"""gbn_jax/run_files.py: the one rule for a run's metrics.jsonl, on files written by hand."""
+"""gbn_jax.trainer.run_files: the one rule for a run's metrics.jsonl, on hand-written files."""
 
 import json
 import random
 
 import pytest
 
-from gbn_jax import run_files
+from gbn_jax.trainer import run_files
 
 
 def _records(rng, n):

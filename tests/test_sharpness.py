@@ -1,4 +1,4 @@
-"""Tests of gbn_jax.sharpness against quadratics with a known Hessian and box maxima.
+"""Tests of gbn_jax.research.sharpness against quadratics with a known Hessian and box maxima.
 
 The references are closed forms or exhaustive searches in numpy: eigenvalues chosen
 up front (A = Q diag(lambda) Q^T), np.linalg.eigvalsh of X^T X / n, a dense Hessian
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from gbn_jax import models, sharpness
+from gbn_jax import models
+from gbn_jax.research import sharpness
 
 
 def _quadratic(a: np.ndarray, center: np.ndarray, offset: float = 0.0):

@@ -15,7 +15,9 @@ import optax
 import pytest
 
 from experiments.paper import sharpness as experiment
-from gbn_jax import checkpointing, input_pipeline, models, noise_scale, sharpness, steps
+from gbn_jax import models
+from gbn_jax.research import sharpness
+from gbn_jax.trainer import checkpointing, input_pipeline, noise_scale, steps
 
 SMALL = ["--examples", "64", "--chunk", "32", "--noise_examples", "96", "--noise_chunk", "32"]
 
@@ -89,7 +91,7 @@ def test_the_subset_is_fixed_by_its_seed():
 
 
 def test_the_subset_leaves_out_the_held_out_split_and_follows_the_run_input():
-    from gbn_jax.data import sources
+    from gbn_jax.trainer.data import sources
 
     try:
         subset = experiment.training_subset(

@@ -1,4 +1,4 @@
-"""Tests of gbn_jax/steps.py: several steps per dispatch compute what one step per
+"""Tests of gbn_jax/trainer/steps.py: several steps per dispatch compute what one step per
 dispatch does, bit for bit; metrics accumulate on the device as numpy sums them."""
 
 import flax.linen as nn
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from gbn_jax import steps
+from gbn_jax.trainer import steps
 
 
 class TinyNet(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests of the trainer (gbn_jax/train.py) and its command line (gbn_jax/main.py).
+"""Tests of the trainer (gbn_jax/trainer/train.py) and its command line (gbn_jax/trainer/main.py).
 
 One short reference run of F1 on the real Fashion-MNIST files (8 fake CPU devices,
 in this process) is the yardstick: a run killed with SIGKILL and restarted, one stopped
@@ -25,8 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from gbn_jax import regimes, steps, train
-from gbn_jax.trainer import metric_writer
+from gbn_jax.trainer import metric_writer, regimes, steps, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F1_CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_f1.py")
@@ -514,7 +513,7 @@ def test_noise_scale_after_resume_is_measured_once(noise_scale_run, tmp_path):
         f.write(
             json.dumps({"step": 12, "epoch": 0.05, metric_writer.NOISE_SCALE_FIELD: -1.0}) + "\n"
         )
-    # Training on past max_steps is a change the workdir records (gbn_jax/workdir.py).
+    # Training on past max_steps is a change the workdir records (gbn_jax/trainer/workdir.py).
     train.train_and_evaluate(
         load_config(F1_CONFIG, F1_ARG, overrides), workdir, allow_config_change=True
     )
@@ -532,7 +531,8 @@ def test_noise_scale_after_resume_is_measured_once(noise_scale_run, tmp_path):
 def test_noise_scale_matches_per_shard_gradients_in_numpy(noise_scale_run):
     """The values logged at step 12 from the checkpointed state, recomputed with
     jax.grad shard by shard on the batch that update 13 trains on."""
-    from gbn_jax import input_pipeline, models
+    from gbn_jax import models
+    from gbn_jax.trainer import input_pipeline
 
     workdir, config = noise_scale_run
     step, state = checkpoint_state(workdir, 12)
@@ -692,7 +692,7 @@ def test_padded_partial_batch_steps_like_the_compact_batch(norm):
     in the authors' main_gbn.py), so the reference is the compact batch with ghost 25.
     """
     from gbn_jax import models
-    from gbn_jax.data import iterators
+    from gbn_jax.trainer.data import iterators
 
     rng = np.random.default_rng(6)
     n, batch, ghost = 200, 256, 32

@@ -1,6 +1,6 @@
-"""Tests of a workdir as a run's record: the config that started it (gbn_jax/workdir.py),
+"""Tests of a workdir as a run's record: the config that started it (gbn_jax/trainer/workdir.py),
 checkpoints that cannot be read, and checkpoint writes that fail
-(gbn_jax/checkpointing.py), through the real trainer on Fashion-MNIST.
+(gbn_jax/trainer/checkpointing.py), through the real trainer on Fashion-MNIST.
 
 One reference run of 6 steps (checkpoints every 2 steps, the last two kept: 4 and 6;
 logs every 3 steps, so checkpoint 4 holds the train-metric sums of step 4) is the
@@ -22,8 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gbn_jax import checkpointing, train, workdir
-from gbn_jax.trainer import metric_writer
+from gbn_jax.trainer import checkpointing, metric_writer, train, workdir
 
 # Orbax's asynchronous tasks still queued when a read or write failed report "Event
 # loop is closed" once their loop is gone: noise of the failures these tests cause.

@@ -80,7 +80,8 @@ def build(norm: str, regime_config: dict, num_train: int, ghost: int) -> dict[st
     """Model, regime, initial state and jitted train/eval steps, as the trainer builds them."""
     import jax
 
-    from gbn_jax import models, regimes, steps
+    from gbn_jax import models
+    from gbn_jax.trainer import regimes, steps
 
     replicated, batch_sharding = mesh_shardings()
     model = models.get_model(
@@ -190,7 +191,7 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
 def part_b(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
-    from gbn_jax import input_pipeline
+    from gbn_jax.trainer import input_pipeline
 
     replicated, batch_sharding = mesh_shardings()
     info = input_pipeline.get_dataset_info("fashion_mnist")

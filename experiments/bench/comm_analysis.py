@@ -1,6 +1,6 @@
 """Collectives in the compiled data-parallel train step: BatchNorm against Ghost BN.
 
-Compiles the project's train step (``gbn_jax.train.make_train_step``, jitted over a 1-D
+Compiles the project's train step (``gbn_jax.trainer.steps.make_train_step``, jitted over a 1-D
 "data" mesh of 8 fake CPU devices, batch sharded, state replicated, as the trainer
 does) for F1 and ResNet-44 with ``nn.BatchNorm`` and with ``GhostBatchNorm``, reads the
 optimized HLO and counts the collectives (all-reduce, all-gather, reduce-scatter,
@@ -283,7 +283,8 @@ def compiled_step_hlo(model_name: str, norm: str, global_batch: int, ghost: int)
     from jax.sharding import PartitionSpec as P
 
     from experiments.bench import step_speed
-    from gbn_jax import models, steps
+    from gbn_jax import models
+    from gbn_jax.trainer import steps
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))

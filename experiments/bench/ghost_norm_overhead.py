@@ -4,7 +4,7 @@ Each model is built twice, identical except for its normalization layer (nn.Batc
 or GhostBatchNorm), and its train step (forward, backward, SGD with momentum) is jitted
 with plain ``jax.jit``, as a user's own training script would, in four cases: buffers
 donated (``donate_argnums``) or not, under XLA's default compiler options or under the
-trainer's CPU options (``gbn_jax.steps.XLA_CPU_FAST_OPTIONS``). The process keeps the
+trainer's CPU options (``gbn_jax.trainer.steps.XLA_CPU_FAST_OPTIONS``). The process keeps the
 malloc it was started with (glibc's default, unless ``GLIBC_TUNABLES`` says otherwise;
 the JSON records it) and sets up no huge pages of its own.
 
@@ -53,8 +53,8 @@ import optax
 
 from experiments.harness import provenance, tables, timing
 from experiments.harness.provenance import RESULTS_DIR
-from gbn_jax import steps
 from gbn_jax.ghost_norm import GhostBatchNorm
+from gbn_jax.trainer import steps
 
 MODULE = "experiments.bench.ghost_norm_overhead"
 RESULTS_STEM = str(RESULTS_DIR / "bench_ghost_norm")

@@ -6,7 +6,7 @@ hits both sides alike), it measures:
 - pipeline: examples/s that `create_train_iterator` delivers, augmentation and
   normalization included, blocking on every batch's arrays;
 - train step: examples/s that a jitted step (forward, backward, SGD-momentum update
-  with weight decay and clipping; `gbn_jax.train.make_train_step` when available)
+  with weight decay and clipping; `gbn_jax.trainer.steps.make_train_step` when available)
   consumes on one fixed device batch;
 - for the CIFAR case, the alternative design: grain doing the pad-4 crop and flip per
   example in numpy on the host, single-threaded (the reason small datasets are
@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from experiments.harness import provenance, tables, timing
 from experiments.harness.provenance import RESULTS_DIR
-from gbn_jax import input_pipeline
-from gbn_jax.data import augment, sources
+from gbn_jax.trainer import input_pipeline
+from gbn_jax.trainer.data import augment, sources
 
 MODULE = "experiments.bench.input_rate"
 RESULTS = str(RESULTS_DIR)
@@ -55,13 +55,13 @@ def make_step(model, image_shape):
         optax.sgd(0.1, momentum=0.9),
     )
     try:
-        from gbn_jax import steps
+        from gbn_jax.trainer import steps
 
         state = steps.create_train_state(jax.random.key(0), model, tx, image_shape)
         # params0 aliases params; donation needs every leaf in its own buffer.
         state = jax.tree.map(jnp.copy, state)
         step = steps.make_train_step(model, tx, lambda count: 0.1)
-        source = "gbn_jax.steps.make_train_step"
+        source = "gbn_jax.trainer.steps.make_train_step"
     except (ImportError, AttributeError, TypeError):
         state, step, source = _local_step(model, tx, image_shape)
     return jax.jit(step, donate_argnums=0), state, source
@@ -89,7 +89,7 @@ def _local_step(model, tx, image_shape):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), stats, opt_state), {"loss": loss}
 
-    return state, step, "local step (gbn_jax.train unavailable)"
+    return state, step, "local step (gbn_jax.trainer.train unavailable)"
 
 
 def pipeline_rate(iterator, batches: int) -> float:

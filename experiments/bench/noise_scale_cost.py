@@ -3,17 +3,17 @@
 McCandlish et al. (2018) estimate the noise scale during data-parallel training from
 the squared norms of each device's gradient next to the all-reduced one. This times
 
-* ``plain``: the trainer's step, ``gbn_jax.train.make_train_step``, jitted as the
+* ``plain``: the trainer's step, ``gbn_jax.trainer.steps.make_train_step``, jitted as the
   trainer jits it (replicated state donated, batch sharded over a 1-D "data" mesh,
   ``train.compiler_options``), and
 * ``noise_m<k>``: the same step with its ``jax.value_and_grad`` replaced by
-  ``gbn_jax.noise_scale.sharded_value_and_grad`` (``micro_batches=k`` shards per
+  ``gbn_jax.trainer.noise_scale.sharded_value_and_grad`` (``micro_batches=k`` shards per
   device, so B_small = B / (devices x k)), the shards' running statistics merged by
   ``noise_scale.combine_running_stats``, and the two estimates (|G|^2 and tr(Sigma))
   added to the step's metrics (``make_noise_scale_train_step`` below is the wiring):
   an estimate at every step, inside it. The trainer does not do this: its
   ``config.noise_scale`` measures every N steps in a program of its own so that the
-  training stays bit-identical (``gbn_jax.steps.make_noise_scale_measurement``); its
+  training stays bit-identical (``gbn_jax.trainer.steps.make_noise_scale_measurement``); its
   cost is timed by ``experiments/bench/trainer_throughput.py --noise-scale-rounds``.
 
 Before timing, one step of each variant from the same state and batch is compared: the
@@ -105,11 +105,11 @@ def make_noise_scale_train_step(
     import jax.numpy as jnp
     import optax
 
-    from gbn_jax import noise_scale
+    from gbn_jax.trainer import noise_scale
 
     shards = mesh.shape["data"] * micro_batches
 
-    from gbn_jax import steps
+    from gbn_jax.trainer import steps
 
     def loss_fn(params, batch, batch_stats, *, rng):
         # The trainer's own loss (steps.train_loss), with the statistics as aux.
@@ -164,7 +164,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], Any, Any, Any,
     from jax.sharding import PartitionSpec as P
 
     from gbn_jax import models
-    from gbn_jax.steps import create_train_state, make_train_step
+    from gbn_jax.trainer.steps import create_train_state, make_train_step
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -206,7 +206,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable], Any, Any, Any,
         )
     options = step_speed.XLA_PRESETS["fast"]  # == train.XLA_CPU_FAST_OPTIONS on the CPU
     options = options if jax.default_backend() == "cpu" else {}
-    from gbn_jax.steps import tracing  # the barriers the options keep, as the trainer
+    from gbn_jax.trainer.steps import tracing  # the barriers the options keep, as the trainer
 
     compiled, info = {}, {}
     for name, step in steps.items():

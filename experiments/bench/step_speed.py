@@ -3,7 +3,7 @@
 Times the full training step (forward, backward, clipping at global norm 5, SGD with
 momentum and weight decay) of
 
-* ``jax_gbn``: the project's own step, ``gbn_jax.train.make_train_step`` with
+* ``jax_gbn``: the project's own step, ``gbn_jax.trainer.steps.make_train_step`` with
   ``get_model(norm="ghost")`` and ``regimes.resolve(...).optimizer()``, jitted over a
   1-D "data" mesh with explicit shardings and the state donated, as the trainer does;
 * ``jax_bn``: the same with ``norm="batch"`` (flax ``nn.BatchNorm``), for reference;
@@ -64,7 +64,7 @@ from tqdm import tqdm
 from experiments.harness import provenance, tables, timing
 from experiments.harness.provenance import RESULTS_DIR
 from experiments.harness.timing import Variant
-from gbn_jax.steps import XLA_CPU_FAST_OPTIONS
+from gbn_jax.trainer.steps import XLA_CPU_FAST_OPTIONS
 
 MODULE = "experiments.bench.step_speed"
 DEFAULT_BATCH = {"f1": 4096, "resnet44": 512, "wrn16_4": 512, "resnet50": 32}
@@ -90,7 +90,7 @@ XLA_SWEEP: dict[str, dict[str, Any]] = {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     },
     "ynn_dot_only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-    # YNNPACK for reductions only, dots on Eigen: gbn_jax.train.XLA_CPU_FAST_OPTIONS.
+    # YNNPACK for reductions only, dots on Eigen: gbn_jax.trainer.steps.XLA_CPU_FAST_OPTIONS.
     "ynn_reduce_only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
     "xnnpack": {"xla_cpu_use_xnnpack": True},
     "xnn_graph_greedy": {
@@ -219,9 +219,9 @@ def paper_regime(ghost: int, batch_size: int) -> Any:
     60k-example set for the schedule. Shared with experiments/bench/comm_analysis.py.
 
     Returns:
-      The ``gbn_jax.regimes.ResolvedRegime``.
+      The ``gbn_jax.trainer.regimes.ResolvedRegime``.
     """
-    from gbn_jax import regimes
+    from gbn_jax.trainer import regimes
 
     return regimes.resolve(
         dict(
@@ -245,7 +245,7 @@ def project_step(
     dtype: str,
     compiler_options: dict[str, Any] | None = None,
 ) -> tuple[Callable, Any, dict, Any, Any]:
-    """The project's train step, jitted as gbn_jax.train does it.
+    """The project's train step, jitted as gbn_jax.trainer.train does it.
 
     Returns:
       ``(compiled_step, state, batch, rng, lowered)``: the compiled step (state
@@ -275,14 +275,14 @@ def compile_step(
     batch_size: int,
     compiler_options: dict[str, Any],
 ) -> tuple[Callable, Any, dict, Any, Any]:
-    """``gbn_jax.steps.make_train_step`` of a model and regime, compiled on one device.
+    """``gbn_jax.trainer.steps.make_train_step`` of a model and regime, compiled on one device.
 
     Jitted as the trainer jits its steps (explicit shardings over a 1-D "data" mesh,
     the state donated), fed a random float32 batch; shared with trainer_throughput.py.
 
     Args:
       model: a ``gbn_jax.models`` network.
-      regime: a ``gbn_jax.regimes.ResolvedRegime`` (its optimizer and schedule).
+      regime: a ``gbn_jax.trainer.regimes.ResolvedRegime`` (its optimizer and schedule).
       shape: one example's shape.
       batch_size: examples per step.
       compiler_options: XLA options (``{}``: XLA's defaults).
@@ -294,7 +294,7 @@ def compile_step(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from gbn_jax import steps
+    from gbn_jax.trainer import steps
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -319,7 +319,7 @@ def compile_step(
         batch_sharding,
     )
     key = jax.device_put(jax.random.key(1), replicated)
-    from gbn_jax.steps import tracing  # the barriers the options keep, as the trainer
+    from gbn_jax.trainer.steps import tracing  # the barriers the options keep, as the trainer
 
     with tracing(compiler_options):
         lowered = jitted.lower(state, batch, key)

@@ -2,7 +2,7 @@
 
 For each case (a config of ``configs/`` at its default values, plus ``max_steps``):
 
-* ``step``: ``gbn_jax.steps.make_train_step`` of the case's network and optimizer (its
+* ``step``: ``gbn_jax.trainer.steps.make_train_step`` of the case's network and optimizer (its
   regime's, resolved as the trainer resolves it), jitted as the trainer jits it (its
   compiler options, the state donated, ``step_speed.compile_step``) and fed one fixed
   device batch; ``--step-seconds`` worth of steps dispatched back to back and timed to
@@ -89,7 +89,7 @@ from experiments.bench import step_speed
 from experiments.harness import launch, provenance, tables
 from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
 from experiments.harness.timing import spread
-from gbn_jax import run_files
+from gbn_jax.trainer import run_files
 
 MODULE = "experiments.bench.trainer_throughput"
 ROOT = str(REPO_ROOT)
@@ -200,7 +200,8 @@ class IsolatedStep(_Rate):
     def __init__(self, config: Any):
         import jax
 
-        from gbn_jax import input_pipeline, models, regimes, steps
+        from gbn_jax import models
+        from gbn_jax.trainer import input_pipeline, regimes, steps
 
         info = input_pipeline.get_dataset_info(config.dataset, config.get("data_dir"))
         regime = regimes.resolve(config, info.num_train)
@@ -235,9 +236,9 @@ class TrainerLoop(_Rate):
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from gbn_jax import input_pipeline, models, regimes, steps
-        from gbn_jax.data import feed
-        from gbn_jax.trainer import cadence
+        from gbn_jax import models
+        from gbn_jax.trainer import cadence, input_pipeline, regimes, steps
+        from gbn_jax.trainer.data import feed
 
         self._jax, self._loop_seconds = jax, cadence.LOOP_SECONDS
         mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))

@@ -21,8 +21,8 @@ from typing import Any
 import tqdm
 
 from experiments.harness.provenance import REPO_ROOT
-from gbn_jax import run_files
-from gbn_jax.run_files import CONFIG_FILE, METRICS_FILE
+from gbn_jax.trainer import run_files
+from gbn_jax.trainer.run_files import CONFIG_FILE, METRICS_FILE
 
 # One line per launch of a run (JSON: seconds, exit_status), written by `run_one`.
 WALL_TIME_FILE = "driver_wall_time.jsonl"

@@ -108,7 +108,7 @@ SELECTION_COLUMNS = ("lb_lr", "lb_lr_gbn")
 # a 2-core CPU; stated wherever it is reported.
 RA_BATCH = 2048
 COLUMN_OPTIONS = {"lb_lr_gbn_ra": {"batch": str(RA_BATCH)}}
-# The gradient noise scale B_simple logged through training (gbn_jax/noise_scale.py):
+# The gradient noise scale B_simple logged through training (gbn_jax/trainer/noise_scale.py):
 # every 25 steps where a run has 600-1,250 (LB, +LR, +GBN), every ~100 where it has
 # ~19,500 (SB, +RA). A measurement is one extra forward and backward pass of a batch
 # and changes nothing else: the runs without it (the first seeds) train identically.
@@ -604,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     failed = 0
     if not args.report_only:
-        from gbn_jax import regimes  # JAX is imported only when training.
+        from gbn_jax.trainer import regimes  # JAX is imported only when training.
 
         config_modules: dict[str, Any] = {}
         resolved: dict[Planned, Any] = {}

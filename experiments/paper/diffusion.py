@@ -15,7 +15,7 @@ so the trainer logs ~20 log-spaced steps per decade besides every 50 steps. Each
 goes through the trainer CLI into ``runs/diffusion/b<B>``; finished runs are skipped,
 unfinished ones resumed.
 
-Fits (``gbn_jax.analysis``), per batch size, over t >= ``--t_min`` (default 10)
+Fits (``gbn_jax.research.analysis``), per batch size, over t >= ``--t_min`` (default 10)
 updates up to the end of the run: d = a + b log t and d = a + b sqrt(t), each with
 R^2, and the power law d = c t^alpha for its exponent. The first few updates are left
 out because the distance first grows nearly linearly (the momentum builds up and the
@@ -49,7 +49,7 @@ import tqdm
 from experiments.harness import launch, provenance, tables
 from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
 from experiments.paper import plots
-from gbn_jax import analysis
+from gbn_jax.research import analysis
 
 CONFIG_FILE = "configs/fashion_mnist_f1.py"
 BATCH_SIZES = (64, 128, 256, 512, 1024, 2048)
@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     failed = []
     if not args.report_only:
-        from gbn_jax import input_pipeline
+        from gbn_jax.trainer import input_pipeline
 
         num_train = input_pipeline.get_dataset_info("fashion_mnist").num_train
         todo = [b for b in batch_sizes if not plots.load_run(str(workdir_of(b))).finished]

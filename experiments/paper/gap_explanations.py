@@ -14,7 +14,7 @@ Keskar's epsilon-sharpness at epsilon 1e-3 and 5e-4, on a fixed subset of 1,024 
 images, batch norm in eval mode; and B_simple at the end of training on 8,192 images.
 Each result is committed to ``experiments/results/gap_explanations/<run>.json`` as it
 lands; finished measurements are skipped. B_simple through training comes from the runs
-that logged it (``noise_scale_every=``, ``gbn_jax/noise_scale.py``), as committed by the
+that logged it (``noise_scale_every=``, ``gbn_jax/trainer/noise_scale.py``), as committed by the
 ablation driver; a run of LB, +LR or +GBN that ran without it is trained again with it
 (``--noise_reruns``, the seeds of ``--noise_seeds``: the recorded command plus
 ``noise_scale_every``, which changes nothing else, so the re-run must end with the
@@ -52,7 +52,7 @@ import tqdm
 from experiments.harness import launch, provenance, tables
 from experiments.harness.provenance import REPO_ROOT, RESULTS_DIR
 from experiments.paper import ablation, plots
-from gbn_jax import noise_scale
+from gbn_jax.trainer import noise_scale
 
 OUT = "gap_explanations"
 MEASURED = RESULTS_DIR / OUT
@@ -87,7 +87,7 @@ def measure_command(run: ablation.Planned, runs_dir: Path) -> list[str]:
 
 def noise_rerun(run: ablation.Planned, rerun_dir: Path, commit: bool) -> bool:
     """Trains one run of a column again with B_simple logged; records the curve."""
-    from gbn_jax import regimes
+    from gbn_jax.trainer import regimes
 
     record = ablation.load_results()[(run.group, run.column, run.seed)]
     every = ablation.NOISE_SCALE_EVERY[run.group].get(

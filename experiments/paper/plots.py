@@ -32,8 +32,8 @@ matplotlib.use("Agg")  # Headless: the drivers only write PNG files.
 import matplotlib.pyplot as plt
 import numpy as np
 
-from gbn_jax import analysis
-from gbn_jax.run_files import REGIME_FILE, SUMMARY_FILE
+from gbn_jax.research import analysis
+from gbn_jax.trainer.run_files import REGIME_FILE, SUMMARY_FILE
 
 # Display names of the paper's cumulative columns.
 COLUMN_LABELS = {
@@ -75,7 +75,7 @@ class Run:
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Returns (steps, epochs, values) of every logged step that has `key`.
 
-        Reads metrics.jsonl through `gbn_jax.analysis.read_metrics` (later lines win
+        Reads metrics.jsonl through `gbn_jax.research.analysis.read_metrics` (later lines win
         for steps a resumed run logged twice). Epochs come from the records, else from
         regime.json's ``steps_per_epoch``. Empty arrays when nothing holds `key`.
         """

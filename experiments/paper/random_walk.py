@@ -58,7 +58,7 @@ import matplotlib.pyplot as plt
 
 from experiments.harness import provenance, tables
 from experiments.harness.provenance import RESULTS_DIR
-from gbn_jax import analysis
+from gbn_jax.research import analysis
 
 # Steps per lax.scan block; longer blocks amortize drawing random bits (measured ~1.5x
 # faster per step than one draw per step on CPU). Short remainders use the smaller sizes.

@@ -133,7 +133,7 @@ def plan_run(column: str, seed: int, preset: Preset, num_train: int) -> dict[str
       A dict with the run's batch size, total steps, epochs, eval cadence and config
       argument.
     """
-    from gbn_jax import regimes  # Imported late: --report_only needs no JAX.
+    from gbn_jax.trainer import regimes  # Imported late: --report_only needs no JAX.
 
     config = launch.load_config_module(CONFIG_FILE).get_config(config_arg(column, seed, preset))
     resolved = regimes.resolve(config, num_train)
@@ -403,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     failed = []
     if not args.report_only:
-        from gbn_jax import input_pipeline
+        from gbn_jax.trainer import input_pipeline
 
         num_train = input_pipeline.get_dataset_info("fashion_mnist").num_train
         # Seed-major order: an interrupted full sweep leaves whole seeds behind.

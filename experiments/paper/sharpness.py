@@ -7,17 +7,17 @@ workdir given, this restores a checkpoint (the latest, or ``--step``) and measur
 fixed subset of the training set (the same examples for every run):
 
 * the top Hessian eigenvalue(s) of the training loss (Lanczos on Hessian-vector
-  products, ``gbn_jax.sharpness.top_hessian_eigenvalues``);
+  products, ``gbn_jax.research.sharpness.top_hessian_eigenvalues``);
 * Keskar's epsilon-sharpness for each ``--epsilon`` (``sharpness.epsilon_sharpness``:
   projected gradient ascent in the box from the first-order vertex and from where the
   Hessian's top eigenvector(s) leave the box, reusing the eigenvectors of the first
   measurement);
 * the simple noise scale B_simple = tr(Sigma) / |G|^2 with B_small = ``--noise_chunk``
-  and B_big = ``--noise_examples`` (``gbn_jax.noise_scale.subset_noise_scale``);
+  and B_big = ``--noise_examples`` (``gbn_jax.trainer.noise_scale.subset_noise_scale``);
 
 and the loss and accuracy on the subset. Every measurement records its wall time,
 compilation included. Batch norm runs in eval mode (running statistics) unless
-``--bn_mode=train``; the reasons are in the docstring of ``gbn_jax/sharpness.py``. In
+``--bn_mode=train``; the reasons are in the docstring of ``gbn_jax/research/sharpness.py``. In
 train mode a plain batch norm normalizes over each chunk (``--chunk`` examples, and
 ``--noise_chunk`` for the noise scale), a ghost batch norm over its ghost batches.
 
@@ -159,9 +159,9 @@ def training_subset(
     Raises:
       ValueError: more examples than the training examples, or an unknown augment.
     """
-    from gbn_jax import input_pipeline
-    from gbn_jax.data import augment as augmentation
-    from gbn_jax.data import sources
+    from gbn_jax.trainer import input_pipeline
+    from gbn_jax.trainer.data import augment as augmentation
+    from gbn_jax.trainer.data import sources
 
     if augment not in input_pipeline.AUGMENTS:
         raise ValueError(f"Unknown {augment=}; use one of {input_pipeline.AUGMENTS}.")
@@ -217,7 +217,9 @@ def measure_run(
     import jax.numpy as jnp
     import ml_collections
 
-    from gbn_jax import input_pipeline, models, noise_scale, sharpness, steps
+    from gbn_jax import models
+    from gbn_jax.research import sharpness
+    from gbn_jax.trainer import input_pipeline, noise_scale, steps
 
     start = time.perf_counter()
     with open(os.path.join(workdir, CONFIG_FILE)) as f:

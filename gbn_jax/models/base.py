@@ -105,7 +105,7 @@ def conv_input_barriers(enabled: bool = True) -> Iterator[None]:
     stream of a stage (norm, add, ReLU of every earlier block) inside each
     weight-gradient transpose that reads a block input, which grows with the square of
     the depth. XLA keeps the barriers only with its ``cse_barrier_expander`` pass
-    disabled, so the two are switched together: ``gbn_jax.steps.tracing(options)``.
+    disabled, so the two are switched together: ``gbn_jax.trainer.steps.tracing(options)``.
     The switch acts when a function is traced; JAX does not trace again a function it
     has traced with the same arguments and jit settings.
 

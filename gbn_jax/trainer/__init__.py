@@ -1,15 +1,21 @@
-"""The trainer's pieces, each a module of its own with explicit arguments.
+"""The trainer (``pip install gbn-jax[train]``): ``python -m gbn_jax.main``.
 
+* `main`: the command line.
+* `train`: `train_and_evaluate`, the loop.
+* `config_lib`, `regimes`: the experiment configs' options and the training regimes
+  (LR schedule, optimizer, clipping, regime adaptation).
+* `validation`: the config checks run before any compute.
+* `inputs`, `input_pipeline`, `data`: the datasets, their iterators and the feed onto
+  the devices.
+* `steps`, `programs`: the train and evaluation steps and the compiled programs the
+  loop dispatches.
+* `noise_scale`: the gradient noise scale B_simple, measured during a run.
 * `cadence`: when to log, evaluate, checkpoint and measure B_simple, and how many steps
   the next dispatch runs.
-* `metric_writer`: metrics.jsonl, the TensorBoard events, the progress bar and
-  summary.json (process 0 only).
-* `programs`: the compiled programs the loop dispatches.
-* `records`: a boundary's log and evaluation, started on the devices and written one
-  dispatch later.
-* `inputs`: the training and evaluation iterators, on the devices when they fit.
-* `validation`: the config checks run before any compute.
+* `records`, `metric_writer`: a boundary's log and evaluation, and the files they go
+  to (metrics.jsonl, TensorBoard, summary.json).
+* `checkpointing`, `workdir`, `run_files`: checkpoints, the workdir's identity and the
+  reading and writing of a run's files.
 
-The loop that drives them is ``gbn_jax.train.train_and_evaluate``. Importing this
-package loads none of them (nor JAX).
+Importing this package loads none of them (nor JAX).
 """

@@ -1,7 +1,7 @@
 """The trainer's inputs: the training and evaluation splits, on the devices when they fit.
 
 Datasets that fit (the MNIST family, CIFAR) live on the devices as uint8, replicated,
-and each step gathers its batch there (``gbn_jax.data.feed``); the others (ImageNet)
+and each step gathers its batch there (``gbn_jax.trainer.data.feed``); the others (ImageNet)
 are read on the host one dispatch ahead of the devices.
 """
 
@@ -14,8 +14,8 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gbn_jax import input_pipeline
-from gbn_jax.data import feed
+from gbn_jax.trainer import input_pipeline
+from gbn_jax.trainer.data import feed
 from gbn_jax.trainer.validation import round_up
 
 

@@ -1,7 +1,7 @@
 """The trainer's outputs: metrics.jsonl, TensorBoard events, the progress bar, summary.json.
 
 One `MetricWriter` owns them all (big_vision's ``BigVisionMetricWriter``): ``write(step,
-record)`` appends a record to metrics.jsonl (through ``gbn_jax.run_files``), adds its
+record)`` appends a record to metrics.jsonl (through ``gbn_jax.trainer.run_files``), adds its
 scalars to TensorBoard and shows the train metrics on the progress bar; ``advance``
 moves the bar; ``close`` closes the files. On processes other than 0 it writes nothing
 and shows nothing, so the loop calls it alike on every process.
@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from gbn_jax import run_files
+from gbn_jax.trainer import run_files
 
 # Fields of a metrics.jsonl record that measure the machine, not the training.
 WALL_CLOCK_FIELDS = ("examples_per_sec",)

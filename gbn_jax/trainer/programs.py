@@ -2,7 +2,7 @@
 
 `build` compiles every program from the shapes and shardings of its inputs, so that no
 dispatch waits for a compile, and returns them as one `Programs`. What each program
-computes is in ``gbn_jax.steps``; here they are jitted with the trainer's shardings.
+computes is in ``gbn_jax.trainer.steps``; here they are jitted with the trainer's shardings.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gbn_jax import steps
-from gbn_jax.data import feed
+from gbn_jax.trainer import steps
+from gbn_jax.trainer.data import feed
 
 
 @dataclasses.dataclass(frozen=True)

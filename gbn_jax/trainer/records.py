@@ -16,10 +16,10 @@ from typing import Any
 
 import jax
 
-from gbn_jax.data import feed, iterators
-from gbn_jax.steps import TrainState
+from gbn_jax.trainer.data import feed, iterators
 from gbn_jax.trainer.metric_writer import MetricWriter
 from gbn_jax.trainer.programs import Programs
+from gbn_jax.trainer.steps import TrainState
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -7,7 +7,8 @@ References:
 
 import ml_collections
 
-from gbn_jax import input_pipeline, models
+from gbn_jax import models
+from gbn_jax.trainer import input_pipeline
 from gbn_jax.trainer.cadence import LOG_SCHEDULES
 
 

@@ -1,11 +1,11 @@
 """The train state and the jitted programs the trainer dispatches: steps, loops, evaluation.
 
-Construction lives here; the loop that drives it is ``gbn_jax.train``. Every function
+Construction lives here; the loop that drives it is ``gbn_jax.trainer.train``. Every function
 returns a pure function for the caller to jit with its shardings:
 
 * `make_train_step`: one update (forward, backward, optimizer), as the paper's step.
 * `make_train_loop`: K steps in one program, each reading its batch through a feed
-  (gbn_jax/data/feed.py) and adding its metrics to an on-device accumulator, so the host
+  (gbn_jax/trainer/data/feed.py) and adding its metrics to an on-device accumulator, so the host
   dispatches once per K steps and reads nothing between its log, eval and checkpoint
   boundaries. A ``lax.scan`` over the K rows of a chunk (a static trip count: no host
   round trip per step on a GPU), or a ``fori_loop`` over its first n rows for chunks cut
@@ -34,9 +34,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from gbn_jax import noise_scale
 from gbn_jax.models.base import conv_input_barriers
 from gbn_jax.models.norm import example_mask
+from gbn_jax.trainer import noise_scale
 
 # XLA:CPU compiler options of the train step (``config.xla_cpu_fast_options``, on by
 # default; other backends ignore it), each from a profile of the step on a 2-core CPU

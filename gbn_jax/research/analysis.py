@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from gbn_jax import run_files
+from gbn_jax.trainer import run_files
 
 __all__ = [
     "CurveFit",

@@ -99,7 +99,7 @@ def transform(
 
     The one definition of a training batch's pixels, traced both by
     `make_device_transform` (one jitted call per batch) and inside the trainer's scanned
-    loop (gbn_jax/data/feed.py), so the two give the same float32 batch bit for bit.
+    loop (gbn_jax/trainer/data/feed.py), so the two give the same float32 batch bit for bit.
 
     Args:
       images: uint8 (n, H, W, C).

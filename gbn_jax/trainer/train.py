@@ -4,7 +4,7 @@
 experiment config (``configs/*.py``). It reads top to bottom in sections: mesh -> data
 -> model and optimizer -> compiled programs -> checkpoint restore -> loop -> summary.
 Its pieces are modules of ``gbn_jax.trainer``: the inputs (``inputs``), the programs
-(``programs``, built from ``gbn_jax.steps``), when to log, evaluate, save and measure
+(``programs``, built from ``gbn_jax.trainer.steps``), when to log, evaluate, save and measure
 (``cadence``), the records in flight (``records``) and the outputs (``metric_writer``).
 
 * Parameters, batch statistics and optimizer state are replicated; every batch is
@@ -40,7 +40,7 @@ Its pieces are modules of ``gbn_jax.trainer``: the inputs (``inputs``), the prog
   state and writes nothing back: the training is the same bit for bit with it or without.
   A measurement whose batch would be an epoch's padded last batch (keep_last_batch) is
   skipped. Cost: one more forward and backward pass of one batch per N steps.
-* A workdir holds one run (``gbn_jax.workdir``): a restart whose config differs from the
+* A workdir holds one run (``gbn_jax.trainer.workdir``): a restart whose config differs from the
   run's stops before any compute, unless each change is one that may continue a run
   (``workdir.ALLOWED_CHANGES``) and ``allow_config_change`` is set; those are recorded.
   A checkpoint that cannot be read is moved aside and the one before it restored.
@@ -51,7 +51,7 @@ Its pieces are modules of ``gbn_jax.trainer``: the inputs (``inputs``), the prog
 
 References:
   Hoffer, Hubara & Soudry (2017): section 3 (||w_t - w_0||, logged as
-  ``weight_distance``), sections 4-5 (the regimes resolved by ``gbn_jax.regimes``).
+  ``weight_distance``), sections 4-5 (the regimes resolved by ``gbn_jax.trainer.regimes``).
 """
 
 import functools
@@ -65,11 +65,19 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gbn_jax import checkpointing, input_pipeline, models, regimes, run_files, steps
-from gbn_jax import workdir as workdir_lib
+from gbn_jax import models
+from gbn_jax.trainer import (
+    checkpointing,
+    input_pipeline,
+    metric_writer,
+    regimes,
+    run_files,
+    steps,
+    validation,
+)
 from gbn_jax.trainer import inputs as inputs_lib
-from gbn_jax.trainer import metric_writer, validation
 from gbn_jax.trainer import programs as programs_lib
+from gbn_jax.trainer import workdir as workdir_lib
 from gbn_jax.trainer.cadence import Cadence, DispatchTimer
 from gbn_jax.trainer.records import NonFiniteLossError, RecordQueue, check_finite, start_evaluation
 

@@ -1,4 +1,4 @@
-"""Input pipeline internals; the public entry point is `gbn_jax.input_pipeline`.
+"""Input pipeline internals; the public entry point is `gbn_jax.trainer.input_pipeline`.
 
 - `sources`: dataset names, IDX and TFDS readers, `DatasetInfo`, missing-data errors.
 - `augment`: on-device crop/flip/normalize and host-side ImageNet crops.

@@ -12,14 +12,14 @@ Usage (the trainer's view):
                                       sharding=...):  # + "mask" (False on padding)
         ...
 
-Design (details in gbn_jax/data/):
+Design (details in gbn_jax/trainer/data/):
 
 - Small datasets (MNIST family, CIFAR) live in host memory; each step gathers the
   process's slice of the epoch's permutation, assembles the global uint8 batch and
   augments/normalizes it on the devices in one jitted function keyed by
   (seed, global step). Per-example augmentation on the host would be slower than the
   train step it feeds and would occupy the host cores.
-- The trainer goes one step further for these (gbn_jax/data/feed.py): when it fits,
+- The trainer goes one step further for these (gbn_jax/trainer/data/feed.py): when it fits,
   the uint8 split itself lives on the devices and each step gathers its batch from the
   permutation rows these iterators compute, inside the jitted loop; the batches are the
   same bit for bit.
@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import jax
 
-from gbn_jax.data import iterators, sources
-from gbn_jax.data.iterators import EvalIterator, TrainIterator
-from gbn_jax.data.sources import (
+from gbn_jax.trainer.data import iterators, sources
+from gbn_jax.trainer.data.iterators import EvalIterator, TrainIterator
+from gbn_jax.trainer.data.sources import (
     HOLDOUT_SPLIT,
     KNOWN_DATASETS,
     DatasetInfo,

@@ -240,7 +240,7 @@ def scale_epochs(regime: ml_collections.ConfigDict, factor: float) -> ml_collect
     become floats so that ``--config.regime.epochs=2.5`` overrides work either way.
 
     Args:
-      regime: a base regime (``gbn_jax.regimes.base_regime``).
+      regime: a base regime (``gbn_jax.trainer.regimes.base_regime``).
       factor: the time scale, > 0.
 
     Returns:
@@ -294,7 +294,7 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     # when they are in host memory and take at most a quarter of a device's memory.
     config.device_resident_data = config_dict.placeholder(bool)
     # XLA compiler options for faster CPU steps, on by default (same training to float32
-    # rounding; False gives XLA's defaults): gbn_jax.steps.XLA_CPU_FAST_OPTIONS. Ignored
+    # rounding; False gives XLA's defaults): gbn_jax.trainer.steps.XLA_CPU_FAST_OPTIONS. Ignored
     # off the CPU. (Huge pages for host memory are a process setting, not a config
     # field: GLIBC_TUNABLES=glibc.malloc.hugetlb=1, docs/training.md.)
     config.xla_cpu_fast_options = True
@@ -302,7 +302,7 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     config.augment = "default"
     config.validation_size = 0
     config.keep_last_batch = False
-    # The gradient noise scale B_simple (gbn_jax/noise_scale.py), measured every
+    # The gradient noise scale B_simple (gbn_jax/trainer/noise_scale.py), measured every
     # every_steps steps on the batch of the next step, in shards of small_batch_size
     # (unset: the regime's |B_S| = regime.reference_batch_size, or B / 4 when the batch
     # is |B_S| or smaller). Off (unset) by default; on, it costs extra forward and

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from gbn_jax import run_files
+from gbn_jax.trainer import run_files
 
 CONFIG_FILE = run_files.CONFIG_FILE
 CHANGES_FILE = "config_changes.jsonl"

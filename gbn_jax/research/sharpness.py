@@ -32,7 +32,7 @@ Batch norm runs in eval mode (running statistics) by default, for four reasons:
 2. It is the function whose test error is the generalization gap.
 3. Dropout is off, so the loss is deterministic, as Lanczos and the ascent require.
 4. The batch gradient is the mean of independent per-example gradients, which the
-   noise-scale estimator of `gbn_jax.noise_scale` assumes.
+   noise-scale estimator of `gbn_jax.trainer.noise_scale` assumes.
 
 What eval mode gives up: in train mode the loss is invariant to rescaling the weights
 that feed a normalization layer, so those directions are flat and the curvature

@@ -33,7 +33,7 @@ step-indexed schedule and optax optimizer of one large-batch variant:
   normalization scales/offsets).
 
 Example:
-  >>> from gbn_jax import regimes
+  >>> from gbn_jax.trainer import regimes
   >>> cfg = regimes.base_regime("f1")
   >>> cfg.batch_size, cfg.lr_scaling, cfg.regime_adaptation = 4096, "sqrt", True
   >>> resolved = regimes.resolve(cfg, num_train_examples=60_000)
@@ -365,7 +365,7 @@ def resolve(config: Any, num_train_examples: int) -> ResolvedRegime:
     if isinstance(regime, str):
         raise ValueError(
             f"config.regime must hold the regime's fields, got the name {regime=}; "
-            f"use config.regime = gbn_jax.regimes.base_regime({regime!r})."
+            f"use config.regime = gbn_jax.trainer.regimes.base_regime({regime!r})."
         )
     batch_size = _get(regime, "batch_size", None)
     if batch_size is None:

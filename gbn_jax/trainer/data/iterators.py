@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gbn_jax.data import augment, sources
+from gbn_jax.trainer.data import augment, sources
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -354,7 +354,7 @@ class TrainIterator:
     def next_global_indices(self) -> np.ndarray:
         """The next global batch as training-split indices (nothing read); advances.
 
-        The device-resident path of gbn_jax/data/feed.py gathers these rows on the
+        The device-resident path of gbn_jax/trainer/data/feed.py gathers these rows on the
         devices, from its copy of the split.
         """
         indices = self.global_indices(self._epoch, self._step_in_epoch)

@@ -1,6 +1,6 @@
 """The trainer's inputs on the devices: resident splits, per-dispatch chunks, one eval pass.
 
-The trainer runs several steps per dispatch (a ``lax.scan`` over K steps, gbn_jax/steps.py);
+The trainer runs several steps per dispatch (a ``lax.scan`` over K steps, gbn_jax/trainer/steps.py);
 what one step reads is split three ways:
 
 * ``feed.arrays``: handed to every dispatch unchanged. For a **resident** dataset (the
@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gbn_jax.data import augment
-from gbn_jax.data.iterators import EvalIterator, TrainIterator
+from gbn_jax.trainer.data import augment
+from gbn_jax.trainer.data.iterators import EvalIterator, TrainIterator
 
 # A resident split (train + evaluation splits together) may take at most this share of
 # one device's memory; the rest is the model's.

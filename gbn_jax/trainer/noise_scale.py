@@ -311,7 +311,7 @@ def sharded_value_and_grad(
       unroll: ``lax.scan``'s unroll of the micro-batch loop. True (all) lets XLA overlap
         the micro-batches in a train step; 1 (rolled) compiles one copy of the model, for
         a measurement taken
-        now and then (`gbn_jax.steps.make_noise_scale_measurement`).
+        now and then (`gbn_jax.trainer.steps.make_noise_scale_measurement`).
       vectorize: run the micro-batches side by side under ``jax.vmap`` instead (one
         gradient per micro-batch in memory): one pass of large kernels, where the loop
         would launch small ones micro-batch after micro-batch (accelerators).

@@ -1,0 +1,9 @@
+"""Tools for studying the generalization gap (``pip install gbn-jax[train,research]``).
+
+* `analysis`: a run's curves and the weight-distance fits of the diffusion analysis.
+* `sharpness`: the largest Hessian eigenvalue and the worst-case sharpness of a trained
+  model.
+
+The gradient noise scale B_simple is measured inside a run by the trainer
+(`gbn_jax.trainer.noise_scale`). Importing this package loads neither module.
+"""
