@@ -542,45 +542,50 @@ def bench_allocator_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _spread_cells(ratio: dict[str, Any]) -> list[str]:
+    """A ratio's median (bold), quartiles and range, as table cells."""
+    return [
+        f"**{ratio['median']:.3f}**",
+        f"{ratio['q1']:.3f}-{ratio['q3']:.3f}",
+        f"{ratio['min']:.3f}-{ratio['max']:.3f}",
+    ]
+
+
+def per_case_markdown(
+    title: str, method: str, header: list[str], records: list[dict[str, Any]], rows: list[list]
+) -> str:
+    """A report of ``_measure_and_merge``'s records: the title, each case's command and
+    environment (its own: cases may come from different invocations), the method
+    paragraph, the table."""
+    runs = [
+        f"- {rec['case']}: `{rec['environment']['command']}`. "
+        + tables.environment_line(rec["environment"])
+        for rec in records
+    ]
+    return "\n".join([title, "", *runs, "", method, "", tables.markdown_table(header, rows), ""])
+
+
 def allocator_markdown(records: list[dict[str, Any]]) -> str:
-    rows, runs = [], []
+    rows = []
     for rec in records:
-        env = rec["environment"]
-        runs.append(f"- {rec['case']}: `{env['command']}`. {tables.environment_line(env)}")
         label = f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)"
         for ratio_label, ratio in rec["ratios"].items():
-            rows.append(
-                [
-                    label,
-                    ratio_label,
-                    ratio["n"],
-                    f"**{ratio['median']:.3f}**",
-                    f"{ratio['q1']:.3f}-{ratio['q3']:.3f}",
-                    f"{ratio['min']:.3f}-{ratio['max']:.3f}",
-                ]
-            )
+            rows.append([label, ratio_label, ratio["n"], *_spread_cells(ratio)])
         rates = ", ".join(f"{k} {v:.0f}" for k, v in rec["examples_per_sec"].items())
         rows.append([label, f"img/s (medians): {rates}", "", "", "", ""])
-    return "\n".join(
-        [
-            "# Huge pages for malloc: the isolated step and the trainer CLI",
-            "",
-            *runs,
-            "",
-            "Per round, four fresh subprocesses: the isolated "
-            "step (`make_train_step` of the case, one fixed device batch, "
-            "`--step-seconds` after a warm-up) and the trainer CLI (its "
-            "logged intervals after the first), each under glibc's default malloc "
-            "and with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, in an order reversed every "
-            "other round. The last ratio is the trainer as it runs against a step written "
-            "outside this repository, under the default malloc. Median, quartiles and "
-            "range over rounds.",
-            "",
-            tables.markdown_table(
-                ["case", "ratio", "rounds", "median", "quartiles", "range"], rows
-            ),
-            "",
-        ]
+    return per_case_markdown(
+        "# Huge pages for malloc: the isolated step and the trainer CLI",
+        "Per round, four fresh subprocesses: the isolated "
+        "step (`make_train_step` of the case, one fixed device batch, "
+        "`--step-seconds` after a warm-up) and the trainer CLI (its "
+        "logged intervals after the first), each under glibc's default malloc "
+        "and with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, in an order reversed every "
+        "other round. The last ratio is the trainer as it runs against a step written "
+        "outside this repository, under the default malloc. Median, quartiles and "
+        "range over rounds.",
+        ["case", "ratio", "rounds", "median", "quartiles", "range"],
+        records,
+        rows,
     )
 
 
@@ -661,10 +666,8 @@ def bench_workaround_case(
 
 
 def workaround_markdown(records: list[dict[str, Any]]) -> str:
-    runs, rows = [], []
+    rows = []
     for rec in records:
-        env = rec["environment"]
-        runs.append(f"- {rec['case']}: `{env['command']}`. {tables.environment_line(env)}")
         label = f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`, batch {rec['batch_size']})"
         for variant, gain in rec["gain"].items():
             rows.append(
@@ -674,52 +677,37 @@ def workaround_markdown(records: list[dict[str, Any]]) -> str:
                     gain["n"],
                     f"{rec['examples_per_sec']['all']:.0f}",
                     f"{rec['examples_per_sec'][variant]:.0f}",
-                    f"**{gain['median']:.3f}**",
-                    f"{gain['q1']:.3f}-{gain['q3']:.3f}",
-                    f"{gain['min']:.3f}-{gain['max']:.3f}",
+                    *_spread_cells(gain),
                 ]
             )
-    return "\n".join(
+    return per_case_markdown(
+        "# The CPU workarounds, each taken away: trainer throughput",
+        "Per round, the trainer CLI (examples/s: median of its logged intervals after "
+        "the first; evaluation and checkpoints left out) in a fresh subprocess under "
+        "every variant, the order rotating round by round. `all`: "
+        "`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` and the XLA:CPU options "
+        "(`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`, "
+        "`xla_disable_hlo_passes=cse_barrier_expander`, which keeps the "
+        "convolution-input barriers). Without huge pages: glibc's default malloc. "
+        "Without the barrier: the YNNPACK option alone (the barriers expanded away). "
+        "Without the XLA options: XLA's defaults (no barrier either). Gain: `all` over "
+        "the variant, per round; median, quartiles and range over rounds.",
         [
-            "# The CPU workarounds, each taken away: trainer throughput",
-            "",
-            *runs,
-            "",
-            "Per round, the trainer CLI (examples/s: median of its logged intervals after "
-            "the first; evaluation and checkpoints left out) in a fresh subprocess under "
-            "every variant, the order rotating round by round. `all`: "
-            "`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` and the XLA:CPU options "
-            "(`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`, "
-            "`xla_disable_hlo_passes=cse_barrier_expander`, which keeps the "
-            "convolution-input barriers). Without huge pages: glibc's default malloc. "
-            "Without the barrier: the YNNPACK option alone (the barriers expanded away). "
-            "Without the XLA options: XLA's defaults (no barrier either). Gain: `all` over "
-            "the variant, per round; median, quartiles and range over rounds.",
-            "",
-            tables.markdown_table(
-                [
-                    "case",
-                    "workaround",
-                    "rounds",
-                    "all img/s",
-                    "without img/s",
-                    "gain (median)",
-                    "quartiles",
-                    "range",
-                ],
-                rows,
-            ),
-            "",
-        ]
+            "case",
+            "workaround",
+            "rounds",
+            "all img/s",
+            "without img/s",
+            "gain (median)",
+            "quartiles",
+            "range",
+        ],
+        records,
+        rows,
     )
 
 
 def noise_scale_markdown(records: list[dict[str, Any]]) -> str:
-    runs = [
-        f"- {rec['case']}: `{rec['environment']['command']}`. "
-        + tables.environment_line(rec["environment"])
-        for rec in records
-    ]
     rows = [
         [
             f"{rec['case']} (`{rec['config'].split(':', 1)[1]}`)",
@@ -728,40 +716,30 @@ def noise_scale_markdown(records: list[dict[str, Any]]) -> str:
             rec["ratio"]["n"],
             f"{rec['off_examples_per_sec']:.0f}",
             f"{rec['on_examples_per_sec']:.0f}",
-            f"**{rec['ratio']['median']:.3f}**",
-            f"{rec['ratio']['q1']:.3f}-{rec['ratio']['q3']:.3f}",
-            f"{rec['ratio']['min']:.3f}-{rec['ratio']['max']:.3f}",
+            *_spread_cells(rec["ratio"]),
         ]
         for rec in records
     ]
-    return "\n".join(
+    return per_case_markdown(
+        "# Trainer throughput with B_simple logged, over without",
+        "Per round, the trainer CLI with "
+        "`--config.noise_scale.every_steps=N` and without, in alternating order; a "
+        "run's rate is total examples over total time of its logged intervals after "
+        "the first (evaluation and checkpoints left out). Ratio: on over off; the "
+        "overhead is 1 - ratio. Median, quartiles and range over rounds.",
         [
-            "# Trainer throughput with B_simple logged, over without",
-            "",
-            *runs,
-            "",
-            "Per round, the trainer CLI with "
-            "`--config.noise_scale.every_steps=N` and without, in alternating order; a "
-            "run's rate is total examples over total time of its logged intervals after "
-            "the first (evaluation and checkpoints left out). Ratio: on over off; the "
-            "overhead is 1 - ratio. Median, quartiles and range over rounds.",
-            "",
-            tables.markdown_table(
-                [
-                    "case",
-                    "N",
-                    "steps",
-                    "rounds",
-                    "off img/s",
-                    "on img/s",
-                    "ratio (median)",
-                    "quartiles",
-                    "range",
-                ],
-                rows,
-            ),
-            "",
-        ]
+            "case",
+            "N",
+            "steps",
+            "rounds",
+            "off img/s",
+            "on img/s",
+            "ratio (median)",
+            "quartiles",
+            "range",
+        ],
+        records,
+        rows,
     )
 
 
@@ -788,9 +766,7 @@ def markdown(env: dict[str, Any], records: list[dict[str, Any]], args) -> str:
                     ratio["n"],
                     f"{rec[step_key]:.0f}",
                     f"{rec[f'{variant}_examples_per_sec']:.0f}",
-                    f"**{ratio['median']:.3f}**",
-                    f"{ratio['q1']:.3f}-{ratio['q3']:.3f}",
-                    f"{ratio['min']:.3f}-{ratio['max']:.3f}",
+                    *_spread_cells(ratio),
                 ]
             )
     return "\n".join(
