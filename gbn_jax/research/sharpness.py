@@ -64,6 +64,8 @@ import optax
 import scipy.sparse.linalg
 from jax.flatten_util import ravel_pytree
 
+from gbn_jax.trainer.validation import nearest_divisor
+
 __all__ = [
     "BN_MODES",
     "EpsilonSharpness",
@@ -211,10 +213,9 @@ def chunk_batches(batch: dict[str, Any], chunk_size: int) -> dict[str, Any]:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{chunk_size=} must be a positive integer, e.g. 256.")
     if n % chunk_size:
-        divisors = [d for d in range(1, n + 1) if n % d == 0]
-        nearest = min(divisors, key=lambda d: abs(d - chunk_size))
         raise ValueError(
-            f"{chunk_size=} does not divide the {n} examples; use chunk_size={nearest} or a "
+            f"{chunk_size=} does not divide the {n} examples; use "
+            f"chunk_size={nearest_divisor(n, chunk_size)} or a "
             f"subset of {n - n % chunk_size} examples."
         )
     return jax.tree.map(lambda x: x.reshape(n // chunk_size, chunk_size, *np.shape(x)[1:]), batch)

@@ -54,13 +54,11 @@ def validate_config(
         if not isinstance(ghost, int) or ghost <= 0:
             raise ValueError(f"model.ghost_batch_size={ghost!r} must be a positive integer.")
         if per_device % ghost:
-            divisors = [g for g in range(1, per_device + 1) if per_device % g == 0]
-            nearest = min(divisors, key=lambda g: abs(g - ghost))
             raise ValueError(
                 f"the per-device batch {per_device} (batch_size={batch} over {device_count} "
                 f"device(s)) is not divisible by the ghost batch size {ghost}: ghost "
                 f"batches must not straddle devices or be cut short. Use "
-                f"ghost={nearest} (a divisor of {per_device}) or "
+                f"ghost={nearest_divisor(per_device, ghost)} (a divisor of {per_device}) or "
                 f"batch={round_up(batch, ghost * device_count)} (a multiple of "
                 f"ghost x devices = {ghost * device_count})."
             )
@@ -152,3 +150,9 @@ def noise_scale_small_batch(config: ml_collections.ConfigDict, *, device_count: 
 def round_up(n: int, multiple: int) -> int:
     """The least multiple of `multiple` at or above `n`."""
     return -(-n // multiple) * multiple
+
+
+def nearest_divisor(n: int, size: int) -> int:
+    """The divisor of `n` closest to `size` (the smaller of two equally close): the size
+    to suggest when `size` does not divide `n`."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - size))
