@@ -248,9 +248,12 @@ def bench(name: str, rounds: int, steps_per_round: int, warmup: int) -> list[dic
     for donate, options in CASES:
         for kind in KINDS:
             key = (donate, options, kind)
-            runners[key] = runner = Runner(build(kind, ghost), x, y, OPTIONS[options], donate)
-            for _ in range(warmup):
-                runner.call()
+            # Traced as the trainer traces its programs under these options (the
+            # convolution-input barriers of models.base go with the trainer's options).
+            with steps.tracing(OPTIONS[options]):
+                runners[key] = runner = Runner(build(kind, ghost), x, y, OPTIONS[options], donate)
+                for _ in range(warmup):
+                    runner.call()
             runner.cpu_times.clear()
             run = functools.partial(lambda r, n: timing.time_calls(r.call, n), runner)
             variants.append(timing.Variant(f"{case_name(donate, options)}/{kind}", run, {}))
