@@ -16,8 +16,8 @@ For each case (a config of ``configs/`` at its default values, plus ``max_steps`
   an older commit, for a before/after in the same conditions.
 * ``loop``: the trainer's own loop program (``steps.make_train_loop`` over the case's
   device-resident data, ``steps.compile_train_loop``), in this process, dispatched as
-  the trainer dispatches it: up to K steps a dispatch (``train.steps_per_loop``, kept to
-  ``train.LOOP_SECONDS``), each dispatch's rows from ``TrainFeed.next_chunk``, the host
+  the trainer dispatches it: up to K steps a dispatch (``cadence.steps_per_loop``, kept to
+  ``cadence.LOOP_SECONDS``), each dispatch's rows from ``TrainFeed.next_chunk``, the host
   one dispatch ahead; on the CPU one program per step unless ``--device-loop true``
   (``steps.device_loop``). What it leaves out of the trainer: logs, evaluation,
   checkpoints.
