@@ -185,6 +185,12 @@ def _abs_sq(v: Array) -> Array:
     return lax.square(v)
 
 
+def nearest_divisor(n: int, size: int) -> int:
+    """The divisor of `n` closest to `size` (the smaller of two equally close): the size
+    to suggest when `size` does not divide `n`."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - size))
+
+
 def _num_groups(batch: int, ghost_batch_size: int | None, where: str) -> int:
     """Number of contiguous ghost batches in a batch of ``batch`` examples."""
     if ghost_batch_size is None or ghost_batch_size >= batch:
@@ -196,7 +202,8 @@ def _num_groups(batch: int, ghost_batch_size: int | None, where: str) -> int:
             f"({ghost_batch_size}). Pad the batch to a multiple of {ghost_batch_size} "
             f"(e.g. {-(-batch // ghost_batch_size) * ghost_batch_size} examples) and pass "
             "`mask` marking the padding False, choose a ghost_batch_size that divides "
-            f"{batch}, or set remainder='own_ghost_batch'{own} to normalize the last "
+            f"{batch} (e.g. {nearest_divisor(batch, ghost_batch_size)}), or set "
+            f"remainder='own_ghost_batch'{own} to normalize the last "
             f"{batch % ghost_batch_size} examples as a smaller ghost batch."
         )
     return batch // ghost_batch_size

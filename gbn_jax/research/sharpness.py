@@ -64,7 +64,7 @@ import optax
 import scipy.sparse.linalg
 from jax.flatten_util import ravel_pytree
 
-from gbn_jax.trainer.validation import nearest_divisor
+from gbn_jax.ghost_norm import nearest_divisor
 
 __all__ = [
     "BN_MODES",

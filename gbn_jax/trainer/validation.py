@@ -8,6 +8,7 @@ References:
 import ml_collections
 
 from gbn_jax import models
+from gbn_jax.ghost_norm import nearest_divisor
 from gbn_jax.trainer import input_pipeline
 from gbn_jax.trainer.cadence import LOG_SCHEDULES
 
@@ -150,9 +151,3 @@ def noise_scale_small_batch(config: ml_collections.ConfigDict, *, device_count: 
 def round_up(n: int, multiple: int) -> int:
     """The least multiple of `multiple` at or above `n`."""
     return -(-n // multiple) * multiple
-
-
-def nearest_divisor(n: int, size: int) -> int:
-    """The divisor of `n` closest to `size` (the smaller of two equally close): the size
-    to suggest when `size` does not divide `n`."""
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - size))
