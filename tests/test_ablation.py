@@ -8,19 +8,11 @@ import math
 
 import numpy as np
 import pytest
+from run_results import run_result
 
 from experiments.harness import launch
 from experiments.paper import ablation, gap_explanations
 from gbn_jax.trainer import regimes
-
-
-def _result(group, column, seed, val, test):
-    return {
-        "group": group,
-        "column": column,
-        "seed": seed,
-        "summary": {"final_val_accuracy": val / 100, "final_eval_accuracy": test / 100},
-    }
 
 
 def _results(rng, val_bias, test_bias):
@@ -31,7 +23,7 @@ def _results(rng, val_bias, test_bias):
             for seed in ablation.SELECTION_SEEDS:
                 val = 88 + val_bias[group] + rng.normal(0, 0.1)
                 test = 88 + test_bias[group] + rng.normal(0, 0.1)
-                out[(group, column, seed)] = _result(group, column, seed, val, test)
+                out[(group, column, seed)] = run_result(group, column, seed, val, test)
     return out
 
 

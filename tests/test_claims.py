@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from run_results import run_result
 
 from experiments.paper import ablation, claims, verdicts
 
@@ -47,15 +48,6 @@ def test_one_pair_has_no_interval_and_no_verdict():
     assert (got.mean, got.std, got.ci_low, got.verdict) == (10.0, None, None, "undetermined")
 
 
-def _result(group, column, seed, val, test):
-    return {
-        "group": group,
-        "column": column,
-        "seed": seed,
-        "summary": {"final_val_accuracy": val / 100, "final_eval_accuracy": test / 100},
-    }
-
-
 def test_claims_pair_the_right_runs_on_the_right_split():
     rng = np.random.default_rng(7)
     results = {}
@@ -64,7 +56,7 @@ def test_claims_pair_the_right_runs_on_the_right_split():
             c.control for c in claims.CLAIMS
         }:
             val, test = rng.normal(88, 1), rng.normal(87, 1)
-            results[(group, column, seed)] = _result(group, column, seed, val, test)
+            results[(group, column, seed)] = run_result(group, column, seed, val, test)
     evaluated = {e["claim"]: e for e in claims.evaluate(results)}
     assert len(evaluated) == len(claims.CLAIMS)
     for claim in claims.CLAIMS:
@@ -102,9 +94,9 @@ def test_settle_plan_order_and_the_ra_control_rule():
         assert [f"ghost{g}__lb_lr_gbn__seed{s}" in names for s in range(3)] == [True] * 3
     assert names[-2:] == ["ra_lr_unscaled__lb_lr_gbn_ra__seed0", "ra_plain_bn__lb_lr_gbn_ra__seed0"]
     # A control that moves +RA's seed 0 by more than 0.5 points gets seeds 1 and 2.
-    results[("authors", "lb_lr_gbn_ra", 0)] = _result("authors", "lb_lr_gbn_ra", 0, 90.9, 90)
-    results[("ra_lr_unscaled", "lb_lr_gbn_ra", 0)] = _result("x", "lb_lr_gbn_ra", 0, 90.5, 90)
-    results[("ra_plain_bn", "lb_lr_gbn_ra", 0)] = _result("x", "lb_lr_gbn_ra", 0, 90.3, 90)
+    results[("authors", "lb_lr_gbn_ra", 0)] = run_result("authors", "lb_lr_gbn_ra", 0, 90.9, 90)
+    results[("ra_lr_unscaled", "lb_lr_gbn_ra", 0)] = run_result("x", "lb_lr_gbn_ra", 0, 90.5, 90)
+    results[("ra_plain_bn", "lb_lr_gbn_ra", 0)] = run_result("x", "lb_lr_gbn_ra", 0, 90.3, 90)
     tail = [r.name for r in ablation.settle_plan(results)][-2:]
     assert tail == ["ra_plain_bn__lb_lr_gbn_ra__seed1", "ra_plain_bn__lb_lr_gbn_ra__seed2"]
 
