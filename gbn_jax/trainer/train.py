@@ -4,8 +4,9 @@
 experiment config (``configs/*.py``). It reads top to bottom in sections: mesh -> data
 -> model and optimizer -> compiled programs -> checkpoint restore -> loop -> summary.
 Its pieces are modules of ``gbn_jax.trainer``: the inputs (``inputs``), the programs
-(``programs``, built from ``gbn_jax.trainer.steps``), when to log, evaluate, save and measure
-(``cadence``), the records in flight (``records``) and the outputs (``metric_writer``).
+(``programs``, built from ``gbn_jax.trainer.steps``), the state it starts from, restored or
+new (``train_state``), when to log, evaluate, save and measure (``cadence``), the records
+in flight (``records``) and the outputs (``metric_writer``).
 
 * Parameters, batch statistics and optimizer state are replicated; every batch is
   sharded over the "data" axis. GSPMD inserts the gradient all-reduce; ghost batch
@@ -56,14 +57,11 @@ References:
 
 import functools
 import json
-import math
 import os
 import time
 
 import jax
 import ml_collections
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from gbn_jax import models
 from gbn_jax.trainer import (
@@ -73,6 +71,7 @@ from gbn_jax.trainer import (
     regimes,
     run_files,
     steps,
+    train_state,
     validation,
 )
 from gbn_jax.trainer import inputs as inputs_lib
@@ -132,7 +131,6 @@ def _train_and_evaluate(
         config, device_count=jax.device_count(), process_count=jax.process_count()
     )
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    replicated = NamedSharding(mesh, P())
 
     # ---- Data: on the devices when the splits fit, else streamed from the host. ----------
     info = input_pipeline.get_dataset_info(config.dataset, config.data_dir)
@@ -143,23 +141,10 @@ def _train_and_evaluate(
     total_steps = regime.total_steps
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    model = models.get_model(
-        config.model.name,
-        num_classes=info.num_classes,
-        **{k: v for k, v in config.model.to_dict().items() if k != "name"},
-    )
+    model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+    model = models.get_model(config.model.name, num_classes=info.num_classes, **model_kwargs)
     # A restart continues the run in workdir only with its config (or allowed changes).
-    config_changes = workdir_lib.check_restart(
-        workdir,
-        metric_writer.config_to_dict(config),
-        allow_change=allow_config_change,
-        fixed=functools.partial(_schedule, num_train_examples=regime_examples),
-    )
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        workdir_lib.write_config(workdir, metric_writer.config_to_dict(config))
-        run_files.write_json(run_files.path(workdir, run_files.REGIME_FILE), regime.to_dict())
-        print("regime:", json.dumps(regime.to_dict(), indent=2), flush=True)
+    config_changes = _start_workdir(workdir, config, regime, regime_examples, allow_config_change)
     inputs = inputs_lib.create(config, mesh)
     cadence = Cadence.from_config(
         config,
@@ -177,16 +162,9 @@ def _train_and_evaluate(
     # ---- Model and optimizer: state created on device, replicated. -----------------------
     tx = regime.optimizer()
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    init_fn = functools.partial(
-        steps.create_train_state, model=model, tx=tx, image_shape=tuple(info.image_shape)
-    )
-    abstract_state = jax.eval_shape(init_fn, init_rng)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-    abstract_acc = jax.eval_shape(steps.zero_metrics)
-    acc_sharding = jax.tree.map(lambda _: replicated, abstract_acc)
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+    spec = train_state.spec(model, tx, tuple(info.image_shape), init_rng, mesh)
     if is_main:
-        print(f"model {config.model.name}: {num_params} parameters", flush=True)
+        print(f"model {config.model.name}: {spec.num_params} parameters", flush=True)
 
     # ---- Compiled programs: built here, so that no dispatch waits for a compile. ---------
     programs = programs_lib.build(
@@ -194,8 +172,8 @@ def _train_and_evaluate(
         tx=tx,
         learning_rate=regime.learning_rate,
         mesh=mesh,
-        state_shapes=programs_lib.with_shardings(abstract_state, state_sharding),
-        acc_shapes=programs_lib.with_shardings(abstract_acc, acc_sharding),
+        state_shapes=spec.state,
+        acc_shapes=spec.acc,
         train_feed=inputs.train_feed,
         eval_feeds=inputs.eval_feeds,
         loop_steps=cadence.loop_steps,
@@ -207,39 +185,30 @@ def _train_and_evaluate(
         ),
     )
 
-    # ---- Checkpoint restore. -------------------------------------------------------------
+    # ---- Checkpoint restore: the state, the data position and the train-metric sums. -----
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    restored = checkpointing.restore_latest(
-        manager, abstract_state, state_sharding, abstract_acc, acc_sharding
+    start = train_state.restore_or_create(
+        manager, spec, inputs.train_iter, programs.zero_accumulator
     )
-    acc = None
-    if restored is None:
-        state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
-        start_step, saved_step = 0, None
-    else:
-        start_step, state, data_state, acc = restored
-        saved_step = start_step
-        inputs.train_iter.set_state(data_state)
-        if is_main:
-            print(f"resumed from {manager.directory} at step {start_step}", flush=True)
-    if acc is None:
-        acc = programs.zero_accumulator()
+    if start.restored and is_main:
+        print(f"resumed from {manager.directory} at step {start.step}", flush=True)
 
     # ---- Loop. ---------------------------------------------------------------------------
     writer = metric_writer.MetricWriter(
         workdir,
-        start_step=start_step,
+        start_step=start.step,
         total_steps=total_steps,
         batch_size=config.batch_size,
         enabled=is_main,
     )
     if is_main:
-        workdir_lib.record_changes(workdir, start_step, config_changes)
+        workdir_lib.record_changes(workdir, start.step, config_changes)
     # Records started on the devices (a boundary's log and evaluation, a B_simple
     # measurement), read and written one dispatch later.
     records = RecordQueue(writer, steps_per_epoch=regime.steps_per_epoch, checkpoints=manager)
     timer = DispatchTimer(jax.block_until_ready)
-    train_feed, step, preempted = inputs.train_feed, start_step, False
+    train_feed, state, acc, step = inputs.train_feed, start.state, start.acc, start.step
+    saved_step, preempted = step if start.restored else None, False
     try:
         while step < total_steps:
             # -- Dispatch n steps: up to K, none past the next log, eval, checkpoint or
@@ -285,34 +254,42 @@ def _train_and_evaluate(
         if preempted and saved_step != step:
             _save_checkpoint(manager, step, state, acc, inputs.train_iter, programs)
     finally:
-        writer.close()
-        try:
-            # A background write that failed raises here (once), naming its step.
-            checkpointing.wait_until_finished(manager)
-        finally:
-            manager.close()
-    if preempted:
-        if is_main:
-            print(
-                f"preemption notice (SIGTERM): saved step {step} in {manager.directory}; "
-                "rerun the same command to continue",
-                flush=True,
-            )
-        return {"preempted": True, "step": step, "checkpoint_dir": str(manager.directory)}
+        _close(writer, manager)
 
-    # ---- Summary. ------------------------------------------------------------------------
-    summary = metric_writer.summarize(
-        writer.read(),
-        start_step=start_step,
-        total_steps=total_steps,
-        wall_time=time.time() - start_time,
-        environment=_environment(),
-        config=metric_writer.config_to_dict(config),
+    # ---- Summary (or, after a preemption notice, where to continue from). ----------------
+    if preempted:
+        return _preempted(step, manager)
+    return _write_summary(
+        writer, config, start.step, total_steps, wall_time=time.time() - start_time
     )
-    writer.write_json(run_files.SUMMARY_FILE, summary)
-    if is_main:
-        print("summary:", json.dumps({k: v for k, v in summary.items() if k != "config"}))
-    return summary
+
+
+def _start_workdir(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    regime: regimes.ResolvedRegime,
+    num_train_examples: int,
+    allow_config_change: bool,
+) -> dict[str, tuple]:
+    """Checks the config against the run in `workdir`, then writes config.json and
+    regime.json (process 0); returns the config changes to record.
+
+    Raises:
+      workdir.ConfigChangeError: the config differs from the run's, and the change is
+        not allowed (or `allow_config_change` is not set).
+    """
+    changes = workdir_lib.check_restart(
+        workdir,
+        metric_writer.config_to_dict(config),
+        allow_change=allow_config_change,
+        fixed=functools.partial(_schedule, num_train_examples=num_train_examples),
+    )
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        workdir_lib.write_config(workdir, metric_writer.config_to_dict(config))
+        run_files.write_json(run_files.path(workdir, run_files.REGIME_FILE), regime.to_dict())
+        print("regime:", json.dumps(regime.to_dict(), indent=2), flush=True)
+    return changes
 
 
 def _save_checkpoint(
@@ -327,6 +304,51 @@ def _save_checkpoint(
     acc_host, distance = jax.device_get((acc, programs.weight_distance(state)))
     check_finite(acc_host, float(distance), step, manager)
     checkpointing.save(manager, step, state, train_iter.get_state(), acc)
+
+
+def _close(
+    writer: metric_writer.MetricWriter, manager: checkpointing.ocp.CheckpointManager
+) -> None:
+    """Closes the writer, then the manager once its background writes are done."""
+    writer.close()
+    try:
+        # A background write that failed raises here (once), naming its step.
+        checkpointing.wait_until_finished(manager)
+    finally:
+        manager.close()
+
+
+def _preempted(step: int, manager: checkpointing.ocp.CheckpointManager) -> dict:
+    """The result of a run stopped by a preemption notice, with `step` saved."""
+    if jax.process_index() == 0:
+        print(
+            f"preemption notice (SIGTERM): saved step {step} in {manager.directory}; "
+            "rerun the same command to continue",
+            flush=True,
+        )
+    return {"preempted": True, "step": step, "checkpoint_dir": str(manager.directory)}
+
+
+def _write_summary(
+    writer: metric_writer.MetricWriter,
+    config: ml_collections.ConfigDict,
+    start_step: int,
+    total_steps: int,
+    wall_time: float,
+) -> dict:
+    """Writes summary.json from the run's metrics (process 0) and returns the summary."""
+    summary = metric_writer.summarize(
+        writer.read(),
+        start_step=start_step,
+        total_steps=total_steps,
+        wall_time=wall_time,
+        environment=_environment(),
+        config=metric_writer.config_to_dict(config),
+    )
+    writer.write_json(run_files.SUMMARY_FILE, summary)
+    if jax.process_index() == 0:
+        print("summary:", json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    return summary
 
 
 def _environment() -> dict:
