@@ -31,6 +31,9 @@ from experiments.harness.provenance import RESULTS_DIR
 from experiments.paper import ablation, verdicts
 
 Run = tuple[str, str]  # (group, column)
+# Control runs re-run on another CPU model than their committed record, to pair with
+# treatments that ran there (see `same_cpu`).
+SAME_CPU_CONTROLS = "ablation_f1/same_cpu_controls"
 Split = Literal["val", "eval"]
 
 
@@ -167,22 +170,67 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+def runs(results: dict[tuple[str, str, int], dict], run: Run) -> dict[int, dict]:
+    """seed -> record of one (group, column)."""
+    group, column = run
+    if (group, column) in ablation.SAME_AS_DEFAULT:
+        group = "default"
+    return {s: r for (g, c, s), r in results.items() if (g, c) == (group, column)}
+
+
 def accuracies(
     results: dict[tuple[str, str, int], dict], run: Run, split: Split
 ) -> dict[int, float]:
     """seed -> final accuracy (%) of one (group, column) on one split."""
-    group, column = run
+    return {s: ablation.accuracy(r, split) for s, r in runs(results, run).items()}
+
+
+def cpu_model(record: dict) -> str:
+    return record["hardware"]["cpu"]
+
+
+def load_same_cpu_controls(results_dir: Path = RESULTS_DIR) -> dict[tuple, dict]:
+    """(group, column, seed, CPU model) -> a control re-run on another CPU model."""
+    controls = {}
+    for path in sorted((results_dir / SAME_CPU_CONTROLS).glob("*.json")):
+        r = json.loads(path.read_text())
+        controls[(r["group"], r["column"], r["seed"], cpu_model(r))] = r
+    return controls
+
+
+def same_cpu(
+    results: dict[tuple[str, str, int], dict], controls: dict[tuple, dict], claim: Claim
+) -> verdicts.PairedDifference | None:
+    """The claim with every seed's control taken from the treatment's CPU model.
+
+    None when every pair of the rule already ran on one CPU model. A seed whose control
+    exists on another model only is left out.
+    """
+    treatment, control = runs(results, claim.treatment), runs(results, claim.control)
+    seeds = sorted(set(treatment) & set(control))
+    if all(cpu_model(treatment[s]) == cpu_model(control[s]) for s in seeds):
+        return None
+    group, column = claim.control
     if (group, column) in ablation.SAME_AS_DEFAULT:
         group = "default"
-    return {
-        s: ablation.accuracy(r, split)
-        for (g, c, s), r in results.items()
-        if (g, c) == (group, column)
-    }
+    t_acc, c_acc = {}, {}
+    for s in seeds:
+        cpu = cpu_model(treatment[s])
+        ctl = control[s] if cpu_model(control[s]) == cpu else controls.get((group, column, s, cpu))
+        if ctl is not None:
+            t_acc[s] = ablation.accuracy(treatment[s], claim.split)
+            c_acc[s] = ablation.accuracy(ctl, claim.split)
+    return verdicts.paired(claim.text, claim.direction, t_acc, c_acc)
 
 
-def evaluate(results: dict[tuple[str, str, int], dict]) -> list[dict[str, Any]]:
-    """Every claim with its paired differences, interval and verdict."""
+def evaluate(
+    results: dict[tuple[str, str, int], dict], controls: dict[tuple, dict] | None = None
+) -> list[dict[str, Any]]:
+    """Every claim with its paired differences, interval and verdict.
+
+    A claim some of whose pairs ran on two CPU models also gets ``same_cpu``: the same
+    comparison with controls re-run on the treatment's CPU model (`same_cpu`).
+    """
     out = []
     for claim in CLAIMS:
         diff = verdicts.paired(
@@ -191,6 +239,7 @@ def evaluate(results: dict[tuple[str, str, int], dict]) -> list[dict[str, Any]]:
             accuracies(results, claim.treatment, claim.split),
             accuracies(results, claim.control, claim.split),
         )
+        on_one_cpu = same_cpu(results, controls or {}, claim)
         out.append(
             dict(
                 section=claim.section,
@@ -198,6 +247,7 @@ def evaluate(results: dict[tuple[str, str, int], dict]) -> list[dict[str, Any]]:
                 treatment=list(claim.treatment),
                 control=list(claim.control),
                 **diff.to_dict(),
+                same_cpu=None if on_one_cpu is None else on_one_cpu.to_dict(),
             )
         )
     return out
@@ -250,6 +300,34 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
         ]
         header = ["claim", "split", "n", "difference", "95% CI", "verdict"]
         lines += ["", f"## {section}", "", tables.markdown_table(header, rows)]
+    crossing = [e for e in evaluated if e["same_cpu"] is not None]
+    if crossing:
+        rows = [
+            [
+                e["claim"],
+                e["n"],
+                tables.cell(e["mean"], e["std"], sign=True),
+                _interval(e["ci_low"], e["ci_high"]),
+                e["verdict"],
+                e["same_cpu"]["n"],
+                tables.cell(e["same_cpu"]["mean"], e["same_cpu"]["std"], sign=True),
+                _interval(e["same_cpu"]["ci_low"], e["same_cpu"]["ci_high"]),
+                e["same_cpu"]["verdict"],
+            ]
+            for e in crossing
+        ]
+        header = ["claim", "n", "difference", "95% CI", "verdict"]
+        header += ["n (one CPU)", "difference (one CPU)", "95% CI (one CPU)", "verdict (one CPU)"]
+        lines += [
+            "",
+            "## Claims whose pairs ran on two CPU models",
+            "",
+            "Runs are bit-identical only on one CPU model. For these claims some seeds' "
+            f"treatment and control ran on different models; the right-hand columns pair "
+            f"each treatment with its control re-run on the same model ({SAME_CPU_CONTROLS}).",
+            "",
+            tables.markdown_table(header, rows),
+        ]
     rows = [
         [
             c["group"],
@@ -298,7 +376,8 @@ def plot_ghost_sizes(column_stats: Sequence[dict], path: Path) -> None:
 
 def report(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     results = ablation.load_results(results_dir)
-    evaluated, column_stats = evaluate(results), columns(results)
+    controls = load_same_cpu_controls(results_dir)
+    evaluated, column_stats = evaluate(results, controls), columns(results)
     out = dict(rule="experiments/paper/verdicts.py", claims=evaluated, columns=column_stats)
     (results_dir / "claims.json").write_text(json.dumps(out, indent=1) + "\n")
     (results_dir / "claims.md").write_text(markdown(evaluated, column_stats))
