@@ -522,23 +522,29 @@ def test_forward_mode_jvp_jacfwd_and_hessian_vector_products(ghost, fast, masked
         ref = layer(nn.BatchNorm(**kw))
     else:
         ref = lambda x, scale, bias: jnp_ghost_bn(x, scale, bias, ghost)
-    y, dy = jax.jvp(gbn, primals, tangents)
-    ref_y, ref_dy = jax.jvp(ref, primals, tangents)
+    # Each derivative jitted whole: one compile instead of one per primitive it runs.
+    jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))(primals, tangents)
+    (y, dy), (ref_y, ref_dy) = jvp(gbn), jvp(ref)
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dy, ref_dy, rtol=1e-4, atol=1e-4)
+    jac = lambda transform, f, arg: jax.jit(transform(f, arg))(*primals)
     for arg in range(3):
-        forward = jax.jacfwd(gbn, arg)(*primals)
-        np.testing.assert_allclose(forward, jax.jacfwd(ref, arg)(*primals), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(forward, jax.jacrev(gbn, arg)(*primals), rtol=1e-4, atol=1e-4)
+        forward = jac(jax.jacfwd, gbn, arg)
+        np.testing.assert_allclose(forward, jac(jax.jacfwd, ref, arg), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(forward, jac(jax.jacrev, gbn, arg), rtol=1e-4, atol=1e-4)
     w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     loss = lambda f: lambda *args: jnp.sum(jnp.tanh(f(*args)) * w)
-    hvp = lambda f: jax.jvp(jax.grad(loss(f), (0, 1, 2)), primals, tangents)[1]
+    hvp = lambda f: jax.jit(lambda p, t: jax.jvp(jax.grad(loss(f), (0, 1, 2)), p, t)[1])(
+        primals, tangents
+    )
     assert_trees_close(hvp(gbn), hvp(ref), rtol=1e-3, atol=1e-4)
     # Reverse over reverse: the gradient of <grad L, t> is the same H t.
     grad_dot_t = lambda *args: sum(
         jnp.vdot(g, t) for g, t in zip(jax.grad(loss(gbn), (0, 1, 2))(*args), tangents, strict=True)
     )
-    assert_trees_close(jax.grad(grad_dot_t, (0, 1, 2))(*primals), hvp(gbn), rtol=1e-3, atol=1e-4)
+    assert_trees_close(
+        jax.jit(jax.grad(grad_dot_t, (0, 1, 2)))(*primals), hvp(gbn), rtol=1e-3, atol=1e-4
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -579,7 +585,7 @@ def sharded_setup(devices):
     rng = np.random.default_rng(17)
     x = jnp.asarray(rng.normal(size=(BATCH, 7)) * 2 + 0.5, jnp.float32)
     dy = jnp.asarray(rng.normal(size=(BATCH, 3)), jnp.float32)
-    variables = TwoLayer().init(jax.random.key(0), x, train=False)
+    variables = jax.jit(TwoLayer().init, static_argnames="train")(jax.random.key(0), x, train=False)
     return mesh, x, dy, variables
 
 
@@ -738,16 +744,16 @@ def test_explicit_sharding_equals_single_device(sharded_setup, explicit_mesh, gh
 
 def test_explicit_sharding_rejects_ghost_batches_straddling_devices(explicit_mesh):
     x = jnp.ones((48, 3))  # 6 examples per device
+    # Jitted: the check runs while tracing, and one compile replaces one per operation.
+    init = lambda ghost, x: jax.jit(
+        GhostBatchNorm(use_running_average=False, ghost_batch_size=ghost).init
+    )(jax.random.key(0), x)
     with jax.set_mesh(explicit_mesh):
         x_s = jax.device_put(x, P("data"))
         with pytest.raises(ValueError, match=r"sharded over 8 devices.*6 examples.*divides 6"):
-            GhostBatchNorm(use_running_average=False, ghost_batch_size=4).init(
-                jax.random.key(0), x_s
-            )
+            init(4, x_s)
         for ghost in (3, 12):  # a divisor, and two devices per ghost batch
-            GhostBatchNorm(use_running_average=False, ghost_batch_size=ghost).init(
-                jax.random.key(0), x_s
-            )
+            init(ghost, x_s)
 
 
 # --------------------------------------------------------------------------------------
@@ -905,10 +911,10 @@ def test_remainder_gradients_and_forward_mode_match_plain_jnp(shape, ghost, mask
     ref = lambda x, scale, bias: jnp_sized_ghost_bn(x, scale, bias, sizes, mask)
     loss = lambda f: lambda *args: jnp.sum(jnp.tanh(f(*args)) * w)
     grads = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(x, scale, bias)
-    assert_trees_close(grads, jax.grad(loss(ref), (0, 1, 2))(x, scale, bias), atol=1e-4)
+    assert_trees_close(grads, jax.jit(jax.grad(loss(ref), (0, 1, 2)))(x, scale, bias), atol=1e-4)
     tangents = tuple(jnp.asarray(rng.normal(size=a.shape), jnp.float32) for a in (x, scale, bias))
-    _, dy = jax.jvp(ours, (x, scale, bias), tangents)
-    _, ref_dy = jax.jvp(ref, (x, scale, bias), tangents)
+    jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))((x, scale, bias), tangents)
+    (_, dy), (_, ref_dy) = jvp(ours), jvp(ref)
     np.testing.assert_allclose(dy, ref_dy, rtol=1e-4, atol=1e-4)
 
 

@@ -1,8 +1,8 @@
 """Tests of the trainer (gbn_jax/trainer/train.py) and its command line (gbn_jax/trainer/main.py).
 
 One short reference run of F1 on the real Fashion-MNIST files (8 fake CPU devices,
-in this process) is the yardstick: a run killed with SIGKILL and restarted, one stopped
-by SIGTERM and restarted, and runs with other numbers of steps per dispatch, with
+in this process) is the yardstick: a run stopped by SIGTERM, restarted, killed with
+SIGKILL and restarted, and runs with other numbers of steps per dispatch, with
 host-fed batches or with the device loop must end with the same metrics and parameters,
 bit for bit; a run split over two processes with the same metrics to float rounding.
 """
@@ -190,47 +190,6 @@ def test_mock_cifar10_c1_end_to_end(tmp_path, devices):
 # ------------------------------------------------------------------ resumption
 
 
-def test_resume_after_sigkill_is_bit_exact(reference, tmp_path):
-    ref_dir = reference[0]
-    workdir = str(tmp_path / "killed")
-    rng = random.Random()
-    kill_after = rng.randint(7, 20)  # somewhere after the first checkpoint (step 6)
-    proc = subprocess.Popen(
-        cli(workdir, F1_ARG, F1_OVERRIDES),
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    while proc.poll() is None:
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
-            if steps and steps[-1] >= kill_after:
-                time.sleep(rng.uniform(0.0, 0.2))
-                break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-    # A half-written checkpoint (orbax's tmp suffix) must be ignored and cleaned up.
-    fake = os.path.join(workdir, "checkpoints", "23.orbax-checkpoint-tmp-1234567890")
-    os.makedirs(os.path.join(fake, "state"))
-    with open(os.path.join(fake, "state", "garbage"), "w") as f:
-        f.write("not a checkpoint")
-
-    done = subprocess.run(
-        cli(workdir, F1_ARG, F1_OVERRIDES), cwd=ROOT, env=cli_env(), capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stdout
-    assert not os.path.exists(fake)
-    assert_same_run(workdir, ref_dir)
-
-
 def without_noise_scale(records):
     """The records with their B_simple fields left out, and records of nothing else."""
     records = [{k: v for k, v in r.items() if not k.startswith("noise_")} for r in records]
@@ -268,13 +227,37 @@ def test_steps_per_loop_and_data_path_change_nothing(reference, tmp_path, overri
     assert_same_run(str(tmp_path), ref_dir)
 
 
-def test_sigterm_saves_the_current_step_and_resume_is_bit_exact(reference, tmp_path):
-    """A real SIGTERM to the CLI with no periodic checkpoint due: the run saves the step
-    it reached, exits 0 within seconds, and the rerun ends as the uninterrupted one."""
+def wait_for_step(proc, workdir, step):
+    """Polls the run's metrics.jsonl until it logs a step >= ``step`` or ``proc`` ends."""
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    while proc.poll() is None:
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+            if steps and steps[-1] >= step:
+                return
+        time.sleep(0.01)
+
+
+def test_sigterm_then_sigkill_and_resume_is_bit_exact(reference, tmp_path):
+    """The command line stopped twice, then run to the end: the run ends as the
+    uninterrupted one, bit for bit.
+
+    1. A real SIGTERM with no periodic checkpoint due: the run saves the step it reached
+       and exits 0 within seconds.
+    2. The rerun (periodic checkpoints every 6 steps from here on, an allowed change)
+       resumes from that step and is killed with SIGKILL at a random point after its
+       first periodic checkpoint, possibly while a checkpoint is being written.
+    3. The last rerun ignores and removes a half-written checkpoint (orbax's tmp suffix)
+       and resumes from the newest whole checkpoint.
+    """
     ref_dir = reference[0]
-    workdir = str(tmp_path / "preempted")
+    workdir = str(tmp_path / "stopped")
+    rng = random.Random()
+
+    # 1. SIGTERM.
     overrides = {**F1_OVERRIDES, "checkpoint_every_steps": 1000}
-    signal_after = random.Random().randint(2, 10)
+    signal_after = rng.randint(2, 10)
     proc = subprocess.Popen(
         cli(workdir, F1_ARG, overrides),
         cwd=ROOT,
@@ -283,14 +266,7 @@ def test_sigterm_saves_the_current_step_and_resume_is_bit_exact(reference, tmp_p
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    while proc.poll() is None:
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
-            if steps and steps[-1] >= signal_after:
-                break
-        time.sleep(0.01)
+    wait_for_step(proc, workdir, signal_after)
     assert proc.poll() is None, f"run ended before the signal: {proc.stderr.read()[-2000:]}"
     proc.send_signal(signal.SIGTERM)
     sent = time.time()
@@ -301,11 +277,35 @@ def test_sigterm_saves_the_current_step_and_resume_is_bit_exact(reference, tmp_p
     assert f"preemption notice (SIGTERM): saved step {saved[0]}" in out
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
+    # 2. SIGKILL, somewhere after the first periodic checkpoint (step 6).
+    kill_after = rng.randint(max(7, saved[0] + 1), 20)
+    proc = subprocess.Popen(
+        cli(workdir, F1_ARG, F1_OVERRIDES, "--allow_config_change"),
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(proc, workdir, kill_after)
+    time.sleep(rng.uniform(0.0, 0.2))
+    assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert f"at step {saved[0]}" in out
+
+    # 3. A half-written checkpoint must be ignored and cleaned up.
+    fake = os.path.join(workdir, "checkpoints", "23.orbax-checkpoint-tmp-1234567890")
+    os.makedirs(os.path.join(fake, "state"))
+    with open(os.path.join(fake, "state", "garbage"), "w") as f:
+        f.write("not a checkpoint")
+
     done = subprocess.run(
-        cli(workdir, F1_ARG, overrides), cwd=ROOT, env=cli_env(), capture_output=True, text=True
+        cli(workdir, F1_ARG, F1_OVERRIDES), cwd=ROOT, env=cli_env(), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"at step {saved[0]}" in done.stdout
+    assert "resumed from" in done.stdout
+    assert not os.path.exists(fake)
     assert_same_run(workdir, ref_dir)
 
 
@@ -355,22 +355,14 @@ def two_processes(workdir, overrides):
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory):
+def two_process_runs(tmp_path_factory, devices):
     """Workdirs of the reference config (XLA's default CPU options) run uninterrupted as
-    2 processes x 4 devices and as 1 process x 8 devices, side by side."""
+    2 processes x 4 devices (the command line) and as 1 process x 8 devices (this
+    process, while the two run)."""
     ref_dir = str(tmp_path_factory.mktemp("one_process"))
     workdir = str(tmp_path_factory.mktemp("two_processes"))
     procs = two_processes(workdir, TWO_PROCESS_OVERRIDES)
-    procs.append(
-        subprocess.Popen(
-            cli(ref_dir, F1_ARG, TWO_PROCESS_OVERRIDES),
-            cwd=ROOT,
-            env=cli_env(num_devices=8),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    )
+    train.train_and_evaluate(load_config(F1_CONFIG, F1_ARG, TWO_PROCESS_OVERRIDES), ref_dir)
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -420,8 +412,7 @@ def test_xla_cpu_fast_options_train_the_same(reference, two_process_runs):
     config.xla_cpu_fast_options = False
     assert steps.compiler_options(config) == {}
     config.xla_cpu_fast_options = True
-    # The one-process run of two_process_runs: this config with XLA's defaults, through
-    # the command line, 8 devices.
+    # The one-process run of two_process_runs: this config with XLA's defaults, 8 devices.
     workdir = two_process_runs[1]
     mine, ref = read_metrics(workdir), read_metrics(ref_dir)
     assert [r.keys() for r in mine] == [r.keys() for r in ref]
@@ -560,6 +551,7 @@ def test_noise_scale_matches_per_shard_gradients_in_numpy(noise_scale_run):
         )
         return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
 
+    grad = jax.jit(jax.grad(loss))
     b, big = config.noise_scale.small_batch_size, config.batch_size
     grads = np.stack(
         [
@@ -567,7 +559,7 @@ def test_noise_scale_matches_per_shard_gradients_in_numpy(noise_scale_run):
                 [
                     np.ravel(g)
                     for g in jax.tree.leaves(
-                        jax.grad(loss)(
+                        grad(
                             state["params"],
                             batch["image"][s : s + b],
                             batch["label"][s : s + b],
@@ -713,7 +705,8 @@ def test_padded_partial_batch_steps_like_the_compact_batch(norm):
         model = models.get_model(
             "f1", num_classes=10, norm=norm, ghost_batch_size=ghost_size, width=32
         )
-        state = steps.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+        create = lambda key: steps.create_train_state(key, model, tx, (28, 28, 1))
+        state = jax.jit(create)(jax.random.key(0))
         step = jax.jit(steps.make_train_step(model, tx, lambda s: 0.1))
         return step(state, batch_, jax.random.key(1))
 
