@@ -17,5 +17,10 @@
 * `checkpointing`, `workdir`, `run_files`: checkpoints, the workdir's identity and the
   reading and writing of a run's files.
 
-Importing this package loads none of them (nor JAX).
+Importing this package loads none of them; it checks that the ``train`` extra is
+installed and otherwise raises an ImportError that says how to install it.
 """
+
+from gbn_jax import extras
+
+extras.require("train", "gbn_jax.trainer")
