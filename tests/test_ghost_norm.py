@@ -309,6 +309,12 @@ def test_errors_name_the_problem():
     args = (None, None, jnp.zeros(3), jnp.ones(3))
     with pytest.raises(ValueError, match=r"\(10\).*\(4\).*mask"):
         ghost_batch_norm(x, *args, use_running_average=False, ghost_batch_size=4)
+    # The suggested ghost size is the divisor of the batch nearest the asked one.
+    with pytest.raises(ValueError, match=r"divides 10 \(e\.g\. 5\)"):
+        ghost_batch_norm(x, *args, use_running_average=False, ghost_batch_size=4)
+    # Of two equally near divisors (4 and 6 for 5 in 12), the smaller.
+    with pytest.raises(ValueError, match=r"divides 12 \(e\.g\. 4\)"):
+        ghost_batch_norm(jnp.ones((12, 3)), *args, use_running_average=False, ghost_batch_size=5)
     with pytest.raises(ValueError, match="running_update='average'"):
         ghost_batch_norm(x, *args, use_running_average=False, running_update="average")
     for bad in (0, -2, 2.5, True):
