@@ -48,6 +48,11 @@ def test_one_pair_has_no_interval_and_no_verdict():
     assert (got.mean, got.std, got.ci_low, got.verdict) == (10.0, None, None, "undetermined")
 
 
+def test_equal_differences_have_no_interval():
+    d = verdicts.paired("tie", "+", {0: 88.06, 1: 88.06}, {0: 88.0, 1: 88.0})
+    assert d.ci_low is None and d.verdict == "undetermined"
+
+
 def test_claims_pair_the_right_runs_on_the_right_split():
     rng = np.random.default_rng(7)
     results = {}
