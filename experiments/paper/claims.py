@@ -170,12 +170,16 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+def recorded_as(run: Run) -> Run:
+    """The (group, column) whose records stand for `run` (a switch that leaves a column
+    unchanged shares the default group's runs)."""
+    return ("default", run[1]) if run in ablation.SAME_AS_DEFAULT else run
+
+
 def runs(results: dict[tuple[str, str, int], dict], run: Run) -> dict[int, dict]:
     """seed -> record of one (group, column)."""
-    group, column = run
-    if (group, column) in ablation.SAME_AS_DEFAULT:
-        group = "default"
-    return {s: r for (g, c, s), r in results.items() if (g, c) == (group, column)}
+    run = recorded_as(run)
+    return {s: r for (g, c, s), r in results.items() if (g, c) == run}
 
 
 def accuracies(
@@ -210,9 +214,7 @@ def same_cpu(
     seeds = sorted(set(treatment) & set(control))
     if all(cpu_model(treatment[s]) == cpu_model(control[s]) for s in seeds):
         return None
-    group, column = claim.control
-    if (group, column) in ablation.SAME_AS_DEFAULT:
-        group = "default"
+    group, column = recorded_as(claim.control)
     t_acc, c_acc = {}, {}
     for s in seeds:
         cpu = cpu_model(treatment[s])
