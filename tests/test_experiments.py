@@ -274,6 +274,35 @@ def test_bench_sweep_trainer_entry_is_the_trainer_default():
     assert step_speed.XLA_PRESETS["fast"] == steps.XLA_CPU_FAST_OPTIONS
 
 
+@pytest.mark.parametrize(
+    "n, order_statistics",
+    # Hand-computed from the binomial table with p = 1/2: the largest k with
+    # P(X <= k - 1) <= 0.025 (n=6: 1/64; n=9: 10/512; n=25: P(X <= 7) = 0.0216 while
+    # P(X <= 8) = 0.0539); with n=5 even P(X = 0) = 1/32 is too large: the whole range.
+    [(5, (1, 5)), (6, (1, 6)), (9, (2, 8)), (25, (8, 18))],
+)
+def test_median_interval_is_the_sign_test_interval(n, order_statistics):
+    from experiments.harness import timing
+
+    values = np.random.default_rng(n).permutation(np.arange(1.0, n + 1.0)).tolist()
+    assert timing.median_interval(values) == order_statistics
+
+
+def test_ghost_size_rows_are_ratios_to_plain_bn_round_by_round():
+    from experiments.bench import ghost_size_step
+
+    rng = np.random.default_rng(0)
+    times = {str(g): rng.uniform(0.1, 0.2, (7, 3)).tolist() for g in ghost_size_step.GHOST_SIZES}
+    rows = ghost_size_step.summarize(times)
+    plain = np.median(times["4096"], axis=1)
+    for row in rows:
+        ratios = np.median(times[str(row["ghost"])], axis=1) / plain
+        assert row["ratio"]["median"] == pytest.approx(np.median(ratios))
+        assert row["ms"] == pytest.approx(1e3 * np.median(times[str(row["ghost"])]))
+    assert rows[-1]["ratio"]["median"] == 1.0
+    assert "4096 (plain BN)" in ghost_size_step.table(rows)
+
+
 def test_trainer_throughput_workaround_rounds_add_up(tmp_path, monkeypatch):
     """--workaround-rounds: each variant's environment and overrides reach the CLI, the
     order rotates round by round, and a second invocation adds its round to the first."""

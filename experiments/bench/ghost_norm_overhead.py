@@ -218,22 +218,9 @@ def paired_ratios(gbn: list[list[float]], bn: list[list[float]]) -> list[float]:
     return [statistics.median(g) / statistics.median(b) for g, b in zip(gbn, bn, strict=True)]
 
 
-def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval of the median: the order statistics
-    x_(k) and x_(n+1-k) with the largest k for which P(Binomial(n, 1/2) < k) <= (1 -
-    level) / 2 (the sign-test interval; the whole range when n is too small)."""
-    xs, n = sorted(values), len(values)
-    k, below = 0, 0.0
-    while below + math.comb(n, k) / 2**n <= (1 - level) / 2:
-        below += math.comb(n, k) / 2**n
-        k += 1
-    k = max(k, 1)
-    return xs[k - 1], xs[n - k]
-
-
 def ratio_summary(ratios: list[float]) -> dict:
     """``timing.spread`` of per-round ratios, their median's 95% interval and the verdict."""
-    low, high = median_interval(ratios)
+    low, high = timing.median_interval(ratios)
     verdict = "holds" if high <= TARGET else "contradicted" if low > TARGET else "undetermined"
     return {**timing.spread(ratios), "ci95": (low, high), "verdict": verdict}
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from scipy import stats
 from tqdm import tqdm
 
 
@@ -66,3 +67,15 @@ def spread(values: Sequence[float]) -> dict[str, float]:
         "max": max(values),
         "n": len(values),
     }
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median (the sign-test interval):
+    the order statistics x_(k) and x_(n+1-k) for the largest k with
+    P(Binomial(n, 1/2) <= k - 1) <= (1 - level) / 2; the whole range when n is too small."""
+    xs, n = sorted(values), len(values)
+    k = 0
+    while stats.binom.cdf(k, n, 0.5) <= (1 - level) / 2:
+        k += 1
+    k = max(k, 1)
+    return xs[k - 1], xs[n - k]
