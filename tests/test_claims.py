@@ -1,6 +1,7 @@
 """The verdict rule (experiments/paper/verdicts.py) and the claims built on it
 (experiments/paper/claims.py), against intervals computed by hand from Student's t."""
 
+import json
 import math
 
 import numpy as np
@@ -159,3 +160,63 @@ def test_settle_runs_change_one_ingredient():
     assert (lr.batch_size, lr.model.norm, gbn.model.norm) == (2048, "batch", "ghost")
     ghost, _ = resolved(ablation.Planned("ghost16", "lb_lr_gbn", 0))
     assert (ghost.batch_size, ghost.model.ghost_batch_size) == (4096, 16)
+
+
+def _write_records(directory, records):
+    directory.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        name = f"{r['group']}__{r['column']}__seed{r['seed']}_{r['hardware']['cpu']}.json"
+        (directory / name).write_text(json.dumps(r))
+
+
+def test_ghost_size_study_pairs_every_size_with_plain_bn_on_one_cpu(tmp_path):
+    from experiments.paper import ghost_size
+
+    rng = np.random.default_rng(5)
+
+    def record(ghost, seed, cpu):
+        group, column = ablation.ghost_group(ghost)
+        r = run_result(group, column, seed, rng.normal(87.5, 0.8), rng.normal(87, 0.8), cpu)
+        return {**r, "wall_time_s": float(rng.uniform(150, 250)), "commit": "abc"}
+
+    committed = [record(g, s, "Xeon") for g in (16, 32, 64, 256, 512, 1024) for s in (0, 1, 2)]
+    # Ghost 128 and 4096 are default +GBN and +LR: seeds 0-2 committed from the EPYC,
+    # seeds 3-9 from the Xeon; seeds 0-2 re-run on the Xeon stand in for them.
+    committed += [record(g, s, "EPYC" if s < 3 else "Xeon") for g in (128, 4096) for s in range(10)]
+    reruns = [record(g, s, "Xeon") for g in (128, 4096) for s in (0, 1, 2)]
+    _write_records(tmp_path / "ablation_f1" / "runs", committed)
+    _write_records(tmp_path / claims.SAME_CPU_CONTROLS, reruns)
+    bench = {
+        "environment": {"cpu": "Xeon"},
+        "rows": [
+            {"ghost": g, "ms": 250.0, "ratio": {"median": 1.0 + g / 1e4, "ci95": [0.99, 1.2]}}
+            for g in ablation.GHOST_SIZES
+        ],
+    }
+    (tmp_path / "bench_ghost_size.json").write_text(json.dumps(bench))
+
+    data = ghost_size.study(tmp_path)
+    rows = {r["ghost"]: r for r in data["rows"]}
+    assert data["cpu"] == "Xeon" and list(rows) == list(ablation.GHOST_SIZES)
+    val = lambda r: 100 * r["summary"]["final_val_accuracy"]
+    plain = {
+        r["seed"]: val(r) for r in reruns if ablation.ghost_group(4096) == (r["group"], r["column"])
+    }
+    gbn128 = [val(r) for r in reruns if (r["group"], r["column"]) == ablation.ghost_group(128)]
+    assert rows[128]["val"]["n"] == 3 and rows[128]["val"]["mean"] == pytest.approx(np.mean(gbn128))
+    for g in (16, 1024):
+        d = np.array([val(r) - plain[r["seed"]] for r in committed if r["group"] == f"ghost{g}"])
+        half = T975[2] * d.std(ddof=1) / math.sqrt(3)
+        got = rows[g]["val_vs_plain"]
+        assert got["mean"] == pytest.approx(d.mean())
+        assert got["ci_low"] == pytest.approx(d.mean() - half, abs=2e-3 * half)
+    assert rows[4096]["val_vs_plain"] is None
+    assert rows[64]["step_time_ratio"]["median"] == pytest.approx(1.0064)
+    assert "4096 (plain BN)" in ghost_size.markdown(data)
+    ghost_size.plot(data, tmp_path / "ghost_size.png")
+    assert (tmp_path / "ghost_size.png").stat().st_size > 0
+
+    # Ghost sizes that ran on two CPU models cannot be paired on one: an error.
+    _write_records(tmp_path / "ablation_f1" / "runs", [record(32, 5, "EPYC")])
+    with pytest.raises(ValueError, match="CPU models"):
+        ghost_size.study(tmp_path)

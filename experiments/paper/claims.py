@@ -21,11 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from experiments.harness import tables
 from experiments.harness.provenance import RESULTS_DIR
 from experiments.paper import ablation, verdicts
@@ -352,30 +347,6 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_ghost_sizes(column_stats: Sequence[dict], path: Path) -> None:
-    """Validation and test accuracy against the ghost size, with 95% intervals."""
-    by_run = {(c["group"], c["column"]): c for c in column_stats}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for split, label in (("val", "validation"), ("eval", "test")):
-        xs, ys, errs = [], [], []
-        for g in ablation.GHOST_SIZES:
-            stat = by_run.get(ablation.ghost_group(g), {}).get(split)
-            if not stat or stat["mean"] is None:
-                continue
-            xs.append(g)
-            ys.append(stat["mean"])
-            errs.append(0.0 if stat["ci_low"] is None else stat["mean"] - stat["ci_low"])
-        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("ghost batch size (4096 = plain batch norm)")
-    ax.set_ylabel("final accuracy (%)")
-    ax.set_title("F1, Fashion-MNIST, batch 4096, LR 0.566: mean and 95% CI")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def report(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     results = ablation.load_results(results_dir)
     controls = load_same_cpu_controls(results_dir)
@@ -383,7 +354,6 @@ def report(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     out = dict(rule="experiments/paper/verdicts.py", claims=evaluated, columns=column_stats)
     (results_dir / "claims.json").write_text(json.dumps(out, indent=1) + "\n")
     (results_dir / "claims.md").write_text(markdown(evaluated, column_stats))
-    plot_ghost_sizes(column_stats, results_dir / "ghost_size.png")
     return out
 
 
