@@ -303,6 +303,28 @@ def test_ghost_size_rows_are_ratios_to_plain_bn_round_by_round():
     assert "4096 (plain BN)" in ghost_size_step.table(rows)
 
 
+def test_group_reduction_rows_pair_rounds_per_core_count():
+    from experiments.bench import group_reduction
+
+    rng = np.random.default_rng(3)
+    measured = {
+        cores: {
+            name: {"batch": rng.uniform(1, 2, 9).tolist(), "ghost": rng.uniform(1, 3, 9).tolist()}
+            for name in group_reduction.SHAPES
+        }
+        for cores in (2, 1)
+    }
+    rows = group_reduction.rows(measured)
+    assert [r["cores"] for r in rows] == [1, 1, 2, 2]
+    for r in rows:
+        times = measured[r["cores"]][r["shape"]]
+        ratios = np.array(times["ghost"]) / np.array(times["batch"])
+        assert r["ratio"] == pytest.approx(np.median(ratios))
+        assert r["ghost_us"] == pytest.approx(1e6 * np.median(times["ghost"]))
+        # n = 9: the sign-test interval is the 2nd and 8th order statistics
+        assert r["ratio_ci95"] == pytest.approx(tuple(np.sort(ratios)[[1, 7]]))
+
+
 def test_trainer_throughput_workaround_rounds_add_up(tmp_path, monkeypatch):
     """--workaround-rounds: each variant's environment and overrides reach the CLI, the
     order rotates round by round, and a second invocation adds its round to the first."""
