@@ -69,9 +69,9 @@ TARGET = 1.03
 NOTES = """\
 ## Reading the numbers
 
-The machine is a 2-core VM shared with other engineers' jobs and a training sweep (the
-load average in the header), so absolute times are up to several times those of an idle
-machine and single steps vary by 20% or more. The eight variants of a model are
+The machine is a 2-core VM whose neighbours' load (and any job of ours, the load average
+in the header) varies, so absolute times move from run to run and single steps vary by
+20% or more. The eight variants of a model are
 interleaved round by round, so the per-round GBN/BN ratios are what to read; CPU time
 (this process's, all threads) is less inflated by waiting for a core than wall time.
 
