@@ -18,6 +18,7 @@ Writes experiments/results/bench_group_reduction.{md,json}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -60,7 +61,7 @@ def measure(rounds: int, calls: int) -> dict[str, dict[str, list[float]]]:
             def call(jitted=jitted, x=x):
                 jax.block_until_ready(jitted(x))
 
-            variants.append(timing.Variant(label, lambda n, c=call: timing.time_calls(c, n), {}))
+            variants.append(timing.Variant(label, functools.partial(timing.time_calls, call), {}))
         times = timing.interleave(variants, rounds, calls, name)
         out[name] = {k: [statistics.median(r) for r in v] for k, v in times.items()}
     return out

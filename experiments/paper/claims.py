@@ -266,7 +266,8 @@ def columns(results: dict[tuple[str, str, int], dict]) -> list[dict[str, Any]]:
     ]
 
 
-def _interval(low: float | None, high: float | None, sign: bool = True) -> str:
+def interval_cell(low: float | None, high: float | None, sign: bool = True) -> str:
+    """'[low, high]' to two decimals (signed unless `sign` is False); '-' for no interval."""
     if low is None:
         return "-"
     return f"[{low:+.2f}, {high:+.2f}]" if sign else f"[{low:.2f}, {high:.2f}]"
@@ -290,7 +291,7 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
                 e["split"],
                 e["n"],
                 tables.cell(e["mean"], e["std"], sign=True),
-                _interval(e["ci_low"], e["ci_high"]),
+                interval_cell(e["ci_low"], e["ci_high"]),
                 e["verdict"],
             ]
             for e in claims_in_section
@@ -304,11 +305,11 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
                 e["claim"],
                 e["n"],
                 tables.cell(e["mean"], e["std"], sign=True),
-                _interval(e["ci_low"], e["ci_high"]),
+                interval_cell(e["ci_low"], e["ci_high"]),
                 e["verdict"],
                 e["same_cpu"]["n"],
                 tables.cell(e["same_cpu"]["mean"], e["same_cpu"]["std"], sign=True),
-                _interval(e["same_cpu"]["ci_low"], e["same_cpu"]["ci_high"]),
+                interval_cell(e["same_cpu"]["ci_low"], e["same_cpu"]["ci_high"]),
                 e["same_cpu"]["verdict"],
             ]
             for e in crossing
@@ -331,9 +332,9 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
             ablation.LABELS[c["column"]],
             c["val"]["n"],
             f"{c['val']['mean']:.2f}",
-            _interval(c["val"]["ci_low"], c["val"]["ci_high"], False),
+            interval_cell(c["val"]["ci_low"], c["val"]["ci_high"], False),
             f"{c['eval']['mean']:.2f}",
-            _interval(c["eval"]["ci_low"], c["eval"]["ci_high"], False),
+            interval_cell(c["eval"]["ci_low"], c["eval"]["ci_high"], False),
         ]
         for c in column_stats
     ]

@@ -94,18 +94,20 @@ def study(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     cpu = study_cpu(results)
     by_size = {g: records_on(results, controls, g, cpu) for g in ablation.GHOST_SIZES}
     speed = step_ratios(results_dir)
+    acc = {
+        (g, split): {s: ablation.accuracy(r, split) for s, r in by_size[g].items()}
+        for g in ablation.GHOST_SIZES
+        for split in ("val", "eval")
+    }
     rows = []
     for g in ablation.GHOST_SIZES:
         row: dict[str, Any] = {"ghost": g, "seeds": sorted(by_size[g])}
         for split in ("val", "eval"):
-            acc = {s: ablation.accuracy(r, split) for s, r in by_size[g].items()}
-            plain = {s: ablation.accuracy(r, split) for s, r in by_size[PLAIN].items()}
-            row[split] = verdicts.mean_interval(acc)
-            diff = verdicts.paired(f"ghost {g} against plain batch norm", "0", acc, plain)
+            row[split] = verdicts.mean_interval(acc[g, split])
+            diff = verdicts.paired(
+                f"ghost {g} against plain batch norm", "0", acc[g, split], acc[PLAIN, split]
+            )
             row[f"{split}_vs_plain"] = diff.to_dict() if g != PLAIN else None
-        row["wall_time_s"] = verdicts.mean_interval(
-            {s: r["wall_time_s"] for s, r in by_size[g].items()}
-        )
         row["commits"] = sorted({r["commit"] for r in by_size[g].values()})
         row["step_time_ratio"] = speed.get(g)
         rows.append(row)
@@ -115,11 +117,10 @@ def study(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
 def _mean_ci(stat: dict | None, sign: bool = False) -> str:
     if not stat or stat.get("mean") is None:
         return "-"
-    fmt = "{:+.2f}" if sign else "{:.2f}"
-    mean = fmt.format(stat["mean"])
+    mean = f"{stat['mean']:+.2f}" if sign else f"{stat['mean']:.2f}"
     if stat["ci_low"] is None:
         return mean
-    return f"{mean} [{fmt.format(stat['ci_low'])}, {fmt.format(stat['ci_high'])}]"
+    return f"{mean} {claims.interval_cell(stat['ci_low'], stat['ci_high'], sign)}"
 
 
 def markdown(data: dict[str, Any]) -> str:

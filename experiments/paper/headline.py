@@ -2,7 +2,7 @@
 
 The headline table (F1 on Fashion-MNIST, the uncompressed regime, the protocol chosen on
 validation by ``experiments/paper/ablation.py``) takes hours of CPU: 3 seeds of SB, LB, +LR
-and +GBN plus one +RA run of ~40M images. No compressed regime reproduces its ordering
+and +GBN plus the +RA runs, ~40M images each. No compressed regime reproduces its ordering
 honestly (the compressed presets of ``experiments/paper/reproduce_table.py`` put +LR and +GBN
 6 points below LB: too few updates at the high LR), so this job re-runs the rows that a
 2-core CPU can afford in under 15 minutes, seed 0 of LB and +GBN (``--columns`` picks
