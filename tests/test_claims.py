@@ -30,6 +30,36 @@ def test_paired_interval_is_the_t_interval_of_the_differences(n):
     assert got.ci_high == pytest.approx(d.mean() + half, abs=2e-3 * half)
 
 
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_prediction_interval_of_a_new_seed_by_hand(n):
+    rng = np.random.default_rng(100 + n)
+    treatment = {s: float(v) for s, v in enumerate(rng.normal(88.0, 0.5, n))}
+    control = {s: float(v) for s, v in enumerate(rng.normal(87.5, 0.5, n))}
+    d = np.array([treatment[s] - control[s] for s in range(n)])
+    half = T975[n - 1] * d.std(ddof=1) * math.sqrt(1 + 1 / n)
+    got = verdicts.paired("x", "+", treatment, control)
+    assert got.new_seed_low == pytest.approx(d.mean() - half, abs=2e-3 * half)
+    assert got.new_seed_high == pytest.approx(d.mean() + half, abs=2e-3 * half)
+    # Wider than the interval of the mean by sqrt(n + 1), and no part of the verdict.
+    ratio = (got.new_seed_high - got.new_seed_low) / (got.ci_high - got.ci_low)
+    assert ratio == pytest.approx(math.sqrt(n + 1))
+    column = verdicts.mean_interval(treatment)
+    a = np.array(list(treatment.values()))
+    half = T975[n - 1] * a.std(ddof=1) * math.sqrt(1 + 1 / n)
+    assert column["new_seed_low"] == pytest.approx(a.mean() - half, abs=2e-3 * half)
+
+
+def test_prediction_interval_covers_95_percent_of_new_seeds():
+    rng = np.random.default_rng(3)
+    draws = rng.normal(0.3, 0.4, size=(4000, 4))  # three seeds, then the new one
+    hits = 0
+    for row in draws:
+        low, high = verdicts.prediction_interval(row[:3])
+        hits += low <= row[3] <= high
+    assert hits / len(draws) == pytest.approx(0.95, abs=0.012)
+    assert verdicts.prediction_interval(np.array([1.0])) == (None, None)
+
+
 def test_verdict_rule():
     assert verdicts.verdict("+", 0.1, 0.5) == "holds"
     assert verdicts.verdict("+", -0.5, -0.1) == "contradicted"

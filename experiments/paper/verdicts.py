@@ -13,6 +13,11 @@ freedom (``scipy.stats.ttest_1samp``). The verdict:
 A claim of no effect (direction "0": "keep_last_batch does nothing measurable") cannot
 hold by this rule: it is ``contradicted`` when the interval excludes 0 on either side,
 ``undetermined`` otherwise.
+
+The confidence interval is about the mean over seeds. Where one more seed's own result
+will fall is a wider range, the 95% prediction interval of a single new draw from the
+same normal population: mean ± t(n - 1) · s · sqrt(1 + 1/n). It is reported beside the
+confidence interval and plays no part in the verdict.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class PairedDifference:
     ci_low: float | None
     ci_high: float | None
     verdict: Verdict
+    new_seed_low: float | None = None
+    new_seed_high: float | None = None
 
     @property
     def n(self) -> int:
@@ -61,6 +68,18 @@ def confidence_interval(values: np.ndarray) -> tuple[float, float] | tuple[None,
         return None, None
     interval = scipy.stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
     return float(interval.low), float(interval.high)
+
+
+def prediction_interval(values: np.ndarray) -> tuple[float, float] | tuple[None, None]:
+    """The 95% interval in which one new seed's value falls (normal model, Student's t
+    with n - 1 degrees of freedom); (None, None) where `confidence_interval` has none."""
+    if values.size < 2 or np.all(values == values[0]):
+        return None, None
+    scale = values.std(ddof=1) * np.sqrt(1.0 + 1.0 / values.size)
+    low, high = scipy.stats.t.interval(
+        CONFIDENCE, df=values.size - 1, loc=values.mean(), scale=scale
+    )
+    return float(low), float(high)
 
 
 def verdict(direction: Direction, low: float | None, high: float | None) -> Verdict:
@@ -105,6 +124,7 @@ def paired(
     per_seed = {s: float(treatment[s]) - float(control[s]) for s in seeds}
     values = np.asarray(list(per_seed.values()), np.float64)
     low, high = confidence_interval(values)
+    new_low, new_high = prediction_interval(values)
     return PairedDifference(
         claim=claim,
         direction=direction,
@@ -114,17 +134,23 @@ def paired(
         ci_low=low,
         ci_high=high,
         verdict=verdict(direction, low, high),
+        new_seed_low=new_low,
+        new_seed_high=new_high,
     )
 
 
 def mean_interval(values: Mapping[int, float]) -> dict:
-    """Mean, sample std and 95% t interval of one column's accuracies over seeds."""
+    """Mean, sample std, 95% t interval of the mean and 95% prediction interval of one
+    new seed, for one column's accuracies over seeds."""
     a = np.asarray(list(values.values()), np.float64)
     low, high = confidence_interval(a)
+    new_low, new_high = prediction_interval(a)
     return dict(
         n=int(a.size),
         mean=float(a.mean()) if a.size else None,
         std=float(a.std(ddof=1)) if a.size > 1 else None,
         ci_low=low,
         ci_high=high,
+        new_seed_low=new_low,
+        new_seed_high=new_high,
     )
