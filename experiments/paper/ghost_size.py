@@ -142,6 +142,23 @@ def markdown(data: dict[str, Any]) -> str:
         )
     header = ["ghost size", "n", "val", "test", "val − plain BN", "test − plain BN"]
     header += ["step time / plain BN"]
+    new_seed = [
+        [
+            "4096 (plain BN)" if r["ghost"] == PLAIN else r["ghost"],
+            *(
+                claims.interval_cell(stat["new_seed_low"], stat["new_seed_high"], sign)
+                if stat
+                else "-"
+                for stat, sign in (
+                    (r["val"], False),
+                    (r["eval"], False),
+                    (r["val_vs_plain"], True),
+                    (r["eval_vs_plain"], True),
+                )
+            ),
+        ]
+        for r in data["rows"]
+    ]
     seeds = ", ".join(map(str, ablation.SELECTION_SEEDS))
     return tables.document(
         "# Ghost size: F1 on Fashion-MNIST, batch 4096, LR 0.566",
@@ -153,6 +170,11 @@ def markdown(data: dict[str, Any]) -> str:
         "and its 95% interval (experiments/results/bench_ghost_size.md). Built by "
         "`.venv/bin/python -m experiments.paper.ghost_size` from the run records.",
         tables.markdown_table(header, cells),
+        "Where one further seed is expected to land: the 95% prediction interval of a "
+        "single new draw, mean ± t(n - 1) · s · sqrt(1 + 1/n) (experiments/paper/verdicts.py).",
+        tables.markdown_table(
+            ["ghost size", "val", "test", "val − plain BN", "test − plain BN"], new_seed
+        ),
     )
 
 
