@@ -71,15 +71,13 @@ def confidence_interval(values: np.ndarray) -> tuple[float, float] | tuple[None,
 
 
 def prediction_interval(values: np.ndarray) -> tuple[float, float] | tuple[None, None]:
-    """The 95% interval in which one new seed's value falls (normal model, Student's t
-    with n - 1 degrees of freedom); (None, None) where `confidence_interval` has none."""
-    if values.size < 2 or np.all(values == values[0]):
+    """The 95% interval in which one new seed's value falls (normal model): the
+    confidence interval of the mean widened by sqrt(n + 1) about the mean."""
+    low, high = confidence_interval(values)
+    if low is None:
         return None, None
-    scale = values.std(ddof=1) * np.sqrt(1.0 + 1.0 / values.size)
-    low, high = scipy.stats.t.interval(
-        CONFIDENCE, df=values.size - 1, loc=values.mean(), scale=scale
-    )
-    return float(low), float(high)
+    half = (high - low) / 2 * np.sqrt(values.size + 1.0)
+    return float(values.mean() - half), float(values.mean() + half)
 
 
 def verdict(direction: Direction, low: float | None, high: float | None) -> Verdict:
