@@ -112,30 +112,36 @@ def test_claims_pair_the_right_runs_on_the_right_split():
     assert {c.split for c in claims.CLAIMS if not c.section.startswith("Headline")} == {"val"}
 
 
-def test_pairs_across_cpu_models_are_repaired_with_same_cpu_controls():
+def test_pairs_across_cpu_models_are_repaired_with_same_cpu_reruns():
     rng = np.random.default_rng(11)
     claim = next(c for c in claims.CLAIMS if c.treatment == ("momentum_reset", "lb"))
     (tg, tc), (cg, cc) = claim.treatment, claim.control
-    results, controls = {}, {}
-    cpus = {0: "EPYC", 1: "Xeon", 2: "Xeon", 3: "Xeon"}
+    results, reruns = {}, {}
+    cpus = {0: "EPYC", 1: "Xeon", 2: "Xeon", 3: "Xeon", 4: "Xeon", 5: "Xeon"}
     for seed, cpu in cpus.items():
         results[(tg, tc, seed)] = run_result(tg, tc, seed, rng.normal(89, 1), 88, cpu)
         results[(cg, cc, seed)] = run_result(cg, cc, seed, rng.normal(89, 1), 88, "EPYC")
-    # Re-runs on the Xeon for seeds 1 and 2 only; seed 3 has no same-CPU control.
-    for seed in (1, 2):
-        controls[(cg, cc, seed, "Xeon")] = run_result(cg, cc, seed, rng.normal(89, 1), 88, "Xeon")
-    e = {x["claim"]: x for x in claims.evaluate(results, controls)}[claim.text]
+    # Seeds 1 and 2: the control re-run on the treatment's CPU model. Seed 4: the
+    # treatment re-run on the control's. Seed 5: both, and the control's re-run wins.
+    # Seed 3 has neither and is left out.
+    for seed in (1, 2, 5):
+        reruns[(cg, cc, seed, "Xeon")] = run_result(cg, cc, seed, rng.normal(89, 1), 88, "Xeon")
+    for seed in (4, 5):
+        reruns[(tg, tc, seed, "EPYC")] = run_result(tg, tc, seed, rng.normal(89, 1), 88, "EPYC")
+    e = {x["claim"]: x for x in claims.evaluate(results, reruns)}[claim.text]
     val = lambda r: 100 * r["summary"]["final_val_accuracy"]
     committed = [val(results[(tg, tc, s)]) - val(results[(cg, cc, s)]) for s in cpus]
-    one_cpu = [val(results[(tg, tc, 0)]) - val(results[(cg, cc, 0)])] + [
-        val(results[(tg, tc, s)]) - val(controls[(cg, cc, s, "Xeon")]) for s in (1, 2)
-    ]
-    assert e["n"] == 4 and e["mean"] == pytest.approx(np.mean(committed))
-    assert e["same_cpu"]["n"] == 3
+    one_cpu = [val(results[(tg, tc, 0)]) - val(results[(cg, cc, 0)])]
+    one_cpu += [val(results[(tg, tc, s)]) - val(reruns[(cg, cc, s, "Xeon")]) for s in (1, 2)]
+    one_cpu += [val(reruns[(tg, tc, 4, "EPYC")]) - val(results[(cg, cc, 4)])]
+    one_cpu += [val(results[(tg, tc, 5)]) - val(reruns[(cg, cc, 5, "Xeon")])]
+    assert e["n"] == 6 and e["mean"] == pytest.approx(np.mean(committed))
+    assert e["same_cpu"]["n"] == 5
     assert e["same_cpu"]["mean"] == pytest.approx(np.mean(one_cpu))
     assert e["same_cpu"]["std"] == pytest.approx(np.std(one_cpu, ddof=1))
+    assert e["same_cpu"]["per_seed"] == pytest.approx(dict(zip("01245", one_cpu)))
     # A claim whose pairs all ran on one CPU model gets no second pairing.
-    other = next(x for x in claims.evaluate(results, controls) if x["claim"] != claim.text)
+    other = next(x for x in claims.evaluate(results, reruns) if x["claim"] != claim.text)
     assert other["same_cpu"] is None
 
 
@@ -215,7 +221,7 @@ def test_ghost_size_study_pairs_every_size_with_plain_bn_on_one_cpu(tmp_path):
     committed += [record(g, s, "EPYC" if s < 3 else "Xeon") for g in (128, 4096) for s in range(10)]
     reruns = [record(g, s, "Xeon") for g in (128, 4096) for s in (0, 1, 2)]
     _write_records(tmp_path / "ablation_f1" / "runs", committed)
-    _write_records(tmp_path / claims.SAME_CPU_CONTROLS, reruns)
+    _write_records(tmp_path / claims.SAME_CPU_RERUNS, reruns)
     bench = {
         "environment": {"cpu": "Xeon"},
         "rows": [

@@ -26,9 +26,9 @@ from experiments.harness.provenance import RESULTS_DIR
 from experiments.paper import ablation, verdicts
 
 Run = tuple[str, str]  # (group, column)
-# Control runs re-run on another CPU model than their committed record, to pair with
-# treatments that ran there (see `same_cpu`).
-SAME_CPU_CONTROLS = "ablation_f1/same_cpu_controls"
+# Runs re-run on another CPU model than their committed record, so that a treatment and
+# its control can be paired on one model (see `same_cpu`).
+SAME_CPU_RERUNS = "ablation_f1/same_cpu_reruns"
 Split = Literal["val", "eval"]
 
 
@@ -188,45 +188,53 @@ def cpu_model(record: dict) -> str:
     return record["hardware"]["cpu"]
 
 
-def load_same_cpu_controls(results_dir: Path = RESULTS_DIR) -> dict[tuple, dict]:
-    """(group, column, seed, CPU model) -> a control re-run on another CPU model."""
-    controls = {}
-    for path in sorted((results_dir / SAME_CPU_CONTROLS).glob("*.json")):
+def load_same_cpu_reruns(results_dir: Path = RESULTS_DIR) -> dict[tuple, dict]:
+    """(group, column, seed, CPU model) -> a run re-run on another CPU model."""
+    reruns = {}
+    for path in sorted((results_dir / SAME_CPU_RERUNS).glob("*.json")):
         r = json.loads(path.read_text())
-        controls[(r["group"], r["column"], r["seed"], cpu_model(r))] = r
-    return controls
+        reruns[(r["group"], r["column"], r["seed"], cpu_model(r))] = r
+    return reruns
 
 
 def same_cpu(
-    results: dict[tuple[str, str, int], dict], controls: dict[tuple, dict], claim: Claim
+    results: dict[tuple[str, str, int], dict], reruns: dict[tuple, dict], claim: Claim
 ) -> verdicts.PairedDifference | None:
-    """The claim with every seed's control taken from the treatment's CPU model.
+    """The claim with every seed's treatment and control taken from one CPU model.
 
-    None when every pair of the rule already ran on one CPU model. A seed whose control
-    exists on another model only is left out.
+    None when every pair of the rule already ran on one CPU model. A pair that crosses
+    models takes the control re-run on the treatment's model or, failing that, the
+    treatment re-run on the control's; a seed with neither is left out.
     """
     treatment, control = runs(results, claim.treatment), runs(results, claim.control)
     seeds = sorted(set(treatment) & set(control))
     if all(cpu_model(treatment[s]) == cpu_model(control[s]) for s in seeds):
         return None
-    group, column = recorded_as(claim.control)
+    t_run, c_run = recorded_as(claim.treatment), recorded_as(claim.control)
     t_acc, c_acc = {}, {}
     for s in seeds:
-        cpu = cpu_model(treatment[s])
-        ctl = control[s] if cpu_model(control[s]) == cpu else controls.get((group, column, s, cpu))
-        if ctl is not None:
-            t_acc[s] = ablation.accuracy(treatment[s], claim.split)
-            c_acc[s] = ablation.accuracy(ctl, claim.split)
+        t, c = treatment[s], control[s]
+        if cpu_model(t) != cpu_model(c):
+            c_rerun = reruns.get((*c_run, s, cpu_model(t)))
+            t_rerun = reruns.get((*t_run, s, cpu_model(c)))
+            if c_rerun is not None:
+                c = c_rerun
+            elif t_rerun is not None:
+                t = t_rerun
+            else:
+                continue
+        t_acc[s] = ablation.accuracy(t, claim.split)
+        c_acc[s] = ablation.accuracy(c, claim.split)
     return verdicts.paired(claim.text, claim.direction, t_acc, c_acc)
 
 
 def evaluate(
-    results: dict[tuple[str, str, int], dict], controls: dict[tuple, dict] | None = None
+    results: dict[tuple[str, str, int], dict], reruns: dict[tuple, dict] | None = None
 ) -> list[dict[str, Any]]:
     """Every claim with its paired differences, interval and verdict.
 
     A claim some of whose pairs ran on two CPU models also gets ``same_cpu``: the same
-    comparison with controls re-run on the treatment's CPU model (`same_cpu`).
+    comparison with every pair on one CPU model, through re-runs (`same_cpu`).
     """
     out = []
     for claim in CLAIMS:
@@ -236,7 +244,7 @@ def evaluate(
             accuracies(results, claim.treatment, claim.split),
             accuracies(results, claim.control, claim.split),
         )
-        on_one_cpu = same_cpu(results, controls or {}, claim)
+        on_one_cpu = same_cpu(results, reruns or {}, claim)
         out.append(
             dict(
                 section=claim.section,
@@ -325,8 +333,9 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
             "## Claims whose pairs ran on two CPU models",
             "",
             "Runs are bit-identical only on one CPU model. For these claims some seeds' "
-            f"treatment and control ran on different models; the right-hand columns pair "
-            f"each treatment with its control re-run on the same model ({SAME_CPU_CONTROLS}).",
+            "treatment and control ran on different models; the right-hand columns pair "
+            "each treatment with its control re-run on the treatment's model or, where "
+            f"there is none, the treatment re-run on the control's ({SAME_CPU_RERUNS}).",
             "",
             tables.markdown_table(header, rows),
         ]
@@ -357,8 +366,8 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
 
 def report(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     results = ablation.load_results(results_dir)
-    controls = load_same_cpu_controls(results_dir)
-    evaluated, column_stats = evaluate(results, controls), columns(results)
+    reruns = load_same_cpu_reruns(results_dir)
+    evaluated, column_stats = evaluate(results, reruns), columns(results)
     out = dict(rule="experiments/paper/verdicts.py", claims=evaluated, columns=column_stats)
     (results_dir / "claims.json").write_text(json.dumps(out, indent=1) + "\n")
     (results_dir / "claims.md").write_text(markdown(evaluated, column_stats))

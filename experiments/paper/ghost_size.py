@@ -5,7 +5,7 @@ seeds 0-2; ghost 128 is default +GBN and 4096, plain batch norm, default +LR) an
 step-time benchmark (``experiments.bench.ghost_size_step``). Every run of the table is
 taken from one CPU model, the one the ghost sizes 16-1024 ran on: where the committed
 record of ghost 128 or 4096 ran on another model, its re-run on this one
-(experiments/results/ablation_f1/same_cpu_controls) stands in, so every pair is
+(experiments/results/ablation_f1/same_cpu_reruns) stands in, so every pair is
 bit-reproducible on one machine type.
 
 Per ghost size: final validation and test accuracy (mean and 95% t interval over
@@ -59,7 +59,7 @@ def study_cpu(results: dict[tuple[str, str, int], dict]) -> str:
 
 def records_on(
     results: dict[tuple[str, str, int], dict],
-    controls: dict[tuple, dict],
+    reruns: dict[tuple, dict],
     ghost: int,
     cpu: str,
 ) -> dict[int, dict]:
@@ -71,7 +71,7 @@ def records_on(
     for seed in ablation.SELECTION_SEEDS:
         record = committed.get(seed)
         if record is None or claims.cpu_model(record) != cpu:
-            record = controls.get((group, column, seed, cpu))
+            record = reruns.get((group, column, seed, cpu))
         if record is not None:
             out[seed] = record
     return out
@@ -90,9 +90,9 @@ def step_ratios(results_dir: Path) -> dict[int, dict]:
 def study(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     """The ghost-size table as data: one row per ghost size."""
     results = ablation.load_results(results_dir)
-    controls = claims.load_same_cpu_controls(results_dir)
+    reruns = claims.load_same_cpu_reruns(results_dir)
     cpu = study_cpu(results)
-    by_size = {g: records_on(results, controls, g, cpu) for g in ablation.GHOST_SIZES}
+    by_size = {g: records_on(results, reruns, g, cpu) for g in ablation.GHOST_SIZES}
     speed = step_ratios(results_dir)
     acc = {
         (g, split): {s: ablation.accuracy(r, split) for s, r in by_size[g].items()}
