@@ -139,7 +139,7 @@ def test_pairs_across_cpu_models_are_repaired_with_same_cpu_reruns():
     assert e["same_cpu"]["n"] == 5
     assert e["same_cpu"]["mean"] == pytest.approx(np.mean(one_cpu))
     assert e["same_cpu"]["std"] == pytest.approx(np.std(one_cpu, ddof=1))
-    assert e["same_cpu"]["per_seed"] == pytest.approx(dict(zip("01245", one_cpu)))
+    assert e["same_cpu"]["per_seed"] == pytest.approx(dict(zip("01245", one_cpu, strict=True)))
     # A claim whose pairs all ran on one CPU model gets no second pairing.
     other = next(x for x in claims.evaluate(results, reruns) if x["claim"] != claim.text)
     assert other["same_cpu"] is None
