@@ -1,0 +1,78 @@
+"""The headline numbers quoted in README.md and docs/results.md are the committed tables'.
+
+The tables (experiments/results/ablation_f1.json, claims.json) are rebuilt from the run
+records by their own commands; the prose copies a few rows of them. These tests read the
+copies back and compare them with the tables, cell by cell, so a rebuilt table with a
+stale copy fails.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+COLUMNS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
+
+
+def cells(text: str, row_start: str) -> list[str]:
+    """The cells of the one table row that starts with `row_start`, label first."""
+    rows = [line for line in text.splitlines() if line.startswith(row_start)]
+    assert len(rows) == 1, f"expected one row starting {row_start!r}, found {len(rows)}"
+    return [c.strip().replace("−", "-") for c in rows[0].strip("|").split("|")]
+
+
+def mean_std(stat: dict, sign: bool = False) -> str:
+    if stat["n"] > 1 and stat["std"] == 0 and stat["mean"] == 0:
+        return "0"
+    return f"{stat['mean']:{'+' if sign else ''}.2f} ± {stat['std']:.2f}"
+
+
+@pytest.fixture(scope="module")
+def headline():
+    table = json.loads((RESULTS / "ablation_f1.json").read_text())
+    return table["headline"][table["headline_group"]]
+
+
+@pytest.fixture(scope="module")
+def claims():
+    return json.loads((RESULTS / "claims.json").read_text())["claims"]
+
+
+@pytest.mark.parametrize(
+    "doc, row, key, sign",
+    [
+        ("README.md", "| ours (seeds", "test", False),
+        ("README.md", "| ours, gap to SB", "gap_to_sb", True),
+        ("docs/results.md", "| authors' protocol (seeds", "test", False),
+        ("docs/results.md", "| gap to SB | 0 | −0.77", "gap_to_sb", True),
+        ("docs/results.md", "| best over epochs (the authors'", "best_test", False),
+    ],
+)
+def test_headline_rows_are_the_committed_table(headline, doc, row, key, sign):
+    label, *quoted = cells((ROOT / doc).read_text(), row)
+    expected = [mean_std(headline[c][key], sign) for c in COLUMNS]
+    assert quoted == expected, f"{doc}: row {row!r} differs from ablation_f1.json"
+    if key == "test":  # the label names the seeds the column's records have
+        ra_seeds = sorted(int(s) for s in headline["lb_lr_gbn_ra"]["test"]["per_seed"])
+        assert f"+RA seeds {ra_seeds[0]}-{ra_seeds[-1]}" in label
+
+
+def test_results_md_verdicts_are_claims_json(claims):
+    text = (ROOT / "docs" / "results.md").read_text()
+    start = text.index("| claim (test split) | difference | 95% CI | verdict |")
+    rows = text[start:].split("\n\n")[0].splitlines()[2:]
+    by_text = {c["claim"]: c for c in claims if c["split"] == "eval"}
+    assert len(rows) == len(by_text)
+    for row in rows:
+        name, diff, interval, verdict = (
+            c.strip().replace("−", "-") for c in row.strip("|").split("|")
+        )
+        (claim,) = [c for t, c in by_text.items() if t.endswith(name)]
+        n = re.search(r"\((\d+) seeds\)", diff)
+        assert (int(n.group(1)) if n else 3) == claim["n"], name
+        assert diff.split(" (")[0] == mean_std(claim, sign=True), name
+        assert interval == f"[{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}]", name
+        assert verdict == claim["verdict"], name
