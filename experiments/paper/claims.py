@@ -188,12 +188,22 @@ def cpu_model(record: dict) -> str:
     return record["hardware"]["cpu"]
 
 
+def machine(record: dict) -> str:
+    """The machine type a record ran on, for pairing runs: the CPU's name and, from
+    ``hardware.cpu_id``, its family, model and vector instruction sets, or in records that
+    predate that field the OS build (``hardware.platform``). A virtual machine can give two
+    CPUs the same name ("AMD EPYC") while XLA compiles for what each offers, so the name
+    alone does not tell that their runs round alike."""
+    h = record["hardware"]
+    return f"{h['cpu']} | {h.get('cpu_id') or h.get('platform', '')}"
+
+
 def load_same_cpu_reruns(results_dir: Path = RESULTS_DIR) -> dict[tuple, dict]:
-    """(group, column, seed, CPU model) -> a run re-run on another CPU model."""
+    """(group, column, seed, `machine`) -> a run re-run on another machine type."""
     reruns = {}
     for path in sorted((results_dir / SAME_CPU_RERUNS).glob("*.json")):
         r = json.loads(path.read_text())
-        reruns[(r["group"], r["column"], r["seed"], cpu_model(r))] = r
+        reruns[(r["group"], r["column"], r["seed"], machine(r))] = r
     return reruns
 
 
@@ -208,15 +218,15 @@ def same_cpu(
     """
     treatment, control = runs(results, claim.treatment), runs(results, claim.control)
     seeds = sorted(set(treatment) & set(control))
-    if all(cpu_model(treatment[s]) == cpu_model(control[s]) for s in seeds):
+    if all(machine(treatment[s]) == machine(control[s]) for s in seeds):
         return None
     t_run, c_run = recorded_as(claim.treatment), recorded_as(claim.control)
     t_acc, c_acc = {}, {}
     for s in seeds:
         t, c = treatment[s], control[s]
-        if cpu_model(t) != cpu_model(c):
-            c_rerun = reruns.get((*c_run, s, cpu_model(t)))
-            t_rerun = reruns.get((*t_run, s, cpu_model(c)))
+        if machine(t) != machine(c):
+            c_rerun = reruns.get((*c_run, s, machine(t)))
+            t_rerun = reruns.get((*t_run, s, machine(c)))
             if c_rerun is not None:
                 c = c_rerun
             elif t_rerun is not None:

@@ -43,9 +43,9 @@ def _new_sizes() -> tuple[int, ...]:
 
 
 def study_cpu(results: dict[tuple[str, str, int], dict]) -> str:
-    """The one CPU model the plan's ghost-size runs ran on."""
+    """The one machine type (`claims.machine`) the plan's ghost-size runs ran on."""
     models = {
-        claims.cpu_model(r)
+        claims.machine(r)
         for g in _new_sizes()
         for r in claims.runs(results, ablation.ghost_group(g)).values()
     }
@@ -70,7 +70,7 @@ def records_on(
     out = {}
     for seed in ablation.SELECTION_SEEDS:
         record = committed.get(seed)
-        if record is None or claims.cpu_model(record) != cpu:
+        if record is None or claims.machine(record) != cpu:
             record = reruns.get((group, column, seed, cpu))
         if record is not None:
             out[seed] = record
@@ -111,7 +111,8 @@ def study(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
         row["commits"] = sorted({r["commit"] for r in by_size[g].values()})
         row["step_time_ratio"] = speed.get(g)
         rows.append(row)
-    return {"cpu": cpu, "batch": PLAIN, "rows": rows}
+    name = claims.cpu_model(next(iter(by_size[PLAIN].values())))
+    return {"cpu": name, "machine": cpu, "batch": PLAIN, "rows": rows}
 
 
 def _mean_ci(stat: dict | None, sign: bool = False) -> str:
