@@ -128,13 +128,16 @@ def test_pairs_across_cpu_models_are_repaired_with_same_cpu_reruns():
         reruns[(cg, cc, seed, "Xeon")] = run_result(cg, cc, seed, rng.normal(89, 1), 88, "Xeon")
     for seed in (4, 5):
         reruns[(tg, tc, seed, "EPYC")] = run_result(tg, tc, seed, rng.normal(89, 1), 88, "EPYC")
+    # Keyed by machine type, as load_same_cpu_reruns keys them.
+    reruns = {(*key[:3], claims.machine(r)): r for key, r in reruns.items()}
     e = {x["claim"]: x for x in claims.evaluate(results, reruns)}[claim.text]
     val = lambda r: 100 * r["summary"]["final_val_accuracy"]
     committed = [val(results[(tg, tc, s)]) - val(results[(cg, cc, s)]) for s in cpus]
     one_cpu = [val(results[(tg, tc, 0)]) - val(results[(cg, cc, 0)])]
-    one_cpu += [val(results[(tg, tc, s)]) - val(reruns[(cg, cc, s, "Xeon")]) for s in (1, 2)]
-    one_cpu += [val(reruns[(tg, tc, 4, "EPYC")]) - val(results[(cg, cc, 4)])]
-    one_cpu += [val(results[(tg, tc, 5)]) - val(reruns[(cg, cc, 5, "Xeon")])]
+    rerun = {key[:3]: r for key, r in reruns.items()}
+    one_cpu += [val(results[(tg, tc, s)]) - val(rerun[(cg, cc, s)]) for s in (1, 2)]
+    one_cpu += [val(rerun[(tg, tc, 4)]) - val(results[(cg, cc, 4)])]
+    one_cpu += [val(results[(tg, tc, 5)]) - val(rerun[(cg, cc, 5)])]
     assert e["n"] == 6 and e["mean"] == pytest.approx(np.mean(committed))
     assert e["same_cpu"]["n"] == 5
     assert e["same_cpu"]["mean"] == pytest.approx(np.mean(one_cpu))
@@ -143,6 +146,23 @@ def test_pairs_across_cpu_models_are_repaired_with_same_cpu_reruns():
     # A claim whose pairs all ran on one CPU model gets no second pairing.
     other = next(x for x in claims.evaluate(results, reruns) if x["claim"] != claim.text)
     assert other["same_cpu"] is None
+
+
+def test_machine_type_needs_more_than_the_cpu_name():
+    def record(cpu, platform, cpu_id=None):
+        hardware = {"cpu": cpu, "platform": platform}
+        return {"hardware": {**hardware, **({"cpu_id": cpu_id} if cpu_id else {})}}
+
+    # Older records: the OS build tells two machines that share a CPU name apart.
+    a, b = record("AMD EPYC", "Linux-fc-v657"), record("AMD EPYC", "Linux-fc-v1098")
+    assert claims.machine(a) != claims.machine(b)
+    assert claims.machine(a) == claims.machine(record("AMD EPYC", "Linux-fc-v657"))
+    # Newer records: the CPU's identity decides, whatever the OS build.
+    zen4 = "family 25 model 17 stepping 1; avx avx2 fma avx512f"
+    c, d = record("AMD EPYC", "Linux-fc-v1", zen4), record("AMD EPYC", "Linux-fc-v2", zen4)
+    assert claims.machine(c) == claims.machine(d)
+    assert claims.machine(c) != claims.machine(record("AMD EPYC", "Linux-fc-v1", "family 25"))
+    assert claims.machine(c) != claims.machine(record("Intel Xeon", "Linux-fc-v1", zen4))
 
 
 def test_settle_plan_order_and_the_ra_control_rule():

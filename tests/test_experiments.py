@@ -482,3 +482,24 @@ def test_provenance_dirty_flag_covers_the_whole_tree(tmp_path, monkeypatch):
     assert record["hardware"]["cpu"] == provenance.cpu_model() != ""
     assert record["hardware"]["versions"]["jax"] == importlib.metadata.version("jax")
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", record["date"])
+    assert record["hardware"]["cpu_id"] == provenance.cpu_id()
+
+
+def test_cpu_id_tells_apart_cpus_that_share_a_name():
+    from experiments.harness import provenance
+
+    def cpuinfo(family, model, flags):
+        block = (
+            f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\n"
+            f"model\t\t: {model}\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+            f"flags\t\t: fpu sse2 {flags}\n\n"
+        )
+        # A second processor with other values: only the first block is read.
+        return block + block.replace(f"model\t\t: {model}", "model\t\t: 99")
+
+    zen3 = provenance.cpu_id(cpuinfo(25, 1, "avx avx2 fma"))
+    zen4 = provenance.cpu_id(cpuinfo(25, 17, "avx2 avx avx512f fma avx512bw avx512_bf16"))
+    assert zen3 == "family 25 model 1 stepping 1; avx avx2 fma"
+    assert zen4 == "family 25 model 17 stepping 1; avx avx2 fma avx512f avx512bw avx512_bf16"
+    assert provenance.cpu_id(cpuinfo(6, 85, "")) == "family 6 model 85 stepping 1; no AVX"
+    assert provenance.cpu_id("processor\t: 0\nmodel name\t: some ARM core\n") is None

@@ -2,7 +2,8 @@
 
 Every record the experiments write (a training run, a sharpness measurement, a
 benchmark, a GPU run) carries ``provenance(...)``; the hardware part is
-``hardware()``, whose CPU model is read from /proc/cpuinfo by ``cpu_model()``.
+``hardware()``, whose CPU is read from /proc/cpuinfo by ``cpu_model()`` (its name) and
+``cpu_id()`` (family, model and vector instruction sets).
 
 Run as a module it writes the record of this checkout and machine as JSON (the GPU
 scripts keep one next to their outputs):
@@ -68,6 +69,39 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+# The vector instruction sets XLA:CPU can compile for; two CPUs that differ in these
+# round the same program differently.
+VECTOR_ISA = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+VECTOR_ISA += ("avx512_fp16", "avx_vnni", "amx_tile")
+
+
+def cpu_id(cpuinfo: str | None = None) -> str | None:
+    """The CPU's family, model and stepping and its vector instruction sets, from
+    /proc/cpuinfo (or the text given), e.g. "family 25 model 17 stepping 1; avx avx2 fma
+    avx512f". A virtual machine may name two CPUs alike ("AMD EPYC"); this tells them
+    apart. None where /proc/cpuinfo cannot be read."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "cpu family" not in fields:
+        return None
+    flags = set(fields.get("flags", "").split())
+    isa = " ".join(f for f in VECTOR_ISA if f in flags)
+    return (
+        f"family {fields['cpu family']} model {fields.get('model', '?')} "
+        f"stepping {fields.get('stepping', '?')}; {isa or 'no AVX'}"
+    )
+
+
 def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
     """Installed versions (None for a package that is not installed)."""
     versions = {}
@@ -80,9 +114,11 @@ def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None
 
 
 def hardware(packages: Sequence[str] = PACKAGES) -> dict[str, Any]:
-    """What the numbers were measured on: CPU model and count, OS, Python, versions."""
+    """What the numbers were measured on: CPU model (name and `cpu_id`) and count, OS,
+    Python, versions."""
     return dict(
         cpu=cpu_model(),
+        cpu_id=cpu_id(),
         cpu_count=os.cpu_count(),
         platform=platform.platform(),
         python=platform.python_version(),
@@ -140,6 +176,7 @@ def environment(module: str, args: argparse.Namespace | None = None) -> dict[str
 
     env = {
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpu_count": os.cpu_count(),
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
