@@ -26,7 +26,7 @@ from experiments.harness.provenance import RESULTS_DIR
 from experiments.paper import ablation, verdicts
 
 Run = tuple[str, str]  # (group, column)
-# Runs re-run on another CPU model than their committed record, so that a treatment and
+# Runs re-run on another machine type than their committed record, so that a treatment and
 # its control can be paired on one model (see `same_cpu`).
 SAME_CPU_RERUNS = "ablation_f1/same_cpu_reruns"
 Split = Literal["val", "eval"]
@@ -210,9 +210,9 @@ def load_same_cpu_reruns(results_dir: Path = RESULTS_DIR) -> dict[tuple, dict]:
 def same_cpu(
     results: dict[tuple[str, str, int], dict], reruns: dict[tuple, dict], claim: Claim
 ) -> verdicts.PairedDifference | None:
-    """The claim with every seed's treatment and control taken from one CPU model.
+    """The claim with every seed's treatment and control taken from one machine type.
 
-    None when every pair of the rule already ran on one CPU model. A pair that crosses
+    None when every pair of the rule already ran on one machine type. A pair that crosses
     models takes the control re-run on the treatment's model or, failing that, the
     treatment re-run on the control's; a seed with neither is left out.
     """
@@ -243,8 +243,8 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Every claim with its paired differences, interval and verdict.
 
-    A claim some of whose pairs ran on two CPU models also gets ``same_cpu``: the same
-    comparison with every pair on one CPU model, through re-runs (`same_cpu`).
+    A claim some of whose pairs ran on two machine types also gets ``same_cpu``: the same
+    comparison with every pair on one machine type, through re-runs (`same_cpu`).
     """
     out = []
     for claim in CLAIMS:
@@ -337,14 +337,16 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
             for e in crossing
         ]
         header = ["claim", "n", "difference", "95% CI", "verdict"]
-        header += ["n (one CPU)", "difference (one CPU)", "95% CI (one CPU)", "verdict (one CPU)"]
+        header += ["n (one machine)", "difference (one machine)", "95% CI (one machine)"]
+        header += ["verdict (one machine)"]
         lines += [
             "",
-            "## Claims whose pairs ran on two CPU models",
+            "## Claims whose pairs ran on two machine types",
             "",
-            "Runs are bit-identical only on one CPU model. For these claims some seeds' "
-            "treatment and control ran on different models; the right-hand columns pair "
-            "each treatment with its control re-run on the treatment's model or, where "
+            "Runs are bit-identical only on one machine type (`claims.machine`: the CPU and its "
+            "instruction sets, or the OS build in older records). For these claims some seeds' "
+            "treatment and control ran on different types; the right-hand columns pair "
+            "each treatment with its control re-run on the treatment's type or, where "
             f"there is none, the treatment re-run on the control's ({SAME_CPU_RERUNS}).",
             "",
             tables.markdown_table(header, rows),
