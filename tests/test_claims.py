@@ -1,6 +1,7 @@
 """The verdict rule (experiments/paper/verdicts.py) and the claims built on it
 (experiments/paper/claims.py), against intervals computed by hand from Student's t."""
 
+import itertools
 import json
 import math
 
@@ -117,17 +118,20 @@ def test_pairs_across_cpu_models_are_repaired_with_same_cpu_reruns():
     claim = next(c for c in claims.CLAIMS if c.treatment == ("momentum_reset", "lb"))
     (tg, tc), (cg, cc) = claim.treatment, claim.control
     results, reruns = {}, {}
-    cpus = {0: "EPYC", 1: "Xeon", 2: "Xeon", 3: "Xeon", 4: "Xeon", 5: "Xeon"}
+    cpus = {0: "EPYC", 1: "Xeon", 2: "Xeon", 3: "Xeon", 4: "Xeon", 5: "Xeon", 6: "Xeon"}
     for seed, cpu in cpus.items():
         results[(tg, tc, seed)] = run_result(tg, tc, seed, rng.normal(89, 1), 88, cpu)
         results[(cg, cc, seed)] = run_result(cg, cc, seed, rng.normal(89, 1), 88, "EPYC")
     # Seeds 1 and 2: the control re-run on the treatment's CPU model. Seed 4: the
     # treatment re-run on the control's. Seed 5: both, and the control's re-run wins.
-    # Seed 3 has neither and is left out.
+    # Seed 6: both re-run on a third machine. Seed 3 has none of these and is left out.
     for seed in (1, 2, 5):
         reruns[(cg, cc, seed, "Xeon")] = run_result(cg, cc, seed, rng.normal(89, 1), 88, "Xeon")
     for seed in (4, 5):
         reruns[(tg, tc, seed, "EPYC")] = run_result(tg, tc, seed, rng.normal(89, 1), 88, "EPYC")
+    for seed, (g, c) in itertools.product((3, 6), ((tg, tc), (cg, cc))):
+        if seed == 6 or (g, c) == (tg, tc):  # seed 3: the treatment only, no pair
+            reruns[(g, c, seed, "Zen4")] = run_result(g, c, seed, rng.normal(89, 1), 88, "Zen4")
     # Keyed by machine type, as load_same_cpu_reruns keys them.
     reruns = {(*key[:3], claims.machine(r)): r for key, r in reruns.items()}
     e = {x["claim"]: x for x in claims.evaluate(results, reruns)}[claim.text]
@@ -138,11 +142,12 @@ def test_pairs_across_cpu_models_are_repaired_with_same_cpu_reruns():
     one_cpu += [val(results[(tg, tc, s)]) - val(rerun[(cg, cc, s)]) for s in (1, 2)]
     one_cpu += [val(rerun[(tg, tc, 4)]) - val(results[(cg, cc, 4)])]
     one_cpu += [val(results[(tg, tc, 5)]) - val(rerun[(cg, cc, 5)])]
-    assert e["n"] == 6 and e["mean"] == pytest.approx(np.mean(committed))
-    assert e["same_cpu"]["n"] == 5
+    one_cpu += [val(reruns[(tg, tc, 6, "Zen4 | ")]) - val(reruns[(cg, cc, 6, "Zen4 | ")])]
+    assert e["n"] == 7 and e["mean"] == pytest.approx(np.mean(committed))
+    assert e["same_cpu"]["n"] == 6
     assert e["same_cpu"]["mean"] == pytest.approx(np.mean(one_cpu))
     assert e["same_cpu"]["std"] == pytest.approx(np.std(one_cpu, ddof=1))
-    assert e["same_cpu"]["per_seed"] == pytest.approx(dict(zip("01245", one_cpu, strict=True)))
+    assert e["same_cpu"]["per_seed"] == pytest.approx(dict(zip("012456", one_cpu, strict=True)))
     # A claim whose pairs all ran on one CPU model gets no second pairing.
     other = next(x for x in claims.evaluate(results, reruns) if x["claim"] != claim.text)
     assert other["same_cpu"] is None

@@ -207,14 +207,22 @@ def load_same_cpu_reruns(results_dir: Path = RESULTS_DIR) -> dict[tuple, dict]:
     return reruns
 
 
+def on_machines(committed: dict, run: Run, seed: int, reruns: dict[tuple, dict]) -> dict:
+    """`machine` -> the record of one run and seed: its committed record and its re-runs."""
+    out = {m: r for (g, c, s, m), r in reruns.items() if (g, c, s) == (*run, seed)}
+    out[machine(committed)] = committed
+    return out
+
+
 def same_cpu(
     results: dict[tuple[str, str, int], dict], reruns: dict[tuple, dict], claim: Claim
 ) -> verdicts.PairedDifference | None:
     """The claim with every seed's treatment and control taken from one machine type.
 
     None when every pair of the rule already ran on one machine type. A pair that crosses
-    models takes the control re-run on the treatment's model or, failing that, the
-    treatment re-run on the control's; a seed with neither is left out.
+    types is taken from the treatment's type (its control re-run there) or, failing that,
+    the control's (the treatment re-run there) or, failing both, another type on which
+    both were re-run; a seed with none of these is left out.
     """
     treatment, control = runs(results, claim.treatment), runs(results, claim.control)
     seeds = sorted(set(treatment) & set(control))
@@ -223,18 +231,13 @@ def same_cpu(
     t_run, c_run = recorded_as(claim.treatment), recorded_as(claim.control)
     t_acc, c_acc = {}, {}
     for s in seeds:
-        t, c = treatment[s], control[s]
-        if machine(t) != machine(c):
-            c_rerun = reruns.get((*c_run, s, machine(t)))
-            t_rerun = reruns.get((*t_run, s, machine(c)))
-            if c_rerun is not None:
-                c = c_rerun
-            elif t_rerun is not None:
-                t = t_rerun
-            else:
-                continue
-        t_acc[s] = ablation.accuracy(t, claim.split)
-        c_acc[s] = ablation.accuracy(c, claim.split)
+        t_on = on_machines(treatment[s], t_run, s, reruns)
+        c_on = on_machines(control[s], c_run, s, reruns)
+        order = [machine(treatment[s]), machine(control[s]), *sorted(t_on)]
+        common = [m for m in order if m in t_on and m in c_on]
+        if common:
+            t_acc[s] = ablation.accuracy(t_on[common[0]], claim.split)
+            c_acc[s] = ablation.accuracy(c_on[common[0]], claim.split)
     return verdicts.paired(claim.text, claim.direction, t_acc, c_acc)
 
 
