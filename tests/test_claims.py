@@ -279,5 +279,5 @@ def test_ghost_size_study_pairs_every_size_with_plain_bn_on_one_cpu(tmp_path):
 
     # Ghost sizes that ran on two CPU models cannot be paired on one: an error.
     _write_records(tmp_path / "ablation_f1" / "runs", [record(32, 5, "EPYC")])
-    with pytest.raises(ValueError, match="CPU models"):
+    with pytest.raises(ValueError, match="machine types"):
         ghost_size.study(tmp_path)

@@ -71,8 +71,10 @@ def cpu_model() -> str:
 
 # The vector instruction sets XLA:CPU can compile for; two CPUs that differ in these
 # round the same program differently.
-VECTOR_ISA = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-VECTOR_ISA += ("avx512_fp16", "avx_vnni", "amx_tile")
+VECTOR_ISA = (
+    *("avx", "avx2", "fma", "avx_vnni"),
+    *("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile"),
+)
 
 
 def cpu_id(cpuinfo: str | None = None) -> str | None:

@@ -27,7 +27,7 @@ from experiments.paper import ablation, verdicts
 
 Run = tuple[str, str]  # (group, column)
 # Runs re-run on another machine type than their committed record, so that a treatment and
-# its control can be paired on one model (see `same_cpu`).
+# its control can be paired on one machine type (see `same_cpu`).
 SAME_CPU_RERUNS = "ablation_f1/same_cpu_reruns"
 Split = Literal["val", "eval"]
 
@@ -348,9 +348,10 @@ def markdown(evaluated: Sequence[dict], column_stats: Sequence[dict]) -> str:
             "",
             "Runs are bit-identical only on one machine type (`claims.machine`: the CPU and its "
             "instruction sets, or the OS build in older records). For these claims some seeds' "
-            "treatment and control ran on different types; the right-hand columns pair "
-            "each treatment with its control re-run on the treatment's type or, where "
-            f"there is none, the treatment re-run on the control's ({SAME_CPU_RERUNS}).",
+            "treatment and control ran on different types; the right-hand columns take "
+            "each such pair from one type through re-runs: the control re-run on the "
+            "treatment's type, else the treatment re-run on the control's, else both "
+            f"re-run on a third ({SAME_CPU_RERUNS}).",
             "",
             tables.markdown_table(header, rows),
         ]

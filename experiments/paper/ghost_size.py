@@ -3,8 +3,8 @@
 Reads the settle plan's runs (``ablation.settle_plan``: +GBN with ghost sizes 16-1024,
 seeds 0-2; ghost 128 is default +GBN and 4096, plain batch norm, default +LR) and the
 step-time benchmark (``experiments.bench.ghost_size_step``). Every run of the table is
-taken from one CPU model, the one the ghost sizes 16-1024 ran on: where the committed
-record of ghost 128 or 4096 ran on another model, its re-run on this one
+taken from one machine type (`claims.machine`), the one the ghost sizes 16-1024 ran on:
+where the committed record of ghost 128 or 4096 ran on another type, its re-run on this one
 (experiments/results/ablation_f1/same_cpu_reruns) stands in, so every pair is
 bit-reproducible on one machine type.
 
@@ -42,7 +42,7 @@ def _new_sizes() -> tuple[int, ...]:
     return tuple(g for g in ablation.GHOST_SIZES if ablation.ghost_group(g)[0] != "default")
 
 
-def study_cpu(results: dict[tuple[str, str, int], dict]) -> str:
+def study_machine(results: dict[tuple[str, str, int], dict]) -> str:
     """The one machine type (`claims.machine`) the plan's ghost-size runs ran on."""
     models = {
         claims.machine(r)
@@ -51,8 +51,8 @@ def study_cpu(results: dict[tuple[str, str, int], dict]) -> str:
     }
     if len(models) != 1:
         raise ValueError(
-            f"The ghost-size runs ran on {sorted(models) or 'no'} CPU models; the study pairs "
-            "runs of one model. Re-run the missing sizes on one model."
+            f"The ghost-size runs ran on {sorted(models) or 'no'} machine types; the study "
+            "pairs runs of one type. Re-run the missing sizes on one machine type."
         )
     return models.pop()
 
@@ -61,17 +61,17 @@ def records_on(
     results: dict[tuple[str, str, int], dict],
     reruns: dict[tuple, dict],
     ghost: int,
-    cpu: str,
+    on: str,
 ) -> dict[int, dict]:
-    """seed -> the record of one ghost size on CPU model `cpu`, seeds 0-2 (a seed with
-    no record on that model is left out)."""
+    """seed -> the record of one ghost size on machine type `on`, seeds 0-2 (a seed with
+    no record on that type is left out)."""
     group, column = claims.recorded_as(ablation.ghost_group(ghost))
     committed = claims.runs(results, (group, column))
     out = {}
     for seed in ablation.SELECTION_SEEDS:
         record = committed.get(seed)
-        if record is None or claims.machine(record) != cpu:
-            record = reruns.get((group, column, seed, cpu))
+        if record is None or claims.machine(record) != on:
+            record = reruns.get((group, column, seed, on))
         if record is not None:
             out[seed] = record
     return out
@@ -91,8 +91,8 @@ def study(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     """The ghost-size table as data: one row per ghost size."""
     results = ablation.load_results(results_dir)
     reruns = claims.load_same_cpu_reruns(results_dir)
-    cpu = study_cpu(results)
-    by_size = {g: records_on(results, reruns, g, cpu) for g in ablation.GHOST_SIZES}
+    on = study_machine(results)
+    by_size = {g: records_on(results, reruns, g, on) for g in ablation.GHOST_SIZES}
     speed = step_ratios(results_dir)
     acc = {
         (g, split): {s: ablation.accuracy(r, split) for s, r in by_size[g].items()}
@@ -111,8 +111,8 @@ def study(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
         row["commits"] = sorted({r["commit"] for r in by_size[g].values()})
         row["step_time_ratio"] = speed.get(g)
         rows.append(row)
-    name = claims.cpu_model(next(iter(by_size[PLAIN].values())))
-    return {"cpu": name, "machine": cpu, "batch": PLAIN, "rows": rows}
+    name = next(claims.cpu_model(r) for runs in by_size.values() for r in runs.values())
+    return {"cpu": name, "machine": on, "batch": PLAIN, "rows": rows}
 
 
 def _mean_ci(stat: dict | None, sign: bool = False) -> str:
