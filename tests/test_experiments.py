@@ -307,9 +307,20 @@ def test_group_reduction_rows_pair_rounds_per_core_count():
     from experiments.bench import group_reduction
 
     rng = np.random.default_rng(3)
+    f1, conv = group_reduction.SHAPES
+    # The whole-batch sum of f1 differs between core counts; every other sum does not.
+    digests = {
+        (cores, name): {"batch": f"{name}-{cores}" if name == f1 else name, "ghost": name}
+        for cores in (1, 2)
+        for name in (f1, conv)
+    }
     measured = {
         cores: {
-            name: {"batch": rng.uniform(1, 2, 9).tolist(), "ghost": rng.uniform(1, 3, 9).tolist()}
+            name: {
+                "batch": rng.uniform(1, 2, 9).tolist(),
+                "ghost": rng.uniform(1, 3, 9).tolist(),
+                "digest": digests[cores, name],
+            }
             for name in group_reduction.SHAPES
         }
         for cores in (2, 1)
@@ -317,6 +328,8 @@ def test_group_reduction_rows_pair_rounds_per_core_count():
     rows = group_reduction.rows(measured)
     assert [r["cores"] for r in rows] == [1, 1, 2, 2]
     for r in rows:
+        same = r["same_bits_across_cores"]
+        assert same == {"batch": r["shape"] == conv, "ghost": True}
         times = measured[r["cores"]][r["shape"]]
         ratios = np.array(times["ghost"]) / np.array(times["batch"])
         assert r["ratio"] == pytest.approx(np.median(ratios))

@@ -6,7 +6,9 @@ times the two reductions alone (a jitted sum of x and of x * x, XLA's default op
 for F1's activations (4096, 512) in ghost batches of 128 and for the first layer of the
 conv net of ``ghost_norm_overhead`` (1024, 32, 32, 16), interleaved round by round, once
 with the process on every core and once pinned to one core (each in a fresh process:
-XLA:CPU sizes its thread pool when it starts).
+XLA:CPU sizes its thread pool when it starts). It also records whether each sum comes out
+bit for bit the same on every core count: a reduction split over threads along its
+reduced axes adds in an order that depends on how many there are.
 
 Usage (from the repository root):
   .venv/bin/python -m experiments.bench.group_reduction            # writes results
@@ -32,10 +34,14 @@ MODULE = "experiments.bench.group_reduction"
 RESULTS_STEM = str(RESULTS_DIR / "bench_group_reduction")
 SHAPES = {"f1 (4096, 512)": (4096, 512), "conv (1024, 32, 32, 16)": (1024, 32, 32, 16)}
 GHOST = 128
+BOTH = ("batch", "ghost")
 
 
-def measure(rounds: int, calls: int) -> dict[str, dict[str, list[float]]]:
-    """shape -> {"batch", "ghost"} -> seconds per call, one entry per round."""
+def measure(rounds: int, calls: int) -> dict[str, dict]:
+    """shape -> {"batch", "ghost"} -> seconds per call, one entry per round, and
+    "digest" -> {"batch", "ghost"} -> SHA-256 of the two sums' bytes."""
+    import hashlib
+
     import jax  # here, so that a pinned process restricts its cores before XLA starts
     import numpy as np
 
@@ -53,10 +59,12 @@ def measure(rounds: int, calls: int) -> dict[str, dict[str, list[float]]]:
             g = v.reshape(grouped)
             return g.sum(axes), (g * g).sum(axes)
 
-        variants = []
+        variants, digest = [], {}
         for label, fn in (("batch", whole), ("ghost", per_group)):
             jitted = jax.jit(fn)
-            jax.block_until_ready(jitted(x))
+            sums = jax.block_until_ready(jitted(x))
+            sha = hashlib.sha256(b"".join(np.asarray(s).tobytes() for s in sums))
+            digest[label] = sha.hexdigest()
 
             def call(jitted=jitted, x=x):
                 jax.block_until_ready(jitted(x))
@@ -64,6 +72,7 @@ def measure(rounds: int, calls: int) -> dict[str, dict[str, list[float]]]:
             variants.append(timing.Variant(label, functools.partial(timing.time_calls, call), {}))
         times = timing.interleave(variants, rounds, calls, name)
         out[name] = {k: [statistics.median(r) for r in v] for k, v in times.items()}
+        out[name]["digest"] = digest
     return out
 
 
@@ -88,6 +97,8 @@ def rows(by_threads: dict[int, dict]) -> list[dict]:
     out = []
     for threads, measured in sorted(by_threads.items()):
         for name, times in measured.items():
+            digests = [m[name]["digest"] for m in by_threads.values()]
+            same_bits = {k: len({d[k] for d in digests}) == 1 for k in BOTH}
             ratios = [g / b for g, b in zip(times["ghost"], times["batch"], strict=True)]
             out.append(
                 {
@@ -97,7 +108,9 @@ def rows(by_threads: dict[int, dict]) -> list[dict]:
                     "ghost_us": 1e6 * statistics.median(times["ghost"]),
                     "ratio": statistics.median(ratios),
                     "ratio_ci95": timing.median_interval(ratios),
-                    "times": times,
+                    "same_bits_across_cores": same_bits,
+                    "times": {k: times[k] for k in BOTH},
+                    "digest": times["digest"],
                 }
             )
     return out
@@ -119,10 +132,18 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['batch_us']:.0f}",
             f"{r['ghost_us']:.0f}",
             "{:.2f} [{:.2f}, {:.2f}]".format(r["ratio"], *r["ratio_ci95"]),
+            " / ".join("yes" if r["same_bits_across_cores"][k] else "no" for k in BOTH),
         ]
         for r in table_rows
     ]
-    header = ["activations", "cores", "whole batch µs", f"ghost {GHOST} µs", "ghost / whole"]
+    header = [
+        "activations",
+        "cores",
+        "whole batch µs",
+        f"ghost {GHOST} µs",
+        "ghost / whole",
+        "same bits on every core count (whole / ghost)",
+    ]
     text = tables.markdown_table(header, cells)
     if args.no_write:
         print(text)
@@ -135,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         f"(XLA's default options): over the whole batch, and per ghost batch of {GHOST} "
         "after the grouping reshape. Median time per call; the ratio is the median of "
         f"the per-round ratios with its sign-test 95% interval ({args.rounds} rounds of "
-        f"{args.calls} calls). 'cores': the process pinned to that many cores.",
+        f"{args.calls} calls). 'cores': the process pinned to that many cores. 'Same bits': "
+        "whether the sums computed on every core count are bit for bit equal.",
         text,
     )
     tables.write_outputs(RESULTS_STEM, {"environment": env, "rows": table_rows}, markdown)
