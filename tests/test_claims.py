@@ -172,7 +172,7 @@ def test_machine_type_needs_more_than_the_cpu_name():
 
 def test_settle_plan_order_and_the_ra_control_rule():
     results = {}
-    runs = ablation.settle_plan(results)
+    runs = ablation.settle_plan(results, reruns=[])
     names = [r.name for r in runs]
     assert names[:4] == [
         "momentum_reset__lb__seed1",
@@ -191,8 +191,35 @@ def test_settle_plan_order_and_the_ra_control_rule():
     results[("authors", "lb_lr_gbn_ra", 0)] = run_result("authors", "lb_lr_gbn_ra", 0, 90.9, 90)
     results[("ra_lr_unscaled", "lb_lr_gbn_ra", 0)] = run_result("x", "lb_lr_gbn_ra", 0, 90.5, 90)
     results[("ra_plain_bn", "lb_lr_gbn_ra", 0)] = run_result("x", "lb_lr_gbn_ra", 0, 90.3, 90)
-    tail = [r.name for r in ablation.settle_plan(results)][-2:]
+    tail = [r.name for r in ablation.settle_plan(results, reruns=[])][-2:]
     assert tail == ["ra_plain_bn__lb_lr_gbn_ra__seed1", "ra_plain_bn__lb_lr_gbn_ra__seed2"]
+
+
+def test_ra_control_rule_reads_ra_on_the_controls_machine_type():
+    ra, unscaled, plain = (
+        (g, "lb_lr_gbn_ra", 0) for g in ("authors", "ra_lr_unscaled", "ra_plain_bn")
+    )
+    # +RA's seed 0 ran on machine type A, its controls on B; against it neither moves
+    # by more than 0.5 points, so neither gets more seeds.
+    results = {
+        ra: run_result(*ra, 90.6, 90, cpu="A"),
+        unscaled: run_result(*unscaled, 90.5, 90, cpu="B"),
+        plain: run_result(*plain, 90.3, 90, cpu="B"),
+    }
+    planned_ra = [r.name for r in ablation.settle_plan(results, reruns=[]) if r.seed > 0]
+    assert not [name for name in planned_ra if name.startswith("ra_")]
+    # A re-run of +RA seed 0 on a third type C counts for neither control...
+    on_c = run_result(*ra, 91.5, 90, cpu="C")
+    assert ablation.settle_plan(results, [on_c]) == ablation.settle_plan(results, reruns=[])
+    # ...one on B is the controls' pair: plain BN then moves by 0.6 and gets seeds 1 and 2,
+    # the unscaled LR (0.4) does not.
+    on_b = run_result(*ra, 90.9, 90, cpu="B")
+    tail = [r.name for r in ablation.settle_plan(results, [on_c, on_b])][-3:]
+    assert tail == [
+        "ra_plain_bn__lb_lr_gbn_ra__seed0",
+        "ra_plain_bn__lb_lr_gbn_ra__seed1",
+        "ra_plain_bn__lb_lr_gbn_ra__seed2",
+    ]
 
 
 def test_settle_runs_change_one_ingredient():

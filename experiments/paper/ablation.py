@@ -84,6 +84,8 @@ RA_CONTROLS = ("ra_lr_unscaled", "ra_plain_bn")
 # A control of +RA that moves seed 0's validation accuracy by more than this many points
 # against +RA's seed 0 gets seeds 1 and 2 as well.
 RA_CONTROL_MOVES = 0.5
+# Runs re-run on another machine type, to pair a treatment and its control on one.
+SAME_CPU_RERUNS = "ablation_f1/same_cpu_reruns"
 SETTLE_SEEDS = tuple(range(10))
 # Runs of another model, by the same driver: group -> (config file, options). ResNet-44
 # on Fashion-MNIST framed to 32x32 with the authors' CIFAR ResNet settings
@@ -226,7 +228,9 @@ def ghost_group(ghost: int) -> tuple[str, str]:
     return f"ghost{ghost}", "lb_lr_gbn"
 
 
-def settle_plan(results: dict[tuple[str, str, int], dict] | None = None) -> list[Planned]:
+def settle_plan(
+    results: dict[tuple[str, str, int], dict] | None = None, reruns: Sequence[dict] | None = None
+) -> list[Planned]:
     """The runs that settle the open questions, in order (fixed before they ran).
 
     1. The one-seed switches on LB: momentum_reset and keep_last_batch, seeds 1 and 2.
@@ -236,19 +240,25 @@ def settle_plan(results: dict[tuple[str, str, int], dict] | None = None) -> list
     4. +RA (authors' protocol, batch 2048) seeds 1 and 2; then its controls at the
        same 19,550 updates, seed 0: LR 0.1 (no sqrt scaling) and plain batch norm;
        seeds 1 and 2 of a control whose seed 0 moves validation accuracy by more than
-       RA_CONTROL_MOVES points against +RA's seed 0.
+       RA_CONTROL_MOVES points against +RA's seed 0, as committed or re-run on the
+       control's machine type (`reruns`).
     """
     results = load_results() if results is None else results
+    reruns = load_reruns() if reruns is None else reruns
     runs = [Planned(g, "lb", s) for g in ("momentum_reset", "keep_last_batch") for s in (1, 2)]
     runs += [Planned("default", c, s) for s in SETTLE_SEEDS for c in ("lb_lr", "lb_lr_gbn")]
     runs += [Planned("batch2048", c, s) for s in SETTLE_SEEDS for c in ("lb_lr", "lb_lr_gbn")]
     runs += [Planned(*ghost_group(g), s) for s in SELECTION_SEEDS for g in GHOST_SIZES]
     runs += [Planned("authors", "lb_lr_gbn_ra", s) for s in SELECTION_SEEDS]
     runs += [Planned(g, "lb_lr_gbn_ra", 0) for g in RA_CONTROLS]
-    ra = results.get(("authors", "lb_lr_gbn_ra", 0))
+    ra_key = ("authors", "lb_lr_gbn_ra", 0)
+    ra_reruns = [r for r in reruns if (r["group"], r["column"], r["seed"]) == ra_key]
     for group in RA_CONTROLS:
         control = results.get((group, "lb_lr_gbn_ra", 0))
-        if ra and control and abs(accuracy(control) - accuracy(ra)) > RA_CONTROL_MOVES:
+        if control is None:
+            continue
+        ra = [results.get(ra_key), *(r for r in ra_reruns if machine(r) == machine(control))]
+        if any(r and abs(accuracy(control) - accuracy(r)) > RA_CONTROL_MOVES for r in ra):
             runs += [Planned(group, "lb_lr_gbn_ra", s) for s in (1, 2)]
     return list(dict.fromkeys(runs))
 
@@ -328,6 +338,23 @@ def load_results(results_dir: Path = RESULTS_DIR) -> dict[tuple[str, str, int], 
         r = json.loads(path.read_text())
         results[(r["group"], r["column"], r["seed"])] = r
     return results
+
+
+def machine(record: dict) -> str:
+    """The machine type a record ran on, for pairing runs: the CPU's name and, from
+    ``hardware.cpu_id``, its family, model and vector instruction sets, or in records that
+    predate that field the OS build (``hardware.platform``). A virtual machine can give two
+    CPUs the same name ("AMD EPYC") while XLA compiles for what each offers, so the name
+    alone does not tell that their runs round alike."""
+    h = record["hardware"]
+    return f"{h['cpu']} | {h.get('cpu_id') or h.get('platform', '')}"
+
+
+def load_reruns(results_dir: Path = RESULTS_DIR) -> list[dict]:
+    """The records of runs re-run on another machine type than their committed one."""
+    return [
+        json.loads(p.read_text()) for p in sorted((results_dir / SAME_CPU_RERUNS).glob("*.json"))
+    ]
 
 
 def accuracy(r: dict, split: str = "val") -> float:
@@ -616,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.plan == "gpu":
                 planned = gpu_plan()
             elif args.plan == "settle":
-                planned = settle_plan(load_results(results_dir))
+                planned = settle_plan(load_results(results_dir), load_reruns(results_dir))
             else:
                 planned = plan(args.stage)
             todo = [r for r in planned if not result_path(r, results_dir).exists()]

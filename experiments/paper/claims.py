@@ -24,11 +24,11 @@ from typing import Any, Literal
 from experiments.harness import tables
 from experiments.harness.provenance import RESULTS_DIR
 from experiments.paper import ablation, verdicts
+from experiments.paper.ablation import SAME_CPU_RERUNS, load_reruns, machine
 
 Run = tuple[str, str]  # (group, column)
 # Runs re-run on another machine type than their committed record, so that a treatment and
 # its control can be paired on one machine type (see `same_cpu`).
-SAME_CPU_RERUNS = "ablation_f1/same_cpu_reruns"
 Split = Literal["val", "eval"]
 
 
@@ -188,23 +188,9 @@ def cpu_model(record: dict) -> str:
     return record["hardware"]["cpu"]
 
 
-def machine(record: dict) -> str:
-    """The machine type a record ran on, for pairing runs: the CPU's name and, from
-    ``hardware.cpu_id``, its family, model and vector instruction sets, or in records that
-    predate that field the OS build (``hardware.platform``). A virtual machine can give two
-    CPUs the same name ("AMD EPYC") while XLA compiles for what each offers, so the name
-    alone does not tell that their runs round alike."""
-    h = record["hardware"]
-    return f"{h['cpu']} | {h.get('cpu_id') or h.get('platform', '')}"
-
-
 def load_same_cpu_reruns(results_dir: Path = RESULTS_DIR) -> dict[tuple, dict]:
     """(group, column, seed, `machine`) -> a run re-run on another machine type."""
-    reruns = {}
-    for path in sorted((results_dir / SAME_CPU_RERUNS).glob("*.json")):
-        r = json.loads(path.read_text())
-        reruns[(r["group"], r["column"], r["seed"], machine(r))] = r
-    return reruns
+    return {(r["group"], r["column"], r["seed"], machine(r)): r for r in load_reruns(results_dir)}
 
 
 def on_machines(committed: dict, run: Run, seed: int, reruns: dict[tuple, dict]) -> dict:
