@@ -27,8 +27,6 @@ from experiments.paper import ablation, verdicts
 from experiments.paper.ablation import SAME_CPU_RERUNS, load_reruns, machine
 
 Run = tuple[str, str]  # (group, column)
-# Runs re-run on another machine type than their committed record, so that a treatment and
-# its control can be paired on one machine type (see `same_cpu`).
 Split = Literal["val", "eval"]
 
 
