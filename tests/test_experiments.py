@@ -338,6 +338,47 @@ def test_group_reduction_rows_pair_rounds_per_core_count():
         assert r["ratio_ci95"] == pytest.approx(tuple(np.sort(ratios)[[1, 7]]))
 
 
+def test_group_sum_forms_all_compute_the_per_ghost_batch_sums():
+    """Every way of writing the sums gives numpy's sums per ghost batch (the whole-batch
+    form: over the batch), on a dense and on a conv-shaped input."""
+    import jax.numpy as jnp
+
+    from experiments.bench import group_sum_forms
+
+    rng = np.random.default_rng(5)
+    for shape in ((24, 5), (16, 3, 2, 4)):
+        x = rng.normal(size=shape).astype(np.float32)
+        grouped = x.astype(np.float64).reshape(shape[0] // 4, -1, shape[-1])
+        expected = (grouped.sum(1), (grouped**2).sum(1))
+        for label, form in group_sum_forms.FORMS.items():
+            got = form(jnp.asarray(x), 4)
+            want = (e.sum(0) for e in expected) if label == group_sum_forms.WHOLE else expected
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5, err_msg=label)
+
+
+def test_group_sum_forms_rows_pair_rounds_with_both_references():
+    from experiments.bench import group_sum_forms
+
+    rng = np.random.default_rng(6)
+    forms = list(group_sum_forms.FORMS)
+    times = {label: rng.uniform(1, 3, 9).tolist() for label in forms}
+    digests = {label: "layer" if i % 2 else "other" for i, label in enumerate(forms)}
+    rows = group_sum_forms.rows({"f1": {"times": times, "digest": digests}})
+    assert [r["form"] for r in rows] == forms
+    for r in rows:
+        t = np.array(times[r["form"]])
+        for key, ref in (("to_whole", group_sum_forms.WHOLE), ("to_layer", group_sum_forms.LAYERS)):
+            ratios = t / np.array(times[ref])
+            assert r[key] == pytest.approx(np.median(ratios))
+            assert r[f"{key}_ci95"] == pytest.approx(tuple(np.sort(ratios)[[1, 7]]))
+        assert r["us"] == pytest.approx(1e6 * np.median(t))
+    same = {r["form"]: r["same_bits_as_layer"] for r in rows}
+    # The layer's form is second in FORMS (odd index: digest "layer").
+    assert same == {label: None if i == 0 else bool(i % 2) for i, label in enumerate(forms)}
+    assert "| - |" in group_sum_forms.table(rows)
+
+
 def test_trainer_throughput_workaround_rounds_add_up(tmp_path, monkeypatch):
     """--workaround-rounds: each variant's environment and overrides reach the CLI, the
     order rotates round by round, and a second invocation adds its round to the first."""
