@@ -363,8 +363,9 @@ def test_group_sum_forms_rows_pair_rounds_with_both_references():
     rng = np.random.default_rng(6)
     forms = list(group_sum_forms.FORMS)
     times = {label: rng.uniform(1, 3, 9).tolist() for label in forms}
+    busy = {label: rng.uniform(1, 2, 9).tolist() for label in forms}
     digests = {label: "layer" if i % 2 else "other" for i, label in enumerate(forms)}
-    rows = group_sum_forms.rows({"f1": {"times": times, "digest": digests}})
+    rows = group_sum_forms.rows({"f1": {"times": times, "busy": busy, "digest": digests}})
     assert [r["form"] for r in rows] == forms
     for r in rows:
         t = np.array(times[r["form"]])
@@ -373,6 +374,7 @@ def test_group_sum_forms_rows_pair_rounds_with_both_references():
             assert r[key] == pytest.approx(np.median(ratios))
             assert r[f"{key}_ci95"] == pytest.approx(tuple(np.sort(ratios)[[1, 7]]))
         assert r["us"] == pytest.approx(1e6 * np.median(t))
+        assert r["cores_busy"] == pytest.approx(np.median(busy[r["form"]]))
     same = {r["form"]: r["same_bits_as_layer"] for r in rows}
     # The layer's form is second in FORMS (odd index: digest "layer").
     assert same == {label: None if i == 0 else bool(i % 2) for i, label in enumerate(forms)}

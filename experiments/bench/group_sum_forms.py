@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import statistics
+import time
 from collections.abc import Callable
 
 import jax
@@ -121,22 +122,29 @@ def digest(sums: Sums) -> str:
 
 
 def measure(rounds: int, calls: int) -> dict[str, dict]:
-    """shape -> {"times": form -> seconds per call, one per round, "digest": form -> SHA-256}."""
+    """shape -> {"times": form -> seconds per call, one per round; "busy": form -> the
+    process's CPU time over wall time, one per round (1: one core busy, 2: two);
+    "digest": form -> SHA-256 of the sums}."""
     out = {}
     for name, shape in SHAPES.items():
         x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
-        variants, digests = [], {}
+        variants, digests, busy = [], {}, {}
         for label, form in FORMS.items():
             jitted = jax.jit(functools.partial(form, ghost=GHOST))
             digests[label] = digest(jax.block_until_ready(jitted(x)))
+            busy[label] = []
 
-            def call(jitted=jitted, x=x):
-                jax.block_until_ready(jitted(x))
+            def run(n, jitted=jitted, x=x, busy=busy[label]):
+                wall, cpu = time.perf_counter(), time.process_time()
+                times = timing.time_calls(lambda: jax.block_until_ready(jitted(x)), n)
+                busy.append((time.process_time() - cpu) / (time.perf_counter() - wall))
+                return times
 
-            variants.append(timing.Variant(label, functools.partial(timing.time_calls, call), {}))
+            variants.append(timing.Variant(label, run, {}))
         times = timing.interleave(variants, rounds, calls, name)
         out[name] = {
             "times": {k: [statistics.median(r) for r in v] for k, v in times.items()},
+            "busy": busy,
             "digest": digests,
         }
     return out
@@ -156,6 +164,7 @@ def rows(measured: dict[str, dict]) -> list[dict]:
                     "shape": name,
                     "form": label,
                     "us": 1e6 * statistics.median(times[label]),
+                    "cores_busy": statistics.median(m["busy"][label]),
                     "to_whole": statistics.median(to_whole),
                     "to_whole_ci95": timing.median_interval(to_whole),
                     "to_layer": statistics.median(to_layer),
@@ -179,6 +188,7 @@ def table(table_rows: list[dict]) -> str:
             r["shape"],
             r["form"],
             f"{r['us']:.0f}",
+            f"{r['cores_busy']:.2f}",
             ratio(r, "to_whole"),
             ratio(r, "to_layer"),
             bits[r["same_bits_as_layer"]],
@@ -189,6 +199,7 @@ def table(table_rows: list[dict]) -> str:
         "activations",
         f"sums of x and x * x (ghost {GHOST})",
         "µs",
+        "cores busy",
         "/ whole batch",
         "/ GhostBatchNorm's form",
         "same bits as GhostBatchNorm's form",
@@ -198,7 +209,7 @@ def table(table_rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--calls", type=int, default=5, help="calls per form and round")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -215,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         "The sums of x and of x * x, jitted alone under XLA's default options on every "
         "core, written in each way of the table; the first row is the whole-batch sum of "
         "nn.BatchNorm, the second the per-ghost-batch sum as GhostBatchNorm writes it. "
-        "Median time per call; the ratios are medians of the per-round ratios with their "
+        "Median time per call; 'cores busy': the median over rounds of the process's "
+        "CPU time over the wall time (1: one core working, 2: both); the ratios are "
+        "medians of the per-round ratios with their "
         f"sign-test 95% intervals ({args.rounds} rounds of {args.calls} calls, the forms "
         "interleaved). 'Same bits': whether the form's sums equal GhostBatchNorm's bit "
         "for bit on this machine.",
