@@ -1,4 +1,4 @@
-"""The headline numbers quoted in README.md and docs/results.md are the committed tables'.
+"""The numbers quoted in README.md and docs/ are the committed tables' and records'.
 
 The tables (experiments/results/ablation_f1.json, claims.json) are rebuilt from the run
 records by their own commands; the prose copies a few rows of them. These tests read the
@@ -76,3 +76,25 @@ def test_results_md_verdicts_are_claims_json(claims):
         assert diff.split(" (")[0] == mean_std(claim, sign=True), name
         assert interval == f"[{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}]", name
         assert verdict == claim["verdict"], name
+
+
+def test_group_sum_forms_table_is_the_record():
+    """docs/performance.md's table of ways to write the ghost-batch sums copies
+    bench_group_sum_forms.json: per form, in order, cores busy, time over the
+    whole-batch sum (f1 / conv) and whether the bits are the layer's."""
+    rows = json.loads((RESULTS / "bench_group_sum_forms.json").read_text())["rows"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    by_shape = [[r for r in rows if r["shape"] == s] for s in shapes]
+    text = (ROOT / "docs" / "performance.md").read_text()
+    start = text.index("| sums of x and x · x | cores busy")
+    table = [line for line in text[start:].split("\n\n")[0].splitlines()[2:]]
+    assert len(table) == len(by_shape[0])
+    bits = {None: "-", True: "yes", False: "no"}
+    for line, f1, conv in zip(table, *by_shape, strict=True):
+        _, busy, ratio, same = [c.strip() for c in line.strip("|").split("|")]
+        assert busy == f"{f1['cores_busy']:.2f} / {conv['cores_busy']:.2f}", line
+        expected = " / ".join(
+            "1" if r["form"].startswith("whole") else f"{r['to_whole']:.2f}" for r in (f1, conv)
+        )
+        assert ratio == expected, line
+        assert same == bits[f1["same_bits_as_layer"]] == bits[conv["same_bits_as_layer"]], line
