@@ -21,14 +21,21 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from experiments.harness import provenance, tables, timing
 from experiments.harness.provenance import RESULTS_DIR
+
+if TYPE_CHECKING:
+    import jax
 
 MODULE = "experiments.bench.group_reduction"
 RESULTS_STEM = str(RESULTS_DIR / "bench_group_reduction")
@@ -37,34 +44,38 @@ GHOST = 128
 BOTH = ("batch", "ghost")
 
 
+def whole_batch(x: jax.Array, ghost: int) -> tuple[jax.Array, jax.Array]:
+    """The sums of x and x * x over the batch, as nn.BatchNorm's statistics need them."""
+    del ghost
+    axes = tuple(range(x.ndim - 1))
+    return x.sum(axes), (x * x).sum(axes)
+
+
+def grouped(x: jax.Array, ghost: int) -> tuple[jax.Array, jax.Array]:
+    """The same sums per ghost batch, written as GhostBatchNorm writes them: x grouped as
+    (k, B/k, ..., F) and reduced over its middle axes."""
+    g = x.reshape(x.shape[0] // ghost, ghost, *x.shape[1:])
+    axes = tuple(range(1, g.ndim - 1))
+    return g.sum(axes), (g * g).sum(axes)
+
+
+def digest(sums: tuple[jax.Array, ...]) -> str:
+    """SHA-256 of the sums' bytes."""
+    return hashlib.sha256(b"".join(np.asarray(s).tobytes() for s in sums)).hexdigest()
+
+
 def measure(rounds: int, calls: int) -> dict[str, dict]:
     """shape -> {"batch", "ghost"} -> seconds per call, one entry per round, and
     "digest" -> {"batch", "ghost"} -> SHA-256 of the two sums' bytes."""
-    import hashlib
-
     import jax  # here, so that a pinned process restricts its cores before XLA starts
-    import numpy as np
 
     out = {}
     for name, shape in SHAPES.items():
         x = jax.numpy.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
-        batch_axes = tuple(range(len(shape) - 1))
-        grouped = (shape[0] // GHOST, GHOST, *shape[1:])
-        group_axes = tuple(range(1, len(shape)))
-
-        def whole(v, axes=batch_axes):
-            return v.sum(axes), (v * v).sum(axes)
-
-        def per_group(v, grouped=grouped, axes=group_axes):
-            g = v.reshape(grouped)
-            return g.sum(axes), (g * g).sum(axes)
-
-        variants, digest = [], {}
-        for label, fn in (("batch", whole), ("ghost", per_group)):
-            jitted = jax.jit(fn)
-            sums = jax.block_until_ready(jitted(x))
-            sha = hashlib.sha256(b"".join(np.asarray(s).tobytes() for s in sums))
-            digest[label] = sha.hexdigest()
+        variants, digests = [], {}
+        for label, form in (("batch", whole_batch), ("ghost", grouped)):
+            jitted = jax.jit(functools.partial(form, ghost=GHOST))
+            digests[label] = digest(jax.block_until_ready(jitted(x)))
 
             def call(jitted=jitted, x=x):
                 jax.block_until_ready(jitted(x))
@@ -72,7 +83,7 @@ def measure(rounds: int, calls: int) -> dict[str, dict]:
             variants.append(timing.Variant(label, functools.partial(timing.time_calls, call), {}))
         times = timing.interleave(variants, rounds, calls, name)
         out[name] = {k: [statistics.median(r) for r in v] for k, v in times.items()}
-        out[name]["digest"] = digest
+        out[name]["digest"] = digests
     return out
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import os
 import statistics
 import time
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench.group_reduction import GHOST, SHAPES
+from experiments.bench.group_reduction import GHOST, SHAPES, digest, grouped, whole_batch
 from experiments.harness import provenance, tables, timing
 from experiments.harness.provenance import RESULTS_DIR
 
@@ -40,18 +39,6 @@ WHOLE = "whole batch (nn.BatchNorm)"
 LAYERS = "grouped, middle axes reduced (GhostBatchNorm)"
 
 Sums = tuple[jax.Array, jax.Array]
-
-
-def whole_batch(x: jax.Array, ghost: int) -> Sums:
-    del ghost
-    axes = tuple(range(x.ndim - 1))
-    return x.sum(axes), (x * x).sum(axes)
-
-
-def grouped(x: jax.Array, ghost: int) -> Sums:
-    g = x.reshape(x.shape[0] // ghost, ghost, *x.shape[1:])
-    axes = tuple(range(1, g.ndim - 1))
-    return g.sum(axes), (g * g).sum(axes)
 
 
 def merged_axes(x: jax.Array, ghost: int) -> Sums:
@@ -77,8 +64,7 @@ def variadic(x: jax.Array, ghost: int) -> Sums:
     def add(a, b):
         return a[0] + b[0], a[1] + b[1]
 
-    s, q = jax.lax.reduce((g, g * g), (zero, zero), add, (1,))
-    return s, q
+    return tuple(jax.lax.reduce((g, g * g), (zero, zero), add, (1,)))
 
 
 def ones_dot(x: jax.Array, ghost: int) -> Sums:
@@ -115,10 +101,6 @@ FORMS: dict[str, Callable[[jax.Array, int], Sums]] = {
     "block indicator matrix (k, B) times x": indicator_matmul,
     "transposed to (B/k * ..., k, F), leading axis reduced": transposed,
 }
-
-
-def digest(sums: Sums) -> str:
-    return hashlib.sha256(b"".join(np.asarray(s).tobytes() for s in sums)).hexdigest()
 
 
 def measure(rounds: int, calls: int) -> dict[str, dict]:
