@@ -113,7 +113,7 @@ def test_options_override_the_variant(modules):
 def test_epochs_scale_moves_weight_decay_boundaries(modules):
     base = regimes.base_regime("alexnet")
     config = modules["imagenet_alexnet"].get_config("lb,epochs_scale=0.5")
-    # AlexNet's weight decay drops to 0 at epoch 15 (paper-notes section 5).
+    # AlexNet's weight decay drops to 0 at epoch 15 (the authors' AlexNet regime).
     assert config.regime.weight_decay == ((0.0, 5e-4), (7.5, 0.0))
     assert config.regime.epochs == base.epochs * 0.5
 

@@ -1,7 +1,7 @@
 """What every model of the zoo shares: its configuration fields, initializers and head.
 
 Each model is a ``flax.linen`` module called as ``model.apply(variables, x, train=...)``
-(docs/interfaces.md). The fields below travel with every model so that one config
+(docs/design.md, "The models"). The fields below travel with every model so that one config
 switches normalization ("batch" or "ghost") and compute dtype for any of them.
 
 Initialization (stated once for the whole zoo):
@@ -42,9 +42,6 @@ def same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
     Returns:
       Explicit padding for ``nn.Conv`` / ``nn.max_pool``.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5.
     """
     p = kernel_size // 2
     return ((p, p), (p, p))
@@ -76,9 +73,6 @@ def conv(
 
     Returns:
       An ``nn.Conv`` module.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5.
     """
     return nn.Conv(
         features,
@@ -148,9 +142,6 @@ def dense(features: int, *, dtype: Any, use_bias: bool = True, name: str | None 
 
     Returns:
       An ``nn.Dense`` module.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5.
     """
     return nn.Dense(
         features,
@@ -251,9 +242,6 @@ class ZooModel(nn.Module):
 
         Returns:
           Logits (N, num_classes), float32.
-
-        References:
-          Hoffer, Hubara & Soudry (2017), section 5.
         """
         x = dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
         return jnp.asarray(x, jnp.float32)

@@ -12,9 +12,6 @@ Multi-process (one process per host, or several on one machine): set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables);
 on a multi-host Cloud TPU slice or a multi-task SLURM job JAX finds them itself
 (``--distributed`` forces that auto-detection elsewhere).
-
-References:
-  Hoffer, Hubara & Soudry (2017), section 5 (the experiments this runs).
 """
 
 import os

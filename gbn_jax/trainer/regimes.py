@@ -147,7 +147,7 @@ _ALIASES = {"resnet44": "resnet_cifar", "wrn16_4": "wide_resnet", "vgg16": "vgg"
 
 
 def base_regime(name: str) -> ml_collections.ConfigDict:
-    """Returns the small-batch regime the paper trains model `name` with.
+    """Returns the small-batch regime of model `name` (from `BASE_REGIMES`).
 
     Args:
       name: a model name of `gbn_jax.models` ("f1", "c1", "c3", "resnet_cifar",
@@ -161,9 +161,6 @@ def base_regime(name: str) -> ml_collections.ConfigDict:
 
     Raises:
       ValueError: for an unknown name.
-
-    References:
-      Hoffer, Hubara & Soudry (2017), section 5 / Table 1.
     """
     key = _ALIASES.get(name, name)
     if key not in BASE_REGIMES:
