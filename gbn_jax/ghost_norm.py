@@ -344,10 +344,12 @@ def _cross_device(
     stacked = jnp.stack(sums)  # one collective for all statistics
     if devices_per_ghost_batch == lax.axis_size(axis_name):
         return tuple(lax.psum(stacked, axis_name, axis_index_groups=axis_index_groups))
-    every = lax.all_gather(stacked, axis_name, axis=1, tiled=True)
-    every = every.reshape(every.shape[0], -1, devices_per_ghost_batch, *every.shape[2:]).sum(2)
+    gathered = lax.all_gather(stacked, axis_name, axis=1, tiled=True)
+    per_ghost_batch = gathered.reshape(
+        gathered.shape[0], -1, devices_per_ghost_batch, *gathered.shape[2:]
+    ).sum(2)
     own_ghost_batch = lax.axis_index(axis_name) // devices_per_ghost_batch
-    own = lax.dynamic_slice_in_dim(every, own_ghost_batch, 1, axis=1)
+    own = lax.dynamic_slice_in_dim(per_ghost_batch, own_ghost_batch, 1, axis=1)
     return tuple(own)
 
 
@@ -424,10 +426,10 @@ def _group_normalizer(
 ) -> Callable[..., tuple[Array, Array, Array, Array]]:
     """Builds ``normalize(xg, scale, bias, mask) -> (y, mean, var, count)`` per group.
 
-    ``xg`` has the ghost batches on axis 0; ``reduce_axes`` are the axes reduced for
-    statistics; ``scale``, ``bias`` broadcast against ``xg`` (or are None); ``mask`` is
-    None or a boolean array broadcastable to ``xg``; ``combine`` adds up sums of a ghost
-    batch that is spread over several devices.
+    ``xg`` has the ghost batches on axis 0, or is one ghost batch; ``reduce_axes`` are the
+    axes reduced for statistics; ``scale``, ``bias`` broadcast against ``xg`` (or are
+    None); ``mask`` is None or a boolean array broadcastable to ``xg``; ``combine`` adds up
+    sums of a ghost batch that is spread over several devices.
 
     The derivative is a hand-written JVP rule (``jax.custom_jvp``), so forward mode
     (``jax.jvp``, ``jax.jacfwd``, Hessian-vector products) works. Reverse mode is JAX's
@@ -678,24 +680,33 @@ def ghost_batch_norm(
         pieces, shards_per_ghost_batch = shards, shards // groups
         combine = lambda *sums: _sum_consecutive(sums, shards_per_ghost_batch)
 
+    # One ghost batch on this device is normalized as it comes: with a leading axis of
+    # size 1, XLA:CPU compiles the backward pass's sum of dy * (x - mean) to a reduction
+    # that is tens of times slower than the same sum over the unsplit input.
+    one_piece = pieces == 1 and not with_remainder
     if with_remainder:
         grouped = _pack_with_remainder(x, ghost_batch_size, 0)
         grouped_mask = _packed_mask(mask, x.shape, ghost_batch_size)
+    elif one_piece:
+        grouped, grouped_mask = x, _checked_mask(mask, x.shape)
     else:
         grouped = x.reshape(pieces, batch // pieces, *x.shape[1:])
         grouped_mask = _grouped_mask(mask, x.shape, pieces)
-    # Statistics reduce the examples of a ghost batch (axis 1 of `grouped`, unless the
-    # leading axis holds features) and every other non-feature axis.
-    reduce_axes = tuple(a + 1 for a in range(ndim) if a not in feature_axes)
+    # Statistics reduce the examples of a ghost batch (axis 1 of `grouped`, or axis 0 of
+    # an ungrouped input, unless that axis holds features) and every other non-feature axis.
+    lead = 0 if one_piece else 1
+    reduce_axes = tuple(a + lead for a in range(ndim) if a not in feature_axes)
     normalize = _group_normalizer(
         reduce_axes, epsilon, use_fast_variance, stat_dtype, out_dtype, combine
     )
     y, mean, var, count = normalize(
         grouped,
-        None if scale is None else _varying_like(as_features(scale, ndim + 1), x),
-        None if bias is None else _varying_like(as_features(bias, ndim + 1), x),
+        None if scale is None else _varying_like(as_features(scale, ndim + lead), x),
+        None if bias is None else _varying_like(as_features(bias, ndim + lead), x),
         grouped_mask,
     )
+    if one_piece:  # the statistics in the grouped layout: one ghost batch on axis 0
+        mean, var, count = mean[None], var[None], count[None]
     y = _unpack_with_remainder(y, batch, ghost_batch_size) if with_remainder else y.reshape(x.shape)
     if shards_per_ghost_batch > 1:  # one copy of each ghost batch's statistics
         step = shards_per_ghost_batch

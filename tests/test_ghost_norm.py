@@ -227,6 +227,29 @@ def test_equals_batchnorm_without_split(ghost, fast, masked):
     assert_trees_close(out[2], ref[2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ghost", [None, 32])
+def test_one_ghost_batch_compiles_without_a_group_axis(ghost):
+    """With one ghost batch the input is normalized as it comes: no array of the
+    compiled forward and backward pass carries a size-1 group axis in front of the batch
+    (XLA:CPU turns the backward's sum of dy * (x - mean) over such a layout into a
+    reduction tens of times slower than nn.BatchNorm's)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(32, 24)), jnp.float32)
+    module = GhostBatchNorm(ghost_batch_size=ghost, use_running_average=False)
+    variables = module.init(jax.random.key(0), x)
+
+    def loss(params, x):
+        y, _ = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    hlo = grad.lower(variables["params"], x).compile().as_text()
+    assert "f32[32,24]" in hlo
+    assert re.findall(r"f32\[1,32,24\]", hlo) == []
+    grouped = jax.jit(lambda x: 2 * x.reshape(1, 32, 24)).lower(x).compile().as_text()
+    assert re.findall(r"f32\[1,32,24\]", grouped)  # the pattern finds such an array
+
+
 def test_variables_init_and_inference_match_batchnorm():
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)

@@ -463,14 +463,14 @@ def compile_train_loop(
         return run
 
     with tracing(compiler_options):
-        first = jit(train_loop).lower(*args, index)
-        every = jit(lambda *a: train_loop(*a)).lower(*args) if scan else None
-    first, every = first.compile(), every and every.compile()
+        first_n_rows = jit(train_loop).lower(*args, index)
+        whole_chunk = jit(lambda *a: train_loop(*a)).lower(*args) if scan else None
+    first_n_rows, whole_chunk = first_n_rows.compile(), whole_chunk and whole_chunk.compile()
 
     def run(state, acc, arrays, xs, n):
-        if n == length and every is not None:
-            return every(state, acc, arrays, xs)
-        return first(state, acc, arrays, xs, np.int32(n))
+        if n == length and whole_chunk is not None:
+            return whole_chunk(state, acc, arrays, xs)
+        return first_n_rows(state, acc, arrays, xs, np.int32(n))
 
     return run
 
