@@ -98,3 +98,31 @@ def test_group_sum_forms_table_is_the_record():
         )
         assert ratio == expected, line
         assert same == bits[f1["same_bits_as_layer"]] == bits[conv["same_bits_as_layer"]], line
+
+
+def test_ghost_norm_overhead_table_is_the_record():
+    """docs/performance.md's GBN/BN train-step table copies bench_ghost_norm.json: per
+    model and case, the median step times and, for wall and CPU time, the median
+    per-round ratio, its 95% interval and the verdict."""
+    rows = json.loads((RESULTS / "bench_ghost_norm.json").read_text())["rows"]
+    text = (ROOT / "docs" / "performance.md").read_text()
+    start = text.index("| model (batch, ghost) | donated | XLA options | BN ms | GBN ms |")
+    table = text[start:].split("\n\n")[0].splitlines()[2:]
+    assert len(table) == len(rows)
+    names = {"f1": "F1", "conv": "3-layer conv net"}
+
+    def ratio(stat: dict) -> str:
+        low, high = stat["ci95"]
+        return f"{stat['median']:.3f} [{low:.3f}, {high:.3f}] {stat['verdict']}"
+
+    for line, row in zip(table, rows, strict=True):
+        expected = [
+            f"{names[row['model']]} ({row['batch']}, {row['ghost']})",
+            "yes" if row["donated"] else "no",
+            row["options"],
+            f"{row['bn_ms']:.1f}",
+            f"{row['gbn_ms']:.1f}",
+            ratio(row["ratio"]),
+            ratio(row["cpu_ratio"]),
+        ]
+        assert [c.strip() for c in line.strip("|").split("|")] == expected, line
