@@ -126,3 +126,25 @@ def test_ghost_norm_overhead_table_is_the_record():
             ratio(row["cpu_ratio"]),
         ]
         assert [c.strip() for c in line.strip("|").split("|")] == expected, line
+
+
+def test_ghost_norm_control_table_is_the_record():
+    """docs/performance.md's table of cores busy and of the one-ghost-batch control copies
+    bench_ghost_norm.json."""
+    rows = json.loads((RESULTS / "bench_ghost_norm.json").read_text())["rows"]
+    text = (ROOT / "docs" / "performance.md").read_text()
+    start = text.index("| model (batch, ghost) | donated | XLA options | cores busy:")
+    table = text[start:].split("\n\n")[0].splitlines()[2:]
+    assert len(table) == len(rows)
+    names = {"f1": "F1", "conv": "3-layer conv net"}
+    for line, row in zip(table, rows, strict=True):
+        low, high = row["one_ghost_ratio"]["ci95"]
+        median, verdict = row["one_ghost_ratio"]["median"], row["one_ghost_ratio"]["verdict"]
+        expected = [
+            f"{names[row['model']]} ({row['batch']}, {row['ghost']})",
+            "yes" if row["donated"] else "no",
+            row["options"],
+            " / ".join(f"{row['cores_busy'][k]:.2f}" for k in ("bn", "gbn", "gbn_one")),
+            f"{median:.3f} [{low:.3f}, {high:.3f}] {verdict}",
+        ]
+        assert [c.strip() for c in line.strip("|").split("|")] == expected, line
