@@ -637,6 +637,7 @@ def ghost_batch_norm(
         if with_remainder:  # the full ghost batches, and the remainder on its own
             full, rest = divmod(batch, ghost_batch_size)
             groups = full + 1 if rest >= MIN_REMAINDER else full
+            with_remainder = groups > 1  # else the whole batch is one ghost batch
         else:
             groups = _num_groups(batch, ghost_batch_size, "batch size")
     elif ghost_batch_size is None or ghost_batch_size >= batch * devices:

@@ -227,15 +227,18 @@ def test_equals_batchnorm_without_split(ghost, fast, masked):
     assert_trees_close(out[2], ref[2], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("ghost", [None, 32])
-def test_one_ghost_batch_compiles_without_a_group_axis(ghost):
-    """With one ghost batch the input is normalized as it comes: no array of the
-    compiled forward and backward pass carries a size-1 group axis in front of the batch
-    (XLA:CPU turns the backward's sum of dy * (x - mean) over such a layout into a
-    reduction tens of times slower than nn.BatchNorm's)."""
+@pytest.mark.parametrize(
+    "ghost,remainder", [(None, "error"), (32, "error"), (31, "own_ghost_batch")]
+)
+def test_one_ghost_batch_compiles_without_a_group_axis(ghost, remainder):
+    """With one ghost batch (also 31 examples and a remainder of one, which joins them)
+    the input is normalized as it comes: no array of the compiled forward and backward
+    pass carries a size-1 group axis in front of the batch (XLA:CPU turns the backward's
+    sum of dy * (x - mean) over such a layout into a reduction tens of times slower than
+    nn.BatchNorm's)."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(32, 24)), jnp.float32)
-    module = GhostBatchNorm(ghost_batch_size=ghost, use_running_average=False)
+    module = GhostBatchNorm(ghost_batch_size=ghost, remainder=remainder, use_running_average=False)
     variables = module.init(jax.random.key(0), x)
 
     def loss(params, x):
