@@ -24,6 +24,14 @@ def cells(text: str, row_start: str) -> list[str]:
     return [c.strip().replace("−", "-") for c in rows[0].strip("|").split("|")]
 
 
+def table_body(text: str, header_start: str) -> list[list[str]]:
+    """The cells of each row below the header (and its separator) of the table whose header
+    starts with `header_start`, down to the first blank line."""
+    start = text.index(header_start)
+    lines = text[start:].split("\n\n")[0].splitlines()[2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
 def mean_std(stat: dict, sign: bool = False) -> str:
     if stat["n"] > 1 and stat["std"] == 0 and stat["mean"] == 0:
         return "0"
@@ -62,14 +70,11 @@ def test_headline_rows_are_the_committed_table(headline, doc, row, key, sign):
 
 def test_results_md_verdicts_are_claims_json(claims):
     text = (ROOT / "docs" / "results.md").read_text()
-    start = text.index("| claim (test split) | difference | 95% CI | verdict |")
-    rows = text[start:].split("\n\n")[0].splitlines()[2:]
+    rows = table_body(text, "| claim (test split) | difference | 95% CI | verdict |")
     by_text = {c["claim"]: c for c in claims if c["split"] == "eval"}
     assert len(rows) == len(by_text)
     for row in rows:
-        name, diff, interval, verdict = (
-            c.strip().replace("−", "-") for c in row.strip("|").split("|")
-        )
+        name, diff, interval, verdict = (c.replace("−", "-") for c in row)
         (claim,) = [c for t, c in by_text.items() if t.endswith(name)]
         n = re.search(r"\((\d+) seeds\)", diff)
         assert (int(n.group(1)) if n else 3) == claim["n"], name
@@ -85,13 +90,11 @@ def test_group_sum_forms_table_is_the_record():
     rows = json.loads((RESULTS / "bench_group_sum_forms.json").read_text())["rows"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     by_shape = [[r for r in rows if r["shape"] == s] for s in shapes]
-    text = (ROOT / "docs" / "performance.md").read_text()
-    start = text.index("| sums of x and x · x | cores busy")
-    table = [line for line in text[start:].split("\n\n")[0].splitlines()[2:]]
+    table = table_body((ROOT / "docs" / "performance.md").read_text(), "| sums of x and x · x |")
     assert len(table) == len(by_shape[0])
     bits = {None: "-", True: "yes", False: "no"}
     for line, f1, conv in zip(table, *by_shape, strict=True):
-        _, busy, ratio, same = [c.strip() for c in line.strip("|").split("|")]
+        _, busy, ratio, same = line
         assert busy == f"{f1['cores_busy']:.2f} / {conv['cores_busy']:.2f}", line
         expected = " / ".join(
             "1" if r["form"].startswith("whole") else f"{r['to_whole']:.2f}" for r in (f1, conv)
@@ -100,51 +103,52 @@ def test_group_sum_forms_table_is_the_record():
         assert same == bits[f1["same_bits_as_layer"]] == bits[conv["same_bits_as_layer"]], line
 
 
-def test_ghost_norm_overhead_table_is_the_record():
+@pytest.fixture(scope="module")
+def ghost_norm_rows():
+    return json.loads((RESULTS / "bench_ghost_norm.json").read_text())["rows"]
+
+
+def ghost_norm_case(row: dict) -> list[str]:
+    """The first three cells of a row of performance.md's GBN/BN tables: model, donation,
+    XLA options."""
+    names = {"f1": "F1", "conv": "3-layer conv net"}
+    model = f"{names[row['model']]} ({row['batch']}, {row['ghost']})"
+    return [model, "yes" if row["donated"] else "no", row["options"]]
+
+
+def median_interval_verdict(stat: dict) -> str:
+    low, high = stat["ci95"]
+    return f"{stat['median']:.3f} [{low:.3f}, {high:.3f}] {stat['verdict']}"
+
+
+def test_ghost_norm_overhead_table_is_the_record(ghost_norm_rows):
     """docs/performance.md's GBN/BN train-step table copies bench_ghost_norm.json: per
     model and case, the median step times and, for wall and CPU time, the median
     per-round ratio, its 95% interval and the verdict."""
-    rows = json.loads((RESULTS / "bench_ghost_norm.json").read_text())["rows"]
     text = (ROOT / "docs" / "performance.md").read_text()
-    start = text.index("| model (batch, ghost) | donated | XLA options | BN ms | GBN ms |")
-    table = text[start:].split("\n\n")[0].splitlines()[2:]
-    assert len(table) == len(rows)
-    names = {"f1": "F1", "conv": "3-layer conv net"}
-
-    def ratio(stat: dict) -> str:
-        low, high = stat["ci95"]
-        return f"{stat['median']:.3f} [{low:.3f}, {high:.3f}] {stat['verdict']}"
-
-    for line, row in zip(table, rows, strict=True):
+    table = table_body(text, "| model (batch, ghost) | donated | XLA options | BN ms | GBN ms |")
+    assert len(table) == len(ghost_norm_rows)
+    for line, row in zip(table, ghost_norm_rows, strict=True):
         expected = [
-            f"{names[row['model']]} ({row['batch']}, {row['ghost']})",
-            "yes" if row["donated"] else "no",
-            row["options"],
+            *ghost_norm_case(row),
             f"{row['bn_ms']:.1f}",
             f"{row['gbn_ms']:.1f}",
-            ratio(row["ratio"]),
-            ratio(row["cpu_ratio"]),
+            median_interval_verdict(row["ratio"]),
+            median_interval_verdict(row["cpu_ratio"]),
         ]
-        assert [c.strip() for c in line.strip("|").split("|")] == expected, line
+        assert line == expected, line
 
 
-def test_ghost_norm_control_table_is_the_record():
+def test_ghost_norm_control_table_is_the_record(ghost_norm_rows):
     """docs/performance.md's table of cores busy and of the one-ghost-batch control copies
     bench_ghost_norm.json."""
-    rows = json.loads((RESULTS / "bench_ghost_norm.json").read_text())["rows"]
     text = (ROOT / "docs" / "performance.md").read_text()
-    start = text.index("| model (batch, ghost) | donated | XLA options | cores busy:")
-    table = text[start:].split("\n\n")[0].splitlines()[2:]
-    assert len(table) == len(rows)
-    names = {"f1": "F1", "conv": "3-layer conv net"}
-    for line, row in zip(table, rows, strict=True):
-        low, high = row["one_ghost_ratio"]["ci95"]
-        median, verdict = row["one_ghost_ratio"]["median"], row["one_ghost_ratio"]["verdict"]
+    table = table_body(text, "| model (batch, ghost) | donated | XLA options | cores busy:")
+    assert len(table) == len(ghost_norm_rows)
+    for line, row in zip(table, ghost_norm_rows, strict=True):
         expected = [
-            f"{names[row['model']]} ({row['batch']}, {row['ghost']})",
-            "yes" if row["donated"] else "no",
-            row["options"],
+            *ghost_norm_case(row),
             " / ".join(f"{row['cores_busy'][k]:.2f}" for k in ("bn", "gbn", "gbn_one")),
-            f"{median:.3f} [{low:.3f}, {high:.3f}] {verdict}",
+            median_interval_verdict(row["one_ghost_ratio"]),
         ]
-        assert [c.strip() for c in line.strip("|").split("|")] == expected, line
+        assert line == expected, line

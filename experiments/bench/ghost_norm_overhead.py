@@ -282,14 +282,14 @@ def bench(name: str, rounds: int, steps_per_round: int, warmup: int) -> list[dic
                 "donated": donate,
                 "options": options,
                 "compiler_options": OPTIONS[options],
-                "bn_ms": 1e3 * statistics.median(t for r in wall["bn"] for t in r),
-                "gbn_ms": 1e3 * statistics.median(t for r in wall["gbn"] for t in r),
+                "bn_ms": 1e3 * pooled_median(wall["bn"]),
+                "gbn_ms": 1e3 * pooled_median(wall["gbn"]),
                 "ratio": ratio_summary(paired_ratios(wall["gbn"], wall["bn"])),
                 "cpu_ratio": ratio_summary(paired_ratios(cpu["gbn"], cpu["bn"])),
-                "one_ghost_ms": 1e3 * statistics.median(t for r in wall["gbn_one"] for t in r),
+                "one_ghost_ms": 1e3 * pooled_median(wall["gbn_one"]),
                 "one_ghost_ratio": ratio_summary(paired_ratios(wall["gbn_one"], wall["bn"])),
                 "one_ghost_cpu_ratio": ratio_summary(paired_ratios(cpu["gbn_one"], cpu["bn"])),
-                "cores_busy": {k: cores_busy(cpu[k], wall[k]) for k in KINDS},
+                "cores_busy": {k: pooled_median(cpu[k]) / pooled_median(wall[k]) for k in KINDS},
                 "rounds": rounds,
                 "steps_per_round": steps_per_round,
                 "load_average_start": load,
@@ -302,18 +302,19 @@ def bench(name: str, rounds: int, steps_per_round: int, warmup: int) -> list[dic
     return rows
 
 
-def cores_busy(cpu: list[list[float]], wall: list[list[float]]) -> float:
-    """How many cores a variant keeps busy: its median CPU time over its median wall time."""
-    median = lambda rounds: statistics.median(t for r in rounds for t in r)
-    return median(cpu) / median(wall)
+def pooled_median(rounds: list[list[float]]) -> float:
+    """The median of every step time of every round."""
+    return statistics.median(t for r in rounds for t in r)
+
+
+def interval_cell(s: dict) -> str:
+    """A ``ratio_summary``'s 95% interval of the median and its verdict."""
+    return "[{:.3f}, {:.3f}] {}".format(*s["ci95"], s["verdict"])
 
 
 def table(rows: list[dict]) -> str:
     def ratio_cell(s: dict) -> str:
         return f"{s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}] ({s['min']:.2f}-{s['max']:.2f})"
-
-    def interval_cell(s: dict) -> str:
-        return "[{:.3f}, {:.3f}] {}".format(*s["ci95"], s["verdict"])
 
     cells = [
         [
@@ -345,7 +346,7 @@ def control_table(rows: list[dict]) -> str:
     """Per case: the cores each variant keeps busy, and the control (one ghost batch) against BN."""
 
     def cell(s: dict) -> str:
-        return "{:.3f} [{:.3f}, {:.3f}] {}".format(s["median"], *s["ci95"], s["verdict"])
+        return f"{s['median']:.3f} {interval_cell(s)}"
 
     cells = [
         [
