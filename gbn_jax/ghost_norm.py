@@ -423,6 +423,7 @@ def _group_normalizer(
     stat_dtype: Dtype,
     out_dtype: Dtype,
     combine: Callable[..., tuple[Array, ...]],
+    groups: int | None = None,
 ) -> Callable[..., tuple[Array, Array, Array, Array]]:
     """Builds ``normalize(xg, scale, bias, mask) -> (y, mean, var, count)`` per group.
 
@@ -430,6 +431,12 @@ def _group_normalizer(
     axes reduced for statistics; ``scale``, ``bias`` broadcast against ``xg`` (or are
     None); ``mask`` is None or a boolean array broadcastable to ``xg``; ``combine`` adds up
     sums of a ghost batch that is spread over several devices.
+
+    With ``groups``, ``xg`` is instead the input as it comes (``mask`` broadcastable to
+    it): the sums see it split into ``groups`` ghost batches on a new axis 0 (a view; the
+    axes above, the statistics and ``scale``, ``bias`` are in that grouped layout), and
+    the elementwise passes run on the input's own layout, each example with its ghost
+    batch's statistics.
 
     The derivative is a hand-written JVP rule (``jax.custom_jvp``), so forward mode
     (``jax.jvp``, ``jax.jacfwd``, Hessian-vector products) works. Reverse mode is JAX's
@@ -444,18 +451,36 @@ def _group_normalizer(
     def masked(v: Array, mask: Array | None) -> Array:
         return v if mask is None else jnp.where(mask, v, 0)
 
+    def grouped_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape if groups is None else (groups, shape[0] // groups, *shape[1:])
+
     def group_sum(v: Array, mask: Array | None = None) -> Array:
-        return masked(v, mask).sum(reduce_axes, keepdims=True)
+        v = masked(v, mask)
+        return v.reshape(grouped_shape(v.shape)).sum(reduce_axes, keepdims=True)
+
+    def per_example(s: Array, batch: int) -> Array:
+        """Per-group values (grouped layout) broadcast against the ``batch`` examples."""
+        if groups is None:
+            return s
+        if s.shape[0] == 1:
+            return s.reshape(s.shape[1:])
+        rows = jnp.broadcast_to(s, (groups, batch // groups, *s.shape[2:]))
+        return rows.reshape(batch, *s.shape[2:])
 
     def forward(xg, scale, bias, mask):
         """Outputs and the values the tangent rule needs."""
+        batch = xg.shape[0]
         xf = xg.astype(stat_dtype)
         s1 = group_sum(xf, mask)
+        shape = grouped_shape(xg.shape)
         if mask is None:
-            local_count = float(np.prod([xg.shape[a] for a in reduce_axes]))
+            local_count = float(np.prod([shape[a] for a in reduce_axes]))
             count = jnp.full(s1.shape, local_count, real_dtype)
         else:
-            missing = np.prod([xg.shape[a] for a in reduce_axes if mask.shape[a] == 1])
+            if groups is not None:  # one mask row per example, so that it can be split
+                mask = jnp.broadcast_to(mask, (batch, *mask.shape[1:]))
+            mask_shape = grouped_shape(mask.shape)
+            missing = np.prod([shape[a] for a in reduce_axes if mask_shape[a] == 1])
             count = group_sum(mask.astype(real_dtype)) * missing
             count = jnp.broadcast_to(count, s1.shape)
         if use_fast_variance:
@@ -467,14 +492,14 @@ def _group_normalizer(
             s1, count = combine(s1, count)
             n = jnp.maximum(count, 1.0)
             mean = s1 / n
-            (s2,) = combine(group_sum(_abs_sq(xf - mean), mask))
+            (s2,) = combine(group_sum(_abs_sq(xf - per_example(mean, batch)), mask))
             var = s2 / n
         inv_std = lax.rsqrt(var + epsilon)
         mul = inv_std if scale is None else inv_std * scale
-        centred = xf - mean
-        y = centred * mul
+        centred = xf - per_example(mean, batch)
+        y = centred * per_example(mul, batch)
         if bias is not None:
-            y = y + bias
+            y = y + per_example(bias, batch)
         return (y.astype(out_dtype), mean, var, count), (centred, inv_std, mul, n)
 
     def tangents(primals, tangents):
@@ -495,7 +520,8 @@ def _group_normalizer(
         # compiles the transpose to the rounding of the hand-written VJP this rule
         # replaced (F1 train steps stay bit-identical): dx = mul * dy + (c * a' - b')
         # with the negation applied last to b'.
-        dy = mul * dxf
+        batch = xg.shape[0]
+        dy = per_example(mul, batch) * dxf
         # Masked examples are outside the statistics, but their outputs use them.
         sum_dx, sum_c_dx = combine(group_sum(dxf, mask), group_sum(masked(centred, mask) * dxf))
         d_mean = sum_dx / n
@@ -506,7 +532,7 @@ def _group_normalizer(
         per_group = mul * (-sum_dx / n)
         if bias is not None:
             per_group = per_group + dbias
-        dy = dy + centred * per_centred + per_group
+        dy = dy + centred * per_example(per_centred, batch) + per_example(per_group, batch)
         count = outputs[3]
         return outputs, (dy.astype(out_dtype), d_mean, d_var, jnp.zeros_like(count))
 
@@ -685,20 +711,33 @@ def ghost_batch_norm(
     # size 1, XLA:CPU compiles the backward pass's sum of dy * (x - mean) to a reduction
     # that is tens of times slower than the same sum over the unsplit input.
     one_piece = pieces == 1 and not with_remainder
+    # An input with axes besides batch and features (an image) is split into ghost
+    # batches for the sums only; its elementwise passes keep its own layout. Written on
+    # the split layout, they made XLA:CPU schedule a conv net's backward pass so that no
+    # weight gradient of a convolution overlapped anything else (bench_conv_step_profile
+    # in experiments/results). A dense input keeps the split layout throughout: the
+    # rounding the committed runs were trained with.
+    split_for_sums = not one_piece and not with_remainder and ndim > 2
     if with_remainder:
         grouped = _pack_with_remainder(x, ghost_batch_size, 0)
         grouped_mask = _packed_mask(mask, x.shape, ghost_batch_size)
-    elif one_piece:
+    elif one_piece or split_for_sums:
         grouped, grouped_mask = x, _checked_mask(mask, x.shape)
     else:
         grouped = x.reshape(pieces, batch // pieces, *x.shape[1:])
         grouped_mask = _grouped_mask(mask, x.shape, pieces)
-    # Statistics reduce the examples of a ghost batch (axis 1 of `grouped`, or axis 0 of
-    # an ungrouped input, unless that axis holds features) and every other non-feature axis.
+    # Statistics reduce the examples of a ghost batch (axis 1 of the split layout, or axis
+    # 0 of one ghost batch, unless that axis holds features) and every other non-feature axis.
     lead = 0 if one_piece else 1
     reduce_axes = tuple(a + lead for a in range(ndim) if a not in feature_axes)
     normalize = _group_normalizer(
-        reduce_axes, epsilon, use_fast_variance, stat_dtype, out_dtype, combine
+        reduce_axes,
+        epsilon,
+        use_fast_variance,
+        stat_dtype,
+        out_dtype,
+        combine,
+        groups=pieces if split_for_sums else None,
     )
     y, mean, var, count = normalize(
         grouped,

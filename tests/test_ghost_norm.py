@@ -253,6 +253,40 @@ def test_one_ghost_batch_compiles_without_a_group_axis(ghost, remainder):
     assert re.findall(r"f32\[1,32,24\]", grouped)  # the pattern finds such an array
 
 
+def test_image_input_is_split_into_ghost_batches_for_the_sums_only():
+    """Conv -> GhostBatchNorm (4 ghost batches) -> ReLU -> pool -> conv: the compiled
+    forward and backward pass writes no array in the split (groups, ghost, H, W, C)
+    layout; only the sums read the input that way. (Written on the split layout, the
+    elementwise passes led XLA:CPU to order a conv net's backward pass so that each
+    weight-gradient convolution ran alone.)"""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), use_bias=False)(x)
+            x = nn.relu(GhostBatchNorm(ghost_batch_size=8, use_running_average=False)(x))
+            return nn.Conv(4, (3, 3))(nn.max_pool(x, (2, 2), (2, 2)))
+
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(32, 8, 8, 3)), jnp.float32)
+    variables = Net().init(jax.random.key(0), x)
+
+    def loss(params, x):
+        y, _ = Net().apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(y * y)
+
+    def written(compiled):
+        hlo = compiled.as_text()
+        entry = hlo[hlo.index("\nENTRY") :]
+        return re.findall(r"^\s*(?:ROOT )?%\S+ = \(?(\S+\[[\d,]*\])", entry, re.M), hlo
+
+    shapes, hlo = written(jax.jit(jax.grad(loss)).lower(variables["params"], x).compile())
+    assert "f32[32,8,8,8]" in shapes
+    assert "f32[4,8,8,8,8]" not in shapes
+    assert "f32[4,8,8,8,8]" in hlo  # the sums' view of the input, inside fusions
+    split = jax.jit(lambda v: 2 * v.reshape(4, 8, 8, 8, 8)).lower(jnp.ones((32, 8, 8, 8)))
+    assert "f32[4,8,8,8,8]" in written(split.compile())[0]  # the pattern finds one
+
+
 def test_variables_init_and_inference_match_batchnorm():
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)
@@ -772,6 +806,21 @@ def test_explicit_sharding_equals_single_device(sharded_setup, explicit_mesh, gh
     if ghost is not None and ghost <= batch // 8:
         assert ops == []
     assert not {batch, batch // 8} & set(_dims(" ".join(shape for _, shape in ops)))
+
+
+@pytest.mark.parametrize("ghost", [4, 32])  # in a device, and two devices per ghost batch
+def test_explicit_sharding_of_an_image_input_equals_single_device(explicit_mesh, ghost):
+    """The per-example statistics of an input with spatial axes keep the batch sharding."""
+    rng = np.random.default_rng(23)
+    x, dy = (jnp.asarray(rng.normal(size=(128, 3, 5)) * 2 + 0.5, jnp.float32) for _ in "xy")
+    module = GhostBatchNorm(ghost_batch_size=ghost, momentum=0.9)
+    variables = _perturbed_variables(rng, 5)
+    step = jax.jit(lambda v, x, dy: _loss_and_stats(module, v, x, dy))
+    single = step(variables, x, dy)
+    with jax.set_mesh(explicit_mesh):
+        sharded = step(variables, *(jax.device_put(a, P("data")) for a in (x, dy)))
+        assert jax.typeof(sharded[0]).sharding.spec[0] == "data"
+    assert_trees_close(sharded, single, rtol=1e-5, atol=1e-5)
 
 
 def test_explicit_sharding_rejects_ghost_batches_straddling_devices(explicit_mesh):
