@@ -405,12 +405,14 @@ copies and transposes of arrays that size anywhere in the module, inside fusions
 
 {hlo_table}
 
-- The grouping costs no data movement. The reshape (B, ...) -> (k, B/k, ...) keeps the
-  row-major order, so XLA compiles it, and the reshape back, to bitcasts; GBN's step
-  has no copy or transpose that BN's lacks (the transposes of both are the
-  weight-gradient layouts of the convolutions). The per-ghost-batch statistics, of
-  shape (k, 1, ..., F), are broadcast inside the elementwise fusions, as
-  nn.BatchNorm's (F,) statistics are.
+- The ghost batches cost no data movement. The sums read the input split into ghost
+  batches, (B, ...) -> (k, B/k, ...), a reshape that keeps the row-major order and
+  compiles to a bitcast; GBN's step has no copy or transpose that BN's lacks (the
+  transposes of both are the weight-gradient layouts of the convolutions). The
+  per-ghost-batch statistics are broadcast inside the elementwise fusions, as
+  nn.BatchNorm's are; for an input with spatial axes (the conv net) those passes run on
+  the input's own layout, each example with its ghost batch's statistics, while a dense
+  input (F1) stays split throughout.
 - GBN's step makes fewer passes over activations than BN's. The derivative is a
   custom JVP rule whose transpose is one fused reduction of (dy, dy * (x - mean)) per
   ghost batch and one elementwise pass for dx; autodiff of nn.BatchNorm materializes
@@ -419,7 +421,8 @@ copies and transposes of arrays that size anywhere in the module, inside fusions
   fresh pages every step.
 - The rest of the step (dense layers, convolutions, pooling, the loss, the optimizer)
   is the same HLO in both variants; how XLA:CPU schedules it around the normalization
-  (which independent ops run at the same time on the two cores) may differ.
+  (which independent ops run at the same time on the two cores) may differ:
+  `python -m experiments.bench.conv_step_profile` profiles the conv net's step op by op.
 """
 
 
