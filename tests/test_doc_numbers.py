@@ -152,3 +152,20 @@ def test_ghost_norm_control_table_is_the_record(ghost_norm_rows):
             median_interval_verdict(row["one_ghost_ratio"]),
         ]
         assert line == expected, line
+
+
+def test_conv_step_profile_table_is_the_records():
+    """docs/performance.md's op-by-op table of the conv net's step copies the two profile
+    records (the layer's elementwise passes on the split layout, then on the input's
+    own): per layer, the step time, the time with one op running and the weight-gradient
+    convolutions' time, all of it and the part no other op overlapped."""
+    kinds = {"bn": "nn.BatchNorm", "gbn": "GhostBatchNorm", "gbn_one": "one ghost batch"}
+    layouts = {"split": "bench_conv_step_profile_split_layout", "own": "bench_conv_step_profile"}
+    text = (ROOT / "docs" / "performance.md").read_text()
+    table = table_body(text, "| elementwise passes on | layer | step ms |")
+    expected = []
+    for layout, stem in layouts.items():
+        for row in json.loads((RESULTS / f"{stem}.json").read_text())["rows"]:
+            numbers = ("wall_ms", "one_op_ms", "weight_gradients_ms", "weight_gradients_alone_ms")
+            expected.append([layout, kinds[row["kind"]], *(f"{row[k]:.1f}" for k in numbers)])
+    assert [[line[0].split(" ")[0], *line[1:]] for line in table] == expected
