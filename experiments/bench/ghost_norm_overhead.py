@@ -10,8 +10,9 @@ the JSON records it) and sets up no huge pages of its own.
 
 A third layer, the control, is GhostBatchNorm with one ghost batch (ghost size = the
 batch): it separates what the grouping costs from what the rest of the layer's program
-costs. All twelve steps of a model (3 layers x 4 cases) are timed in interleaved rounds,
-the order rotating every round, so that load from other jobs hits every variant alike.
+costs. All steps of a model (3 layers x the cases timed, 4 by default) are timed in
+interleaved rounds, the order rotating every round, so that load from other jobs hits
+every variant alike.
 Per case the tables report the median step times, the GBN/BN ratio of each round (its
 median, quartiles and range, for wall time and for the process's CPU time) and how many
 cores each variant keeps busy.
@@ -30,7 +31,10 @@ Usage (from the repository root):
   .venv/bin/python -m experiments.bench.ghost_norm_overhead --rounds 3 --no-write   # smoke run
   .venv/bin/python -m experiments.bench.ghost_norm_overhead --models resnet44,wrn16_4
 
-Writes experiments/results/bench_ghost_norm.{md,json}.
+  .venv/bin/python -m experiments.bench.ghost_norm_overhead --options default \
+      --rounds 80 --name bench_ghost_norm_xla_defaults          # XLA's default options only
+
+Writes experiments/results/bench_ghost_norm.{md,json} (``--name`` changes the stem).
 
 References:
   Hoffer et al. 2017, Section 4 (Ghost Batch Normalization), Section 5 (F1, batch 4096,
@@ -47,6 +51,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -77,7 +82,7 @@ NOTES = """\
 
 The machine is a 2-core VM whose neighbours' load (and any job of ours, the load average
 in the header) varies, so absolute times move from run to run and single steps vary by
-20% or more. The twelve variants of a model are
+20% or more. The variants of a model are
 interleaved round by round, so the per-round GBN/BN ratios are what to read; CPU time
 (this process's, all threads) is less inflated by waiting for a core than wall time.
 
@@ -242,14 +247,16 @@ def ratio_summary(ratios: list[float]) -> dict:
     return {**timing.spread(ratios), "ci95": (low, high), "verdict": verdict}
 
 
-def bench(name: str, rounds: int, steps_per_round: int, warmup: int) -> list[dict]:
-    """Times one model's twelve variants (3 layers x 4 cases) interleaved; one row per case."""
+def bench(
+    name: str, rounds: int, steps_per_round: int, warmup: int, cases: tuple = CASES
+) -> list[dict]:
+    """Times one model's variants (3 layers x each of ``cases``) interleaved; one row per case."""
     build, batch, ghost, shape = MODELS[name]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, *shape)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, size=batch).astype(np.int32))
     runners, variants = {}, []
-    for donate, options in CASES:
+    for donate, options in cases:
         for kind in KINDS:
             key = (donate, options, kind)
             # Traced as the trainer traces its programs under these options (the
@@ -267,7 +274,7 @@ def bench(name: str, rounds: int, steps_per_round: int, warmup: int) -> list[dic
     times = timing.interleave(variants, rounds, steps_per_round, f"{name} (batch {batch})")
     load_end = os.getloadavg()
     rows = []
-    for donate, options in CASES:
+    for donate, options in cases:
         case = case_name(donate, options)
         wall = {kind: times[f"{case}/{kind}"] for kind in KINDS}
         cpu = {}
@@ -432,13 +439,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1, help="steps per variant and round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--models", default="f1,conv")
+    parser.add_argument(
+        "--options", default=",".join(OPTIONS), help="XLA option sets to time: default,trainer"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--name", default=Path(RESULTS_STEM).name, help="the record's file stem")
     args = parser.parse_args(argv)
+    unknown = set(args.options.split(",")) - set(OPTIONS)
+    if unknown:
+        parser.error(f"--options {args.options!r}: unknown {sorted(unknown)}; use {list(OPTIONS)}")
+    cases = tuple(c for c in CASES if c[1] in args.options.split(","))
     env = provenance.environment(MODULE, args)
     rows = [
         row
         for name in args.models.split(",")
-        for row in bench(name, args.rounds, args.steps, args.warmup)
+        for row in bench(name, args.rounds, args.steps, args.warmup, cases)
     ]
     text = table(rows)
     if args.no_write:
@@ -464,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
             where=WHERE_THE_TIME_GOES.format(hlo_table=hlo_table(rows)),
         ).strip(),
     )
-    tables.write_outputs(RESULTS_STEM, {"environment": env, "rows": rows}, markdown)
+    tables.write_outputs(str(RESULTS_DIR / args.name), {"environment": env, "rows": rows}, markdown)
 
 
 if __name__ == "__main__":
