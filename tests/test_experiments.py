@@ -303,6 +303,68 @@ def test_ghost_size_rows_are_ratios_to_plain_bn_round_by_round():
     assert "4096 (plain BN)" in ghost_size_step.table(rows)
 
 
+def test_conv_step_profile_sweeps_each_step_by_hand():
+    """Two steps of made-up trace events, the second the first shifted by 1000 µs: ops A
+    (0-50), B (25-75) and the weight gradient W (50-100) in a step of 0-100, plus an
+    event of another program: exactly one op runs in 0-25 (A) and 75-100 (W)."""
+    from experiments.bench import conv_step_profile
+
+    def x(name, ts, dur):
+        return {"name": name, "ts": ts, "dur": dur, "ph": "X"}
+
+    events = []
+    for t in (0, 1000):
+        events += [x(conv_step_profile.STEP, t, 100), x("A", t, 50), x("B", t + 25, 50)]
+        events += [x("W", t + 50, 50), x("elsewhere", t + 10, 20)]
+    steps = conv_step_profile.step_profile(events, {"A", "B", "W"}, {"Conv_0": "W"})
+    assert len(steps) == 2
+    for step in steps:
+        assert step["wall_ms"] == pytest.approx(0.1)
+        assert step["one_op_ms"] == pytest.approx(0.05)
+        assert step["op_ms_per_wall_ms"] == pytest.approx(1.5)
+        assert step["weight_gradients"]["Conv_0"] == pytest.approx({"ms": 0.05, "alone_ms": 0.025})
+
+
+def test_conv_step_profile_finds_weight_gradients_and_their_neighbours():
+    """In a made-up compiled module, the weight gradient is the convolution (called from
+    a fusion) whose output has the kernel's dimensions; the activation-sized one is not."""
+    from experiments.bench import conv_step_profile
+
+    hlo = """HloModule m
+
+%fused_dgrad (p0: f32[8,4,4,2], p1: f32[3,3,2,5]) -> f32[8,4,4,5] {
+  ROOT %convolution.1 = f32[8,4,4,5]{3,2,1,0} convolution(%p0, %p1)
+}
+
+%fused_wgrad (p0: f32[2,4,4,8], p1: f32[4,4,8,5]) -> f32[2,3,3,5] {
+  ROOT %convolution.2 = f32[2,3,3,5]{3,2,1,0} convolution(%p0, %p1)
+}
+
+ENTRY %main (k: f32[3,3,2,5], a: f32[8,4,4,2]) -> f32[2,3,3,5] {
+  %k = f32[3,3,2,5]{3,2,1,0} parameter(0)
+  %a = f32[8,4,4,2]{3,2,1,0} parameter(1)
+  %dgrad = f32[8,4,4,5]{3,2,1,0} fusion(%a, %k), kind=kCustom, calls=%fused_dgrad
+  %copy.1 = f32[3,3,2,5]{3,2,1,0} copy(%k)
+  %wgrad = f32[2,3,3,5]{3,2,1,0} fusion(%a, %dgrad), kind=kCustom, calls=%fused_wgrad
+  ROOT %next = f32[2,3,3,5]{3,2,1,0} add(%wgrad, %wgrad)
+}
+"""
+    assert conv_step_profile.weight_gradients(hlo, {"Conv_0": (3, 3, 2, 5)}) == {"Conv_0": "wgrad"}
+    assert conv_step_profile.schedule_neighbours(hlo, "wgrad") == (
+        "copy.1 f32[3,3,2,5] -> wgrad f32[2,3,3,5] -> next f32[2,3,3,5]"
+    )
+
+
+def test_ghost_norm_overhead_rejects_an_unknown_option_set(capsys):
+    from experiments.bench import ghost_norm_overhead
+
+    with pytest.raises(SystemExit):
+        ghost_norm_overhead.main(["--options", "defaults", "--no-write"])
+    assert "--options 'defaults': unknown ['defaults']; use ['default', 'trainer']" in (
+        capsys.readouterr().err
+    )
+
+
 def test_group_reduction_rows_pair_rounds_per_core_count():
     from experiments.bench import group_reduction
 
