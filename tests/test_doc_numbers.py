@@ -169,3 +169,22 @@ def test_conv_step_profile_table_is_the_records():
             numbers = ("wall_ms", "one_op_ms", "weight_gradients_ms", "weight_gradients_alone_ms")
             expected.append([layout, kinds[row["kind"]], *(f"{row[k]:.1f}" for k in numbers)])
     assert [[line[0].split(" ")[0], *line[1:]] for line in table] == expected
+
+
+def test_ghost_norm_xla_defaults_table_is_the_record():
+    """docs/performance.md's longer run at XLA's default options copies
+    bench_ghost_norm_xla_defaults.json, as the four-case table copies its record."""
+    rows = json.loads((RESULTS / "bench_ghost_norm_xla_defaults.json").read_text())["rows"]
+    text = (ROOT / "docs" / "performance.md").read_text()
+    start = text.index("--name bench_ghost_norm_xla_defaults")
+    table = table_body(text[start:], "| model (batch, ghost) | donated | XLA options | BN ms |")
+    assert len(table) == len(rows)
+    for line, row in zip(table, rows, strict=True):
+        expected = [
+            *ghost_norm_case(row),
+            f"{row['bn_ms']:.1f}",
+            f"{row['gbn_ms']:.1f}",
+            median_interval_verdict(row["ratio"]),
+            median_interval_verdict(row["cpu_ratio"]),
+        ]
+        assert line == expected, line
