@@ -266,6 +266,27 @@ def test_model_flops_match_closed_forms():
     assert step_speed.count_matmul_flops(jaxpr) == conv + dot
 
 
+def test_step_speed_table_has_a_column_per_reference_that_ran():
+    """Without the PyTorch variants the table compares with JAX's BatchNorm only, and a
+    reference's own row reads 1.00."""
+    from experiments.bench import step_speed
+
+    def variant(step_s, **speedups):
+        extra = {f"speedup_vs_{k}": v for k, v in speedups.items()}
+        return {"median_step_s": step_s, "examples_per_s": 512 / step_s, **extra} | {
+            "model_flops_per_s": 7e10,
+            "mfu": 0.35,
+        }
+
+    text = step_speed.speed_table(
+        {"jax_gbn": variant(4.5, jax_bn=0.98), "jax_bn": variant(4.4, jax_gbn=1.02)}
+    )
+    header, _, gbn, bn = text.splitlines()
+    assert "torch" not in header and header.count("x vs") == 1 and "x vs jax_bn" in header
+    assert gbn.split("|")[4].strip() == "0.98"
+    assert bn.split("|")[4].strip() == "1.00"
+
+
 def test_bench_sweep_trainer_entry_is_the_trainer_default():
     from experiments.bench import step_speed
     from gbn_jax.trainer import steps

@@ -558,37 +558,33 @@ def main_benchmark(args: argparse.Namespace) -> None:
         "",
     ]
     for rec in records:
-        rows = []
-        for name, s in rec["variants"].items():
-            rows.append(
-                [
-                    name,
-                    f"{s['median_step_s'] * 1e3:.0f}",
-                    f"{s['examples_per_s']:.0f}",
-                    f"{s.get('speedup_vs_' + REFERENCE, 1.0):.2f}",
-                    f"{s.get('speedup_vs_torch_bn', 1.0):.2f}",
-                    f"{s['model_flops_per_s'] / 1e12:.2f}",
-                    f"{s['mfu']:.1%}",
-                ]
-            )
         lines += [
             f"## {rec['model']}, batch {rec['batch']}, ghost {rec['ghost']}",
             "",
-            tables.markdown_table(
-                [
-                    "variant",
-                    "step (ms)",
-                    "examples/s",
-                    f"x vs {REFERENCE}",
-                    "x vs torch_bn",
-                    "model TFLOP/s",
-                    "MFU",
-                ],
-                rows,
-            ),
+            speed_table(rec["variants"]),
             "",
         ]
     tables.write_outputs(stem, {"environment": env, "results": records}, "\n".join(lines))
+
+
+def speed_table(variants: dict[str, dict[str, Any]]) -> str:
+    """One model's variants: step time, throughput, the speed-up over each reference that
+    ran (the authors' chunk loop, torch BN, JAX BN; 1.00 on the reference's own row), model
+    TFLOP/s and MFU."""
+    refs = [ref for ref in (REFERENCE, "torch_bn", "jax_bn") if ref in variants]
+    rows = [
+        [
+            name,
+            f"{v['median_step_s'] * 1e3:.0f}",
+            f"{v['examples_per_s']:.0f}",
+            *(f"{1.0 if name == ref else v['speedup_vs_' + ref]:.2f}" for ref in refs),
+            f"{v['model_flops_per_s'] / 1e12:.2f}",
+            f"{v['mfu']:.1%}",
+        ]
+        for name, v in variants.items()
+    ]
+    header = ["variant", "step (ms)", "examples/s", *(f"x vs {r}" for r in refs)]
+    return tables.markdown_table([*header, "model TFLOP/s", "MFU"], rows)
 
 
 # ---------------------------------------------------------------------------------------
