@@ -188,3 +188,15 @@ def test_ghost_norm_xla_defaults_table_is_the_record():
             median_interval_verdict(row["cpu_ratio"]),
         ]
         assert line == expected, line
+
+
+def test_resnet44_jax_rerun_numbers_are_the_record():
+    """The ResNet-44 JAX-only step times quoted in docs/performance.md are
+    bench_train_resnet44_jax.json's medians."""
+    record = json.loads((RESULTS / "bench_train_resnet44_jax.json").read_text())
+    (model,) = record["results"]
+    ms = {k: round(v["median_step_s"] * 1e3) for k, v in model["variants"].items()}
+    text = " ".join((ROOT / "docs" / "performance.md").read_text().split())
+    assert f"GhostBatchNorm {ms['jax_gbn']} ms, nn.BatchNorm {ms['jax_bn']} ms a step" in text
+    ratio = model["variants"]["jax_gbn"]["speedup_vs_jax_bn"]
+    assert f"speed-up {ratio:.2f} (median of the rounds)" in text
