@@ -121,6 +121,18 @@ def median_interval_verdict(stat: dict) -> str:
     return f"{stat['median']:.3f} [{low:.3f}, {high:.3f}] {stat['verdict']}"
 
 
+def step_time_cells(row: dict) -> list[str]:
+    """A row of performance.md's GBN/BN step-time tables: the case, the median step times
+    and, for wall and CPU time, the median ratio, its 95% interval and the verdict."""
+    return [
+        *ghost_norm_case(row),
+        f"{row['bn_ms']:.1f}",
+        f"{row['gbn_ms']:.1f}",
+        median_interval_verdict(row["ratio"]),
+        median_interval_verdict(row["cpu_ratio"]),
+    ]
+
+
 def test_ghost_norm_overhead_table_is_the_record(ghost_norm_rows):
     """docs/performance.md's GBN/BN train-step table copies bench_ghost_norm.json: per
     model and case, the median step times and, for wall and CPU time, the median
@@ -129,14 +141,7 @@ def test_ghost_norm_overhead_table_is_the_record(ghost_norm_rows):
     table = table_body(text, "| model (batch, ghost) | donated | XLA options | BN ms | GBN ms |")
     assert len(table) == len(ghost_norm_rows)
     for line, row in zip(table, ghost_norm_rows, strict=True):
-        expected = [
-            *ghost_norm_case(row),
-            f"{row['bn_ms']:.1f}",
-            f"{row['gbn_ms']:.1f}",
-            median_interval_verdict(row["ratio"]),
-            median_interval_verdict(row["cpu_ratio"]),
-        ]
-        assert line == expected, line
+        assert line == step_time_cells(row), line
 
 
 def test_ghost_norm_control_table_is_the_record(ghost_norm_rows):
@@ -180,14 +185,7 @@ def test_ghost_norm_xla_defaults_table_is_the_record():
     table = table_body(text[start:], "| model (batch, ghost) | donated | XLA options | BN ms |")
     assert len(table) == len(rows)
     for line, row in zip(table, rows, strict=True):
-        expected = [
-            *ghost_norm_case(row),
-            f"{row['bn_ms']:.1f}",
-            f"{row['gbn_ms']:.1f}",
-            median_interval_verdict(row["ratio"]),
-            median_interval_verdict(row["cpu_ratio"]),
-        ]
-        assert line == expected, line
+        assert line == step_time_cells(row), line
 
 
 def test_resnet44_jax_rerun_numbers_are_the_record():

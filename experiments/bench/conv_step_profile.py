@@ -50,10 +50,8 @@ STEP = "train_step"  # the trace annotation around each step
 def entry_ops(hlo: str) -> list[tuple[str, str, str]]:
     """(name, output shape, what it calls or its opcode) of the entry computation's ops,
     in the order XLA scheduled them."""
-    entry = hlo[hlo.index("\nENTRY") :]
-    entry = entry[: entry.index("\n}")]
     ops = []
-    for line in entry.splitlines():
+    for line in overhead.entry_computation(hlo).splitlines():
         op = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+\[[\d,]*\])\S* ([\w-]+)\(", line)
         if op:
             calls = re.search(r"calls=%([\w.\-]+)", line)
@@ -140,7 +138,7 @@ def bench(rounds: int, steps: int, warmup: int) -> list[dict]:
     variants = {}
     for kind in KINDS:
         runner = overhead.Runner(build(kind, batch if kind == "gbn_one" else ghost), x, y, {}, True)
-        hlo = runner.step.lower(*runner.state, x, y).compile().as_text()
+        hlo = runner.hlo_text
         kernels = {
             "/".join(str(getattr(k, "key", k)) for k in path[:-1]): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_leaves_with_path(runner.state[0])
@@ -153,7 +151,7 @@ def bench(rounds: int, steps: int, warmup: int) -> list[dict]:
         variants[kind] = (runner, hlo, ops, wgrads, [])
     kinds = list(KINDS)
     for r in tqdm(range(rounds), desc="conv step profile"):
-        for kind in kinds[r % 3 :] + kinds[: r % 3]:
+        for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
             runner, _, ops, wgrads, profiles = variants[kind]
             profiles += step_profile(traced_steps(runner, steps), ops, wgrads)
     rows = []

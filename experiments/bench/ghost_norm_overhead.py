@@ -161,7 +161,9 @@ class Runner:
         self.state = (variables["params"], variables["batch_stats"])
         self.state += (tx.init(variables["params"]),)
         self.x, self.y = x, y
-        self.hlo = hlo_summary(self.step.lower(*self.state, x, y).compile())
+        compiled = self.step.lower(*self.state, x, y).compile()
+        self.hlo_text = compiled.as_text()
+        self.hlo = hlo_summary(compiled)
         self.cpu_times: list[float] = []
 
     def call(self) -> None:
@@ -172,14 +174,19 @@ class Runner:
         self.state = (params, stats, opt)
 
 
+def entry_computation(hlo: str) -> str:
+    """The entry computation of a compiled module's text (its ops in schedule order)."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    return entry[: entry.index("\n}")]
+
+
 def hlo_summary(compiled: jax.stages.Compiled, big: int = 2**20) -> dict:
     """What the compiled step does, counting arrays of at least ``big`` elements (an
     activation) as full-size: fusions and reductions; ops of the entry computation that
     write a full-size array (passes over activations); full-size copies and transposes
     anywhere, inside fusions too (data movement); the temporary bytes of one step."""
     hlo = compiled.as_text()
-    entry = hlo[hlo.index("\nENTRY") :]
-    entry = entry[: entry.index("\n}")]
+    entry = entry_computation(hlo)
     op = re.compile(r"^\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* ([\w-]+)\(", re.M)
 
     def full_size(dims: str) -> bool:
@@ -319,15 +326,22 @@ def interval_cell(s: dict) -> str:
     return "[{:.3f}, {:.3f}] {}".format(*s["ci95"], s["verdict"])
 
 
+def case_cells(r: dict) -> list[str]:
+    """The first three cells of every table's row: model (batch, ghost), donated, options."""
+    return [
+        f"{r['model']} ({r['batch']}, {r['ghost']})",
+        "yes" if r["donated"] else "no",
+        r["options"],
+    ]
+
+
 def table(rows: list[dict]) -> str:
     def ratio_cell(s: dict) -> str:
         return f"{s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}] ({s['min']:.2f}-{s['max']:.2f})"
 
     cells = [
         [
-            f"{r['model']} ({r['batch']}, {r['ghost']})",
-            "yes" if r["donated"] else "no",
-            r["options"],
+            *case_cells(r),
             f"{r['bn_ms']:.1f}",
             f"{r['gbn_ms']:.1f}",
             ratio_cell(r["ratio"]),
@@ -357,9 +371,7 @@ def control_table(rows: list[dict]) -> str:
 
     cells = [
         [
-            f"{r['model']} ({r['batch']}, {r['ghost']})",
-            "yes" if r["donated"] else "no",
-            r["options"],
+            *case_cells(r),
             " / ".join(f"{r['cores_busy'][k]:.2f}" for k in KINDS),
             f"{r['one_ghost_ms']:.1f}",
             cell(r["one_ghost_ratio"]),
@@ -385,9 +397,7 @@ def hlo_table(rows: list[dict]) -> str:
 
     cells = [
         [
-            f"{r['model']} ({r['batch']}, {r['ghost']})",
-            "yes" if r["donated"] else "no",
-            r["options"],
+            *case_cells(r),
             pair(r, "fusions"),
             pair(r, "full_size_writes"),
             pair(r, "reduce_ops"),
