@@ -48,8 +48,10 @@ from jax.sharding import PartitionSpec as P
 
 RunningUpdate = Literal["sequential", "mean"]
 Remainder = Literal["error", "own_ghost_batch"]
+Layout = Literal["input", "ghost_batches"]
 RUNNING_UPDATES: tuple[str, ...] = get_args(RunningUpdate)
 REMAINDERS: tuple[str, ...] = get_args(Remainder)
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 # A remainder of fewer examples than this joins the ghost batch before it: one example
 # alone has variance 0 and would normalize to the bias.
 MIN_REMAINDER = 2
@@ -85,6 +87,11 @@ FIELD_DOCS = {
     f"like any other; a remainder of fewer than {MIN_REMAINDER} examples joins the ghost "
     "batch before it instead. Not with axis_name or a batch sharded over an explicit "
     "mesh.",
+    "layout": 'where the elementwise passes of training run: "input" (the default) on '
+    "the input as it comes, each example with its ghost batch's statistics; "
+    '"ghost_batches" on the input viewed as (ghost batches, ghost size, ...). The '
+    "results agree up to float rounding; XLA compiles the first to faster code, and "
+    "the second is the rounding gbn_jax.models.F1 was trained with.",
 }
 
 
@@ -129,6 +136,7 @@ class GhostOptions:
     ghost_batch_size: int | None = None
     running_update: RunningUpdate = "sequential"
     remainder: Remainder = "error"
+    layout: Layout = "input"
 
     def __post_init__(self) -> None:
         ghost_batch_size = self.ghost_batch_size
@@ -154,6 +162,12 @@ class GhostOptions:
                 f"Unknown {remainder=}; use one of {REMAINDERS} ('error' "
                 "rejects a batch that is not a multiple of ghost_batch_size, "
                 "'own_ghost_batch' normalizes its last examples as a smaller ghost batch)."
+            )
+        if self.layout not in LAYOUTS:
+            layout = self.layout
+            raise ValueError(
+                f"Unknown {layout=}; use one of {LAYOUTS} ('input' is the default, "
+                "'ghost_batches' reproduces the rounding of the split layout)."
             )
 
 
@@ -371,14 +385,16 @@ def _sum_consecutive(sums: tuple[Array, ...], shards_per_ghost_batch: int) -> tu
     """Sums of ``shards_per_ghost_batch`` consecutive pieces (axis 0), repeated for each.
 
     For a ghost batch spread over several shards of an explicit mesh: the small
-    per-shard sums are gathered (replicated), added up per ghost batch and broadcast back.
+    per-shard sums are gathered (replicated), added up per ghost batch and broadcast back,
+    sharded as they came, so that each shard's examples meet their statistics locally.
     """
     out = []
     for v in sums:
         full = jax.sharding.reshard(v, P())
         total = full.reshape(-1, shards_per_ghost_batch, *full.shape[1:]).sum(1, keepdims=True)
         shape = (total.shape[0], shards_per_ghost_batch, *full.shape[1:])
-        out.append(jnp.broadcast_to(total, shape).reshape(v.shape))
+        each = jnp.broadcast_to(total, shape).reshape(v.shape)
+        out.append(jax.sharding.reshard(each, jax.typeof(v).sharding.spec))
     return tuple(out)
 
 
@@ -557,6 +573,7 @@ def ghost_batch_norm(
     ghost_batch_size: int | None = GhostOptions.ghost_batch_size,
     running_update: RunningUpdate = GhostOptions.running_update,
     remainder: Remainder = GhostOptions.remainder,
+    layout: Layout = GhostOptions.layout,
     axis: int | Iterable[int] = -1,
     momentum: float = 0.99,
     epsilon: float = 1e-5,
@@ -599,7 +616,7 @@ def ghost_batch_norm(
     References:
       Hoffer et al. 2017, Section 4, Algorithm 1 (Ghost Batch Normalization).
     """
-    GhostOptions(ghost_batch_size, running_update, remainder)
+    GhostOptions(ghost_batch_size, running_update, remainder, layout)
     check_momentum(momentum)
     x = jnp.asarray(x)
     ndim = x.ndim
@@ -711,13 +728,12 @@ def ghost_batch_norm(
     # size 1, XLA:CPU compiles the backward pass's sum of dy * (x - mean) to a reduction
     # that is tens of times slower than the same sum over the unsplit input.
     one_piece = pieces == 1 and not with_remainder
-    # An input with axes besides batch and features (an image) is split into ghost
-    # batches for the sums only; its elementwise passes keep its own layout. Written on
-    # the split layout, they made XLA:CPU schedule a conv net's backward pass so that no
-    # weight gradient of a convolution overlapped anything else (bench_conv_step_profile
-    # in experiments/results). A dense input keeps the split layout throughout: the
-    # rounding the committed runs were trained with.
-    split_for_sums = not one_piece and not with_remainder and ndim > 2
+    # layout="input": the input is split into ghost batches for the sums only, and the
+    # elementwise passes keep its own layout. Written on the split layout, they made
+    # XLA:CPU schedule a conv net's backward pass so that no weight gradient of a
+    # convolution overlapped anything else (bench_conv_step_profile in
+    # experiments/results), and a dense net's step slower than nn.BatchNorm's.
+    split_for_sums = not one_piece and not with_remainder and layout == "input"
     if with_remainder:
         grouped = _pack_with_remainder(x, ghost_batch_size, 0)
         grouped_mask = _packed_mask(mask, x.shape, ghost_batch_size)
@@ -750,7 +766,7 @@ def ghost_batch_norm(
     y = _unpack_with_remainder(y, batch, ghost_batch_size) if with_remainder else y.reshape(x.shape)
     if shards_per_ghost_batch > 1:  # one copy of each ghost batch's statistics
         step = shards_per_ghost_batch
-        mean, var, count = mean[::step], var[::step], count[::step]
+        mean, var, count = (jax.sharding.reshard(v, P())[::step] for v in (mean, var, count))
 
     # The running update follows the global order of ghost batches, so under a named
     # axis it needs every device's ghost-batch statistics (small arrays, one psum).
@@ -771,6 +787,7 @@ _FUNCTION_FIELDS = (
     "ghost_batch_size",
     "running_update",
     "remainder",
+    "layout",
     "axis",
     "momentum",
     "epsilon",
@@ -837,6 +854,7 @@ class GhostBatchNorm(nn.Module):
     ghost_batch_size: int | None = GhostOptions.ghost_batch_size
     running_update: RunningUpdate = GhostOptions.running_update
     remainder: Remainder = GhostOptions.remainder
+    layout: Layout = GhostOptions.layout
 
     def __post_init__(self) -> None:
         _ = self.ghost_options  # checks the fields when the module is created
@@ -846,7 +864,7 @@ class GhostBatchNorm(nn.Module):
     @property
     def ghost_options(self) -> GhostOptions:
         """The ghost fields as one checked :class:`GhostOptions`."""
-        return GhostOptions(self.ghost_batch_size, self.running_update, self.remainder)
+        return GhostOptions(self.ghost_batch_size, self.running_update, self.remainder, self.layout)
 
     @nn.compact
     def __call__(
@@ -891,7 +909,7 @@ def linen_call(
       x: input, batch on the leading axis.
       use_running_average: merged with the module's field (``nn.merge_param``).
       mask: boolean, broadcastable to x; False entries are left out of statistics.
-      options: ghost batch size, running update and remainder rule.
+      options: ghost batch size, running update, remainder rule and layout.
 
     Returns:
       The normalized input, same shape as x.
@@ -927,6 +945,7 @@ def linen_call(
         ghost_batch_size=options.ghost_batch_size,
         running_update=options.running_update,
         remainder=options.remainder,
+        layout=options.layout,
         axis=module.axis,
         momentum=module.momentum,
         epsilon=module.epsilon,

@@ -30,7 +30,14 @@ from typing import Any, TypeVar
 import flax.linen as nn
 from flax import nnx
 
-from gbn_jax.ghost_norm import GhostOptions, Remainder, RunningUpdate, field_docs, linen_call
+from gbn_jax.ghost_norm import (
+    GhostOptions,
+    Layout,
+    Remainder,
+    RunningUpdate,
+    field_docs,
+    linen_call,
+)
 from gbn_jax.nnx import GhostBatchNorm
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,6 +53,7 @@ def ghost_batch_norm_scope(
     *,
     running_update: RunningUpdate = GhostOptions.running_update,
     remainder: Remainder = GhostOptions.remainder,
+    layout: Layout = GhostOptions.layout,
 ) -> Iterator[None]:
     """Makes every ``nn.BatchNorm`` called inside it normalize per ghost batch (linen).
 
@@ -80,7 +88,7 @@ def ghost_batch_norm_scope(
     Raises:
       ValueError: for an invalid field (see :class:`gbn_jax.ghost_norm.GhostOptions`).
     """
-    options = GhostOptions(ghost_batch_size, running_update, remainder)
+    options = GhostOptions(ghost_batch_size, running_update, remainder, layout)
 
     def interceptor(next_fun, args, kwargs, context):
         method = getattr(context.orig_method, "func", None)
@@ -109,6 +117,7 @@ def ghostify(
     *,
     running_update: RunningUpdate = GhostOptions.running_update,
     remainder: Remainder = GhostOptions.remainder,
+    layout: Layout = GhostOptions.layout,
 ) -> F:
     """Wraps ``fn`` (``model.apply``, a loss or a train step) to run in the scope.
 
@@ -126,12 +135,12 @@ def ghostify(
     Raises:
       ValueError: for an invalid field (see :class:`gbn_jax.ghost_norm.GhostOptions`).
     """
-    GhostOptions(ghost_batch_size, running_update, remainder)
+    GhostOptions(ghost_batch_size, running_update, remainder, layout)
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with ghost_batch_norm_scope(
-            ghost_batch_size, running_update=running_update, remainder=remainder
+            ghost_batch_size, running_update=running_update, remainder=remainder, layout=layout
         ):
             return fn(*args, **kwargs)
 
@@ -144,6 +153,7 @@ def ghostify_nnx(
     *,
     running_update: RunningUpdate = GhostOptions.running_update,
     remainder: Remainder = GhostOptions.remainder,
+    layout: Layout = GhostOptions.layout,
 ) -> M:
     """Returns ``module`` with every ``nnx.BatchNorm`` swapped for a ``GhostBatchNorm``.
 
@@ -174,7 +184,7 @@ def ghostify_nnx(
     Raises:
       ValueError: for an invalid field (see :class:`gbn_jax.ghost_norm.GhostOptions`).
     """
-    options = GhostOptions(ghost_batch_size, running_update, remainder)
+    options = GhostOptions(ghost_batch_size, running_update, remainder, layout)
 
     def swap(path, node):
         if isinstance(node, nnx.BatchNorm) and type(node).__call__ is nnx.BatchNorm.__call__:

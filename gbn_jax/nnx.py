@@ -21,6 +21,7 @@ from flax.typing import Array, Dtype, Initializer, PromoteDtypeFn
 from gbn_jax.ghost_norm import (
     FIELD_DOCS,
     GhostOptions,
+    Layout,
     Remainder,
     RunningUpdate,
     check_momentum,
@@ -34,7 +35,7 @@ class GhostBatchNorm(nnx.Module):
 
     Every argument, the state (``scale``, ``bias`` params; ``mean``, ``var`` batch
     statistics) and ``.train()`` / ``.eval()`` switching of ``nnx.BatchNorm``, plus
-    ``ghost_batch_size``, ``running_update``, ``remainder`` and linen's
+    ``ghost_batch_size``, ``running_update``, ``remainder``, ``layout`` and linen's
     ``force_float32_reductions``; the computation is
     :func:`gbn_jax.ghost_norm.ghost_batch_norm`, shared with the linen module. As in
     ``nnx.BatchNorm``, ``promote_dtype`` first casts the input, the statistics and the
@@ -72,6 +73,7 @@ class GhostBatchNorm(nnx.Module):
         ghost_batch_size: int | None = GhostOptions.ghost_batch_size,
         running_update: RunningUpdate = GhostOptions.running_update,
         remainder: Remainder = GhostOptions.remainder,
+        layout: Layout = GhostOptions.layout,
         use_running_average: bool | None = False,
         axis: int = -1,
         momentum: float = 0.99,
@@ -91,7 +93,7 @@ class GhostBatchNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     ):
-        GhostOptions(ghost_batch_size, running_update, remainder)
+        GhostOptions(ghost_batch_size, running_update, remainder, layout)
         check_momentum(momentum)
         feature_shape = (num_features,)
         stat_dtype = jnp.float32 if force_float32_reductions else param_dtype
@@ -115,6 +117,7 @@ class GhostBatchNorm(nnx.Module):
         self.ghost_batch_size = ghost_batch_size
         self.running_update = running_update
         self.remainder = remainder
+        self.layout = layout
         self.use_running_average = use_running_average
         self.axis = axis
         self.momentum = momentum
@@ -170,6 +173,7 @@ class GhostBatchNorm(nnx.Module):
             ghost_batch_size=self.ghost_batch_size,
             running_update=self.running_update,
             remainder=self.remainder,
+            layout=self.layout,
             axis=self.axis,
             momentum=self.momentum,
             epsilon=self.epsilon,

@@ -16,6 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gbn_jax import GhostBatchNorm, ghost_batch_norm
+from gbn_jax.ghost_norm import LAYOUTS
 
 EPS = 1e-5
 
@@ -79,7 +80,8 @@ def random_inputs(rng, shape, c):
         ((6, 7), 8, -1, "sequential", True),  # batch smaller than the ghost size
     ],
 )
-def test_matches_numpy_algorithm1(shape, ghost, axis, update, use_fast_variance):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_numpy_algorithm1(shape, ghost, axis, update, use_fast_variance, layout):
     rng = np.random.default_rng(len(shape) * 100 + ghost)
     c = shape[axis]
     x, scale, bias, rm, rv = random_inputs(rng, shape, c)
@@ -92,6 +94,7 @@ def test_matches_numpy_algorithm1(shape, ghost, axis, update, use_fast_variance)
         use_running_average=False,
         ghost_batch_size=ghost,
         running_update=update,
+        layout=layout,
         axis=axis,
         momentum=0.9,
         use_fast_variance=use_fast_variance,
@@ -167,7 +170,8 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
 
 
 @pytest.mark.parametrize("shape,ghost,masked", [((16, 6), 4, False), ((8, 3, 3, 5), 2, True)])
-def test_matches_batchnorm_threaded_group_by_group(shape, ghost, masked):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_batchnorm_threaded_group_by_group(shape, ghost, masked, layout):
     """Outputs, gradients and running statistics equal nn.BatchNorm run per ghost batch."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
@@ -178,7 +182,7 @@ def test_matches_batchnorm_threaded_group_by_group(shape, ghost, masked):
         rows[::ghost] = True
         mask = jnp.asarray(rows.reshape(-1, *[1] * (len(shape) - 1)))
     variables = _perturbed_variables(rng, shape[-1])
-    gbn = GhostBatchNorm(momentum=0.9, ghost_batch_size=ghost)
+    gbn = GhostBatchNorm(momentum=0.9, ghost_batch_size=ghost, layout=layout)
     y, stats, (g_params, g_x) = _loss_and_stats(gbn, variables, x, dy, mask=mask)
 
     bn = nn.BatchNorm(momentum=0.9)
@@ -253,18 +257,21 @@ def test_one_ghost_batch_compiles_without_a_group_axis(ghost, remainder):
     assert re.findall(r"f32\[1,32,24\]", grouped)  # the pattern finds such an array
 
 
-def test_image_input_is_split_into_ghost_batches_for_the_sums_only():
-    """Conv -> GhostBatchNorm (4 ghost batches) -> ReLU -> pool -> conv: the compiled
-    forward and backward pass writes no array in the split (groups, ghost, H, W, C)
-    layout; only the sums read the input that way. (Written on the split layout, the
-    elementwise passes led XLA:CPU to order a conv net's backward pass so that each
-    weight-gradient convolution ran alone.)"""
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_image_input_is_split_into_ghost_batches_for_the_sums_only(layout):
+    """Conv -> GhostBatchNorm (4 ghost batches) -> ReLU -> pool -> conv: with
+    layout="input" the compiled forward and backward pass writes no array in the split
+    (groups, ghost, H, W, C) layout; only the sums read the input that way. (Written on
+    the split layout, the elementwise passes led XLA:CPU to order a conv net's backward
+    pass so that each weight-gradient convolution ran alone.) layout="ghost_batches"
+    writes it."""
 
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
             x = nn.Conv(8, (3, 3), use_bias=False)(x)
-            x = nn.relu(GhostBatchNorm(ghost_batch_size=8, use_running_average=False)(x))
+            gbn = GhostBatchNorm(ghost_batch_size=8, use_running_average=False, layout=layout)
+            x = nn.relu(gbn(x))
             return nn.Conv(4, (3, 3))(nn.max_pool(x, (2, 2), (2, 2)))
 
     x = jnp.asarray(np.random.default_rng(5).normal(size=(32, 8, 8, 3)), jnp.float32)
@@ -281,7 +288,7 @@ def test_image_input_is_split_into_ghost_batches_for_the_sums_only():
 
     shapes, hlo = written(jax.jit(jax.grad(loss)).lower(variables["params"], x).compile())
     assert "f32[32,8,8,8]" in shapes
-    assert "f32[4,8,8,8,8]" not in shapes
+    assert ("f32[4,8,8,8,8]" in shapes) == (layout == "ghost_batches")
     assert "f32[4,8,8,8,8]" in hlo  # the sums' view of the input, inside fusions
     split = jax.jit(lambda v: 2 * v.reshape(4, 8, 8, 8, 8)).lower(jnp.ones((32, 8, 8, 8)))
     assert "f32[4,8,8,8,8]" in written(split.compile())[0]  # the pattern finds one
@@ -377,6 +384,10 @@ def test_errors_name_the_problem():
         ghost_batch_norm(jnp.ones((12, 3)), *args, use_running_average=False, ghost_batch_size=5)
     with pytest.raises(ValueError, match="running_update='average'"):
         ghost_batch_norm(x, *args, use_running_average=False, running_update="average")
+    with pytest.raises(ValueError, match=r"layout='split'.*'ghost_batches'"):
+        ghost_batch_norm(x, *args, use_running_average=False, layout="split")
+    with pytest.raises(ValueError, match=r"layout='NHWC'"):
+        GhostBatchNorm(layout="NHWC")
     for bad in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match="ghost_batch_size"):
             ghost_batch_norm(x, *args, use_running_average=False, ghost_batch_size=bad)
@@ -562,10 +573,17 @@ def jnp_ghost_bn(x, scale, bias, ghost):
 
 
 @pytest.mark.parametrize(
-    "ghost,fast,masked",
-    [(None, True, False), (None, False, True), (4, True, False), (4, False, False)],
+    "ghost,fast,masked,layout",
+    [
+        (None, True, False, "input"),
+        (None, False, True, "input"),
+        (4, True, False, "input"),
+        (4, False, False, "input"),
+        (4, True, False, "ghost_batches"),
+        (4, False, False, "ghost_batches"),
+    ],
 )
-def test_forward_mode_jvp_jacfwd_and_hessian_vector_products(ghost, fast, masked):
+def test_forward_mode_jvp_jacfwd_and_hessian_vector_products(ghost, fast, masked, layout):
     """jvp, jacfwd and forward-over-reverse HVPs agree with nn.BatchNorm (one ghost
     batch) or with plain-jnp Algorithm 1 (ghost batches), and with reverse mode."""
     rng = np.random.default_rng(31)
@@ -583,7 +601,7 @@ def test_forward_mode_jvp_jacfwd_and_hessian_vector_products(ghost, fast, masked
 
         return f
 
-    gbn = layer(GhostBatchNorm(ghost_batch_size=ghost, **kw))
+    gbn = layer(GhostBatchNorm(ghost_batch_size=ghost, layout=layout, **kw))
     if ghost is None:
         ref = layer(nn.BatchNorm(**kw))
     else:
@@ -631,12 +649,14 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
 class TwoLayer(nn.Module):
     norm: type = nn.BatchNorm
     ghost: int | None = None
+    layout: str = "input"
 
     @nn.compact
     def __call__(self, x, train: bool):
         for i, width in enumerate((12, 10)):
             x = nn.Dense(width)(x)
             kw = {} if self.norm is nn.BatchNorm else {"ghost_batch_size": self.ghost}
+            kw.update({} if self.norm is nn.BatchNorm else {"layout": self.layout})
             norm = self.norm(use_running_average=not train, momentum=0.9, name=f"norm{i}", **kw)
             x = nn.relu(norm(x))
         return nn.Dense(3)(x)
@@ -778,15 +798,26 @@ def explicit_mesh(devices):
     return jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,), devices=devices)
 
 
-@pytest.mark.parametrize("ghost", [4, 16, 32, None])  # in a device, one each, 2 each, all
-def test_explicit_sharding_equals_single_device(sharded_setup, explicit_mesh, ghost):
+# Ghost batches in a device, one each, 2 each, all; the split layout where pieces differ.
+@pytest.mark.parametrize(
+    "ghost,layout",
+    [
+        (4, "input"),
+        (16, "input"),
+        (32, "input"),
+        (None, "input"),
+        (16, "ghost_batches"),
+        (32, "ghost_batches"),
+    ],
+)
+def test_explicit_sharding_equals_single_device(sharded_setup, explicit_mesh, ghost, layout):
     _, _, _, variables = sharded_setup
     rng = np.random.default_rng(19)
     batch = 128  # 16 examples per device
     x, dy, tangent = (
         jnp.asarray(rng.normal(size=(batch, d)) * 2 + 0.5, jnp.float32) for d in (7, 3, 7)
     )
-    model = TwoLayer(GhostBatchNorm, ghost=ghost)
+    model = TwoLayer(GhostBatchNorm, ghost=ghost, layout=layout)
     step = _step(model)
     forward = lambda v, x, t: jax.jvp(
         lambda x: model.apply(v, x, train=True, mutable=["batch_stats"])[0], (x,), (t,)
@@ -818,9 +849,14 @@ def test_explicit_sharding_of_an_image_input_equals_single_device(explicit_mesh,
     step = jax.jit(lambda v, x, dy: _loss_and_stats(module, v, x, dy))
     single = step(variables, x, dy)
     with jax.set_mesh(explicit_mesh):
-        sharded = step(variables, *(jax.device_put(a, P("data")) for a in (x, dy)))
+        x_s, dy_s = (jax.device_put(a, P("data")) for a in (x, dy))
+        sharded = step(variables, x_s, dy_s)
         assert jax.typeof(sharded[0]).sharding.spec[0] == "data"
+        hlo = step.lower(variables, x_s, dy_s).compile().as_text()
     assert_trees_close(sharded, single, rtol=1e-5, atol=1e-5)
+    # Each example meets its ghost batch's statistics on its own device: only
+    # statistics-sized arrays cross devices.
+    assert not {128, 16} & set(_dims(" ".join(shape for _, shape in collectives(hlo))))
 
 
 def test_explicit_sharding_rejects_ghost_batches_straddling_devices(explicit_mesh):

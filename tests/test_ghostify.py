@@ -204,6 +204,54 @@ def test_remainder_mode_reaches_batchnorms_in_linen_and_nnx():
     np.testing.assert_allclose(model.layers[0].mean[...], want[1]["batch_stats"]["mean"], atol=1e-7)
 
 
+def _subtracts_on(closed_jaxpr, shape: tuple[int, ...]) -> bool:
+    """Whether any subtraction in the jaxpr (nested ones included) has this shape."""
+
+    def walk(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "sub" and eqn.outvars[0].aval.shape == shape:
+                return True
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns") and walk(inner):
+                    return True
+        return False
+
+    return walk(closed_jaxpr.jaxpr)
+
+
+@pytest.mark.parametrize("layout", ["input", "ghost_batches"])
+def test_layout_reaches_batchnorms_in_linen_and_nnx(layout):
+    """layout through the linen scope, ghostify and ghostify_nnx, and the NNX module:
+    the centring x - mean runs on the split (2, 4, 3) view with "ghost_batches" only,
+    and every route gives the written linen layer's results bit for bit."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(8, 3)) * 2 + 1, jnp.float32)
+    kw = dict(use_running_average=False, momentum=0.9)
+    variables = nn.BatchNorm(**kw).init(jax.random.key(0), x)
+    written = GhostBatchNorm(ghost_batch_size=GHOST, layout=layout, **kw)
+    apply = lambda module: lambda x: module.apply(variables, x, mutable=["batch_stats"])
+    want = apply(written)(x)
+    routes = {"written": apply(written)}
+    routes["scope"] = ghostify(apply(nn.BatchNorm(**kw)), GHOST, layout=layout)
+    swapped = ghostify_nnx(
+        nnx.Sequential(nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))), GHOST, layout=layout
+    )
+    assert swapped.layers[0].layout == layout
+    promote = dict(promote_dtype=lambda args, **_: args)
+    layer = gbn_nnx.GhostBatchNorm(
+        3, ghost_batch_size=GHOST, layout=layout, **promote, **kw, rngs=nnx.Rngs(0)
+    )
+    routes["nnx"] = lambda x: nnx.merge(*nnx.split(layer), copy=True)(x)
+    routes["ghostify_nnx"] = lambda x: nnx.merge(*nnx.split(swapped), copy=True)(x)
+    for name, route in routes.items():
+        split = _subtracts_on(jax.make_jaxpr(route)(x), (2, GHOST, 3))
+        assert split == (layout == "ghost_batches"), name
+    assert_trees_close(routes["scope"](x), want, rtol=0, atol=0)
+    np.testing.assert_array_equal(routes["nnx"](x), want[0])
+    np.testing.assert_allclose(routes["ghostify_nnx"](x), want[0], rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------
 # NNX: swapping nnx.BatchNorm for GhostBatchNorm in a module graph.
 

@@ -232,6 +232,7 @@ def test_norm_choice_swaps_the_layer(f1_pair):
     assert all(type(m) is GhostBatchNorm for m in ghost_norms)
     for m in ghost_norms:
         assert (m.ghost_batch_size, m.running_update, m.momentum) == (4, "mean", 0.8)
+        assert m.layout == "ghost_batches"  # F1's committed runs' rounding
     assert all(m.use_running_average is False for m in batch_norms + ghost_norms)
     # both modes have the same variable tree, so checkpoints move between them
     ghost_vars = jax.eval_shape(lambda x: ghost.init(_init_rngs(4), x, train=False), x)
@@ -254,6 +255,32 @@ def test_ghost_groups_are_independent_and_batch_is_not(f1_pair):
     np.testing.assert_allclose(ghost_a[4:], train_logits(batch, x[4:]), rtol=1e-4, atol=1e-5)
     batch_a, batch_b = train_logits(batch, x), train_logits(batch, other)
     assert not np.allclose(batch_a[:4], batch_b[:4], atol=1e-3)
+
+
+def test_ghost_layout_is_the_split_one_for_f1_only_and_changes_only_rounding(f1_pair):
+    """F1 keeps the split layout by default; another model gets the layer's default;
+    F1 with layout "input" gives the same outputs and running statistics to rounding."""
+    _, ghost, variables, x = f1_pair
+    fast = ghost.clone(ghost_layout="input")
+    kw = dict(train=True, mutable=["batch_stats", "intermediates"])
+    assert {
+        m.layout for m in _module_log(fast, variables, x, **kw) if "norm" in (m.name or "")
+    } == {"input"}
+    for name in MODELS:
+        model = get_model(name, num_classes=10, norm="ghost", ghost_batch_size=4)
+        assert model.ghost_layout == ("ghost_batches" if name == "f1" else "input"), name
+    assert make_norm("ghost", ghost_batch_size=4).keywords["layout"] == "input"
+    apply = jax.jit(
+        lambda model, v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+        static_argnums=0,
+    )
+    (split_logits, split_stats), (own_logits, own_stats) = (
+        apply(model, variables, x) for model in (ghost, fast)
+    )
+    np.testing.assert_allclose(own_logits, split_logits, rtol=1e-4, atol=1e-4)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), own_stats, split_stats
+    )
 
 
 def test_bn_momentum_reaches_running_mean(f1_pair):
@@ -373,6 +400,13 @@ def test_make_norm_returns_the_chosen_layer():
         (lambda: get_model("c1", num_classes=10, norm="ghost"), "ghost_batch_size=128"),
         (lambda: make_norm("ghost", ghost_batch_size=0), "ghost_batch_size=0"),
         (lambda: make_norm("ghost", ghost_batch_size=8, running_update="x"), "'x'"),
+        (lambda: make_norm("ghost", ghost_batch_size=8, layout="NHWC"), "layout='NHWC'"),
+        (
+            lambda: get_model(
+                "f1", num_classes=10, norm="ghost", ghost_batch_size=4, ghost_layout="x"
+            ),
+            "layout='x'",
+        ),
         (lambda: make_norm("batch", momentum=1.5), "momentum=1.5"),
         (lambda: make_norm("ghost", ghost_batch_size=True), "ghost_batch_size=True"),
         (lambda: get_model("c1", num_classes=10, dtype="int8"), "int8"),

@@ -427,9 +427,8 @@ copies and transposes of arrays that size anywhere in the module, inside fusions
   compiles to a bitcast; GBN's step has no copy or transpose that BN's lacks (the
   transposes of both are the weight-gradient layouts of the convolutions). The
   per-ghost-batch statistics are broadcast inside the elementwise fusions, as
-  nn.BatchNorm's are; for an input with spatial axes (the conv net) those passes run on
-  the input's own layout, each example with its ghost batch's statistics, while a dense
-  input (F1) stays split throughout.
+  nn.BatchNorm's are; those passes run on the input's own layout, each example with its
+  ghost batch's statistics (the layer's default, `layout="input"`).
 - GBN's step makes fewer passes over activations than BN's. The derivative is a
   custom JVP rule whose transpose is one fused reduction of (dy, dy * (x - mean)) per
   ghost batch and one elementwise pass for dx; autodiff of nn.BatchNorm materializes

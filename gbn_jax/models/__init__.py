@@ -103,6 +103,7 @@ def get_model(
         norm,
         ghost_batch_size=ghost_batch_size,
         running_update=running_update,
+        layout=kwargs.get("ghost_layout", "input"),
         momentum=bn_momentum,
         dtype=dtype,
         scale_init=bn_scale_init,

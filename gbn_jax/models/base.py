@@ -189,6 +189,7 @@ class ZooModel(nn.Module):
       norm: "batch" or "ghost" (see :func:`gbn_jax.models.norm.make_norm`).
       ghost_batch_size: examples per ghost batch, |B_S|; needed with norm="ghost".
       running_update: "sequential" or "mean" running-statistics update of ghost norm.
+      ghost_layout: "input" or "ghost_batches", the ghost norm's ``layout``.
       bn_momentum: Flax running-average momentum (0.9 == PyTorch's 0.1).
       dtype: compute dtype of activations; parameters stay float32 and the logits
         are returned as float32.
@@ -200,6 +201,7 @@ class ZooModel(nn.Module):
     norm: str = "batch"
     ghost_batch_size: int | None = None
     running_update: str = "sequential"
+    ghost_layout: str = "input"
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
     bn_scale_init: str = "ones"
@@ -222,6 +224,7 @@ class ZooModel(nn.Module):
             self.norm,
             ghost_batch_size=self.ghost_batch_size,
             running_update=self.running_update,
+            layout=self.ghost_layout,
             momentum=self.bn_momentum,
             dtype=self.dtype,
             scale_init=self.bn_scale_init,

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gbn_jax.ghost_norm import GhostBatchNorm, GhostOptions, RunningUpdate, check_momentum
+from gbn_jax.ghost_norm import GhostBatchNorm, GhostOptions, Layout, RunningUpdate, check_momentum
 
 NORMS = ("batch", "ghost")
 # Initial scale (gamma) of every normalization layer. "ones" is Flax's and PyTorch's
@@ -34,6 +34,7 @@ def make_norm(
     *,
     ghost_batch_size: int | None = None,
     running_update: RunningUpdate = "sequential",
+    layout: Layout = "input",
     momentum: float = 0.9,
     dtype: Any = jnp.float32,
     scale_init: str = "ones",
@@ -57,6 +58,9 @@ def make_norm(
         (one exponential-moving-average step per ghost batch, in order, as in
         Algorithm 1) or "mean" (one step with the averaged ghost statistics).
         Ignored with ``norm="batch"``.
+      layout: where the ghost batch norm's elementwise passes run, "input" or
+        "ghost_batches" (see :class:`gbn_jax.ghost_norm.GhostOptions`). Ignored with
+        ``norm="batch"``.
       momentum: Flax's running-average momentum (new = m * old + (1 - m) * stat);
         0.9 equals PyTorch's default momentum of 0.1 used by the authors' code.
       dtype: compute dtype of the layer's output (e.g. ``jnp.bfloat16``).
@@ -69,7 +73,7 @@ def make_norm(
       ``make_norm("ghost", ghost_batch_size=128)(use_running_average=not train)``.
 
     Raises:
-      ValueError: for an unknown ``norm``, ``running_update`` or ``scale_init``, for
+      ValueError: for an unknown ``norm``, ``running_update``, ``layout`` or ``scale_init``, for
         ``norm="ghost"`` without a positive integer ``ghost_batch_size``, or for a
         momentum outside [0, 1].
     """
@@ -92,11 +96,12 @@ def make_norm(
             "norm='ghost' needs ghost_batch_size=None replaced by the small-batch size "
             "|B_S|, e.g. get_model(..., norm='ghost', ghost_batch_size=128)."
         )
-    GhostOptions(ghost_batch_size, running_update)
+    GhostOptions(ghost_batch_size, running_update, layout=layout)
     return functools.partial(
         GhostBatchNorm,
         ghost_batch_size=int(ghost_batch_size),
         running_update=running_update,
+        layout=layout,
         **common,
     )
 
