@@ -386,6 +386,18 @@ def test_ghost_norm_overhead_rejects_an_unknown_option_set(capsys):
     )
 
 
+@pytest.mark.parametrize("stem", ["bench_ghost_norm", "bench_ghost_norm_xla_defaults"])
+def test_ghost_norm_overhead_records_render_from_their_json(stem):
+    """The committed markdown of the GBN/BN benchmark is its JSON record rendered by the
+    benchmark's own writer: no number in it was written by hand."""
+    from experiments.bench import ghost_norm_overhead
+
+    results = Path(__file__).resolve().parents[1] / "experiments" / "results"
+    record = json.loads((results / f"{stem}.json").read_text())
+    rendered = ghost_norm_overhead.document(record["environment"], record["rows"])
+    assert rendered.strip() == (results / f"{stem}.md").read_text().strip()
+
+
 def test_group_reduction_rows_pair_rounds_per_core_count():
     from experiments.bench import group_reduction
 

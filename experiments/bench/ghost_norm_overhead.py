@@ -432,9 +432,10 @@ copies and transposes of arrays that size anywhere in the module, inside fusions
 - GBN's step makes fewer passes over activations than BN's. The derivative is a
   custom JVP rule whose transpose is one fused reduction of (dy, dy * (x - mean)) per
   ghost batch and one elementwise pass for dx; autodiff of nn.BatchNorm materializes
-  more intermediates in its backward pass. Temporary memory per step is about the same
-  (last column), so under glibc's default malloc both steps fault in about as many
-  fresh pages every step.
+  more intermediates in its backward pass. The temporary memory of a step (last
+  column) is what glibc's default malloc hands back to the system and faults in afresh
+  every step (blocks above its mmap threshold), so a step with less of it touches fewer
+  new pages.
 - The rest of the step (dense layers, convolutions, pooling, the loss, the optimizer)
   is the same HLO in both variants; how XLA:CPU schedules it around the normalization
   (which independent ops run at the same time on the two cores) may differ:
@@ -464,13 +465,19 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models.split(",")
         for row in bench(name, args.rounds, args.steps, args.warmup, cases)
     ]
-    text = table(rows)
     if args.no_write:
-        print(text)
+        print(table(rows))
         return
     env["load_average_end"] = os.getloadavg()
+    tables.write_outputs(
+        str(RESULTS_DIR / args.name), {"environment": env, "rows": rows}, document(env, rows)
+    )
+
+
+def document(env: dict, rows: list[dict]) -> str:
+    """The record's markdown, from its environment and rows (the JSON record)."""
     malloc = env["glibc_tunables"] or "glibc default (no GLIBC_TUNABLES)"
-    markdown = tables.document(
+    return tables.document(
         "# GhostBatchNorm vs nn.BatchNorm: train-step time",
         f"Command: `{env['command']}`  \n{tables.environment_line(env)}  \n"
         f"Date: {env['date']}; malloc: {malloc}.",
@@ -482,13 +489,12 @@ def main(argv: list[str] | None = None) -> None:
         "the distribution-free 95% confidence interval of that median (sign test) with "
         f"the verdict on GBN/BN <= {TARGET} by the rule fixed before the runs: holds if "
         "the interval lies at or below it, contradicted if above, else undetermined.",
-        text,
+        table(rows),
         NOTES.format(
             control=control_table(rows),
             where=WHERE_THE_TIME_GOES.format(hlo_table=hlo_table(rows)),
         ).strip(),
     )
-    tables.write_outputs(str(RESULTS_DIR / args.name), {"environment": env, "rows": rows}, markdown)
 
 
 if __name__ == "__main__":
