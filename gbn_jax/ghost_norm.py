@@ -90,8 +90,10 @@ FIELD_DOCS = {
     "layout": 'where the elementwise passes of training run: "input" (the default) on '
     "the input as it comes, each example with its ghost batch's statistics; "
     '"ghost_batches" on the input viewed as (ghost batches, ghost size, ...). The '
-    "results agree up to float rounding; XLA compiles the first to faster code, and "
-    "the second is the rounding gbn_jax.models.F1 was trained with.",
+    "statistics are sums over that view in both. The results agree up to float "
+    "rounding; XLA compiles the first to faster code, and the second is the rounding "
+    "gbn_jax.models.F1 was trained with. A batch with a remainder is always laid out "
+    "as ghost batches.",
 }
 
 
