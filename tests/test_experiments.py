@@ -386,7 +386,10 @@ def test_ghost_norm_overhead_rejects_an_unknown_option_set(capsys):
     )
 
 
-@pytest.mark.parametrize("stem", ["bench_ghost_norm", "bench_ghost_norm_xla_defaults"])
+@pytest.mark.parametrize(
+    "stem",
+    ["bench_ghost_norm", "bench_ghost_norm_xla_defaults", "bench_ghost_norm_conv_xla_defaults"],
+)
 def test_ghost_norm_overhead_records_render_from_their_json(stem):
     """The committed markdown of the GBN/BN benchmark is its JSON record rendered by the
     benchmark's own writer: no number in it was written by hand."""
