@@ -655,8 +655,8 @@ class TwoLayer(nn.Module):
     def __call__(self, x, train: bool):
         for i, width in enumerate((12, 10)):
             x = nn.Dense(width)(x)
-            kw = {} if self.norm is nn.BatchNorm else {"ghost_batch_size": self.ghost}
-            kw.update({} if self.norm is nn.BatchNorm else {"layout": self.layout})
+            kw = {"ghost_batch_size": self.ghost, "layout": self.layout}
+            kw = {} if self.norm is nn.BatchNorm else kw
             norm = self.norm(use_running_average=not train, momentum=0.9, name=f"norm{i}", **kw)
             x = nn.relu(norm(x))
         return nn.Dense(3)(x)

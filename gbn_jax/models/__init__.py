@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from gbn_jax.ghost_norm import GhostOptions
 from gbn_jax.models.alexnet import AlexNet
 from gbn_jax.models.base import ZooModel
 from gbn_jax.models.keskar import KeskarC
@@ -103,7 +104,7 @@ def get_model(
         norm,
         ghost_batch_size=ghost_batch_size,
         running_update=running_update,
-        layout=kwargs.get("ghost_layout", "input"),
+        layout=kwargs.get("ghost_layout", GhostOptions.layout),
         momentum=bn_momentum,
         dtype=dtype,
         scale_init=bn_scale_init,

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gbn_jax.ghost_norm import GhostOptions, Layout
 from gbn_jax.models.norm import make_norm
 
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -201,7 +202,7 @@ class ZooModel(nn.Module):
     norm: str = "batch"
     ghost_batch_size: int | None = None
     running_update: str = "sequential"
-    ghost_layout: str = "input"
+    ghost_layout: Layout = GhostOptions.layout
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
     bn_scale_init: str = "ones"

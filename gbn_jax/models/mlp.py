@@ -8,6 +8,7 @@ References:
 import flax.linen as nn
 import jax
 
+from gbn_jax.ghost_norm import Layout
 from gbn_jax.models.base import ZooModel, dense
 
 
@@ -31,7 +32,7 @@ class F1(ZooModel):
 
     width: int = 512
     num_hidden: int = 5
-    ghost_layout: str = "ghost_batches"
+    ghost_layout: Layout = "ghost_batches"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
